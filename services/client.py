@@ -1,0 +1,308 @@
+"""The client side of the wire contract: what the trainer, the gateway and the CLI use.
+
+``TritonScorer`` talks KServe v2 gRPC to any server that follows the contract (stock
+Triton serving an exported repository, or `tribune serve`):
+
+* at connect it waits for the models to be ready, reads the `tribune_manifest` model,
+  checks the contract version, the tensor metadata of every model it will call, and
+  that the server's tokenizer fingerprint equals the caller's; it refuses otherwise;
+* a large batch is split into chunks of at most the server's max batch size, each chunk
+  is trimmed to the columns that hold tokens, several chunks are in flight at once, and
+  results are reassembled in order;
+* every request has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED (and a model that is
+  still loading) are retried with exponential backoff until a time budget runs out, then
+  a ``ScorerUnavailable`` says what happened; every other error is raised at once.
+
+Targets are ``host:port`` or ``dns:///host:port`` (with round-robin load balancing over
+every address the name resolves to: Kubernetes headless Services).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from services.contract import (CONTRACT_VERSION, MANIFEST_SPEC, MODELS, REFERENCE_MODEL, REWARD_MODEL,
+                               ContractError, check_metadata)
+from trainer.config import field
+
+log = logging.getLogger("tribune")
+
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+# Triton answers these while a model is (re)loading; they clear by themselves.
+LOADING_HINTS = ("is not ready", "unknown model", "no available versions")
+
+
+class ScorerUnavailable(RuntimeError):
+    """The scoring service could not be reached within the retry budget."""
+
+
+class ScorerRequestError(ValueError):
+    """The server rejected a request (bad input); retrying would not help."""
+
+
+@dataclass(kw_only=True)
+class ClientConfig:
+    """Connection to a Triton server that serves the Tribune contract."""
+    url: str = field(help="host:port, or dns:///host:port to balance over every address of a headless Service")
+    timeout_s: float = field(60.0, help="deadline of each request")
+    connect_timeout_s: float = field(60.0, help="how long to wait for the models to become ready at connect")
+    max_in_flight: int = field(4, help="chunks in flight at once")
+    chunk_size: int | None = field(None, help="rows per request (default and maximum: the server's max batch size)")
+    retry_budget_s: float = field(30.0, help="total time spent retrying one chunk before giving up")
+    initial_backoff_s: float = field(0.1, help="first retry delay; doubles up to max_backoff_s, with jitter")
+    max_backoff_s: float = field(2.0, help="longest retry delay")
+    ssl: bool = field(False, help="use TLS")
+    root_certificates: Path | None = field(None, help="PEM file of the CA that signed the server certificate")
+    private_key: Path | None = field(None, help="PEM client key (mutual TLS)")
+    certificate_chain: Path | None = field(None, help="PEM client certificate (mutual TLS)")
+    auth_token: str | None = field(None, help="sent as 'authorization: Bearer TOKEN' on every call")
+    load_balancing: Literal["round_robin", "pick_first"] = field("round_robin", help="gRPC load-balancing policy")
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ValueError("url must be host:port or dns:///host:port")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0 or self.retry_budget_s < 0:
+            raise ValueError("timeout_s and connect_timeout_s must be positive, retry_budget_s >= 0")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+
+
+def _read(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _trim(mask: np.ndarray) -> tuple[int, int]:
+    """[lo, hi] columns that hold any token (mask 1) in a chunk."""
+    cols = np.flatnonzero(mask.any(0))
+    return (int(cols[0]), int(cols[-1])) if cols.size else (0, mask.shape[1] - 1)
+
+
+class TritonScorer:
+    """Rewards and reference log-probs from the remote services, batched and retried.
+
+    ``expected_fingerprint`` is the caller's tokenizer fingerprint
+    (``services.repository.tokenizer_fingerprint(tokenizer)``); None skips the check,
+    for callers that send text through the server's own tokenizer.
+    """
+
+    def __init__(self, cfg: ClientConfig, expected_fingerprint: str | None,
+                 models: tuple[str, ...] = (REWARD_MODEL, REFERENCE_MODEL)):
+        self.cfg = cfg
+        self.models = models
+        self._local = threading.local()
+        self._clients: list = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="tribune-scorer")
+        self.facts = self._connect(expected_fingerprint)
+        self.max_batch = min(self.facts["max_batch_size"], cfg.chunk_size or self.facts["max_batch_size"])
+
+    # ------------------------------------------------------------ connection
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import tritonclient.grpc as grpcclient
+
+            options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+                       ("grpc.lb_policy_name", self.cfg.load_balancing),
+                       ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
+            client = grpcclient.InferenceServerClient(
+                self.cfg.url, ssl=self.cfg.ssl, root_certificates=_read(self.cfg.root_certificates),
+                private_key=_read(self.cfg.private_key), certificate_chain=_read(self.cfg.certificate_chain),
+                channel_args=options)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    @property
+    def _headers(self) -> dict[str, str] | None:
+        return {"authorization": f"Bearer {self.cfg.auth_token}"} if self.cfg.auth_token else None
+
+    def _connect(self, expected_fingerprint: str | None) -> dict:
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
+        waiting_for = [MANIFEST_SPEC.name, *self.models]
+        last = None
+        while waiting_for:
+            try:
+                if self._client().is_model_ready(waiting_for[0], headers=self._headers,
+                                                 client_timeout=self.cfg.timeout_s):
+                    waiting_for.pop(0)
+                    continue
+                last = f"model {waiting_for[0]!r} is not ready"
+            except Exception as e:  # tritonclient raises its own exception type for transport errors
+                if not self._retryable(e):
+                    raise ContractError(f"{self.cfg.url}: {self._message(e)}") from None
+                last = self._message(e)
+            if time.monotonic() > deadline:
+                raise ScorerUnavailable(f"{self.cfg.url}: not ready after {self.cfg.connect_timeout_s:.0f}s ({last})")
+            time.sleep(0.2)
+        facts = self._manifest()
+        if facts.get("contract_version") != CONTRACT_VERSION:
+            raise ContractError(f"{self.cfg.url} serves contract v{facts.get('contract_version')}, "
+                                f"this client speaks v{CONTRACT_VERSION}")
+        for name in self.models:
+            check_metadata(MODELS[name], self._client().get_model_metadata(name, headers=self._headers, as_json=True))
+        if expected_fingerprint is not None and facts["tokenizer_fingerprint"] != expected_fingerprint:
+            raise ContractError(
+                f"tokenizer mismatch: {self.cfg.url} serves models trained with tokenizer "
+                f"{facts['tokenizer_fingerprint'][:12]}…, yours is {expected_fingerprint[:12]}…; token ids would "
+                "mean different words. Use the tokenizer in the model repository's tokenizer/ directory.")
+        return facts
+
+    def _manifest(self) -> dict:
+        import tritonclient.grpc as grpcclient
+
+        probe = grpcclient.InferInput("probe", [1], "INT64")
+        probe.set_data_from_numpy(np.zeros(1, dtype=np.int64))
+        result = self._call(MANIFEST_SPEC.name, [probe], "manifest")
+        value = result[0]
+        return json.loads(value.decode() if isinstance(value, bytes) else value)
+
+    # ------------------------------------------------------------ retries
+
+    @staticmethod
+    def _message(e: Exception) -> str:
+        msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
+        msg = msg or str(e)
+        for marker in ("PyTritonBadParameterError: ", "BadRequest: "):
+            if marker in msg:   # the embedded server's validation message, without its traceback
+                return msg.split(marker, 1)[1].splitlines()[0].strip()
+        return msg.strip().splitlines()[0] if msg.strip() else repr(e)
+
+    @staticmethod
+    def _retryable(e: Exception) -> bool:
+        status = e.status() if hasattr(e, "status") and callable(e.status) else None
+        text = str(e)
+        return status in RETRYABLE or any(h in text for h in LOADING_HINTS) or (
+            status is None and ("UNAVAILABLE" in text or "failed to connect" in text.lower()))
+
+    def _call(self, model: str, inputs: list, output: str) -> np.ndarray:
+        budget_end = time.monotonic() + self.cfg.retry_budget_s
+        backoff = self.cfg.initial_backoff_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = self._client().infer(model, inputs, headers=self._headers, client_timeout=self.cfg.timeout_s)
+                return result.as_numpy(output)
+            except Exception as e:
+                if not self._retryable(e):
+                    raise ScorerRequestError(f"{model}: {self._message(e)}") from None
+                if time.monotonic() + backoff > budget_end:
+                    raise ScorerUnavailable(
+                        f"{model} at {self.cfg.url}: still failing after {attempt} attempts over "
+                        f"{self.cfg.retry_budget_s:.0f}s retry budget: {self._message(e)}") from None
+                log.warning("%s at %s: %s; retry %d in %.2fs", model, self.cfg.url, self._message(e), attempt, backoff)
+                time.sleep(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, self.cfg.max_backoff_s)
+
+    # ------------------------------------------------------------ requests
+
+    def _check(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ScorerRequestError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal (B, T)")
+        if ids.shape[0] == 0:
+            raise ScorerRequestError("empty batch")
+        if ids.shape[1] > self.facts["max_sequence_length"]:
+            raise ScorerRequestError(f"sequence length {ids.shape[1]} exceeds the served model's maximum "
+                                     f"{self.facts['max_sequence_length']}")
+        return ids, mask
+
+    def _chunk(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None) -> np.ndarray:
+        import tritonclient.grpc as grpcclient
+
+        lo, hi = _trim(mask)
+        feeds = {"input_ids": ids[:, lo:hi + 1], "attention_mask": mask[:, lo:hi + 1]}
+        if temperature is not None:
+            feeds["temperature"] = np.full((ids.shape[0], 1), temperature, dtype=np.float32)
+        inputs = []
+        for name, value in feeds.items():
+            x = grpcclient.InferInput(name, list(value.shape), "FP32" if value.dtype == np.float32 else "INT64")
+            x.set_data_from_numpy(np.ascontiguousarray(value))
+            inputs.append(x)
+        if model == REWARD_MODEL:
+            return self._call(model, inputs, "rewards")[:, 0]                        # (b,)
+        out = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.float32)         # (b, T−1)
+        out[:, lo:hi] = self._call(model, inputs, "logprobs")
+        return out
+
+    def _map(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None) -> list[Future]:
+        return [self._pool.submit(self._chunk, model, ids[i:i + self.max_batch], mask[i:i + self.max_batch],
+                                  temperature)
+                for i in range(0, ids.shape[0], self.max_batch)]
+
+    def score_async(self, input_ids, attention_mask) -> Future:
+        """Future of rewards (B,) for token ids (B, T) and their mask (any padding side)."""
+        ids, mask = self._check(input_ids, attention_mask)
+        return _gather(self._map(REWARD_MODEL, ids, mask, None))
+
+    def logprobs_async(self, input_ids, attention_mask, temperature: float = 1.0) -> Future:
+        """Future of reference log-probs (B, T−1): column t−1 is token t, 0 where masked."""
+        if not temperature > 0:
+            raise ScorerRequestError("temperature must be > 0")
+        ids, mask = self._check(input_ids, attention_mask)
+        return _gather(self._map(REFERENCE_MODEL, ids, mask, float(temperature)))
+
+    def score(self, input_ids, attention_mask) -> np.ndarray:
+        return self.score_async(input_ids, attention_mask).result()
+
+    def logprobs(self, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
+        return self.logprobs_async(input_ids, attention_mask, temperature).result()
+
+    def normalise(self, rewards: np.ndarray) -> np.ndarray:
+        """(r − mean) / std with the statistics the repository ships (rewards of πSFT samples)."""
+        return (rewards - self.facts["reward_mean"]) / self.facts["reward_std"]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for c in self._clients:
+                try:
+                    c.close()
+                except Exception:  # closing a broken channel must not mask the real error
+                    pass
+            self._clients.clear()
+
+    def __enter__(self) -> "TritonScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _gather(parts: list[Future]) -> Future:
+    """One future for the in-order concatenation of chunk futures; the first error wins."""
+    done: Future = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def _one_finished(f: Future) -> None:
+        if done.done():
+            return
+        if f.exception() is not None:
+            with lock:
+                if not done.done():
+                    done.set_exception(f.exception())
+            return
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0 and not done.done():
+                done.set_result(np.concatenate([p.result() for p in parts], 0))
+
+    for p in parts:
+        p.add_done_callback(_one_finished)
+    return done

@@ -1,0 +1,104 @@
+"""The wire contract, version 1: the one module that owns model names, tensors and dtypes.
+
+The exporter, the embedded server, the client library and the gateway all import it, so
+a change here is a change everywhere (and a contract-version bump). Dims exclude the
+batch dimension: both models are batched (max_batch_size > 0).
+
+``reward``:    input_ids INT64 [-1], attention_mask INT64 [-1] → rewards FP32 [1],
+               the raw score at the last position whose mask is 1.
+``reference``: input_ids INT64 [-1], attention_mask INT64 [-1], temperature FP32 [1]
+               → logprobs FP32 [-1] of shape (B, T−1): column t−1 holds
+               log π_ref(input_ids[t] | input_ids[<t]) with logits / temperature,
+               and 0 where attention_mask[t] is 0 (and for each row's first real
+               token, which has no context: a padded row gives exactly the columns of
+               the same row unpadded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CONTRACT_VERSION = 1
+MANIFEST_FILE = "tribune.json"
+TOKENIZER_DIR = "tokenizer"
+
+REWARD_MODEL = "reward"
+REFERENCE_MODEL = "reference"
+# A third, unbatched model that answers with the contract facts a remote client must check
+# (tokenizer fingerprint, reward statistics, limits) as one JSON string. Triton's model
+# config `parameters` would be the natural place, but the Python backend behind the embedded
+# server drops custom parameters, and clients must be able to check both servers alike.
+MANIFEST_MODEL = "tribune_manifest"
+
+# Keys of the Triton model config `parameters` map that carry the contract to clients:
+# stock Triton returns them in the model config, so a remote client can check them.
+PARAM_CONTRACT_VERSION = "tribune_contract_version"
+PARAM_TOKENIZER_FINGERPRINT = "tribune_tokenizer_fingerprint"
+PARAM_REWARD_MEAN = "tribune_reward_mean"
+PARAM_REWARD_STD = "tribune_reward_std"
+PARAM_MAX_SEQUENCE_LENGTH = "tribune_max_sequence_length"
+PARAM_VOCAB_SIZE = "tribune_vocab_size"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # Triton dtype name
+    dims: tuple[int, ...]      # without the batch dimension; -1 is variable
+
+    @property
+    def numpy_dtype(self) -> type:
+        return {"INT64": np.int64, "FP32": np.float32, "FP16": np.float16, "BYTES": np.object_}[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+
+INPUT_IDS = TensorSpec("input_ids", "INT64", (-1,))
+ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1,))
+TEMPERATURE = TensorSpec("temperature", "FP32", (1,))
+REWARDS = TensorSpec("rewards", "FP32", (1,))
+LOGPROBS = TensorSpec("logprobs", "FP32", (-1,))
+
+PROBE = TensorSpec("probe", "INT64", (1,))
+MANIFEST = TensorSpec("manifest", "BYTES", (1,))
+
+REWARD = ModelSpec(REWARD_MODEL, (INPUT_IDS, ATTENTION_MASK), (REWARDS,))
+MANIFEST_SPEC = ModelSpec(MANIFEST_MODEL, (PROBE,), (MANIFEST,))
+REFERENCE = ModelSpec(REFERENCE_MODEL, (INPUT_IDS, ATTENTION_MASK, TEMPERATURE), (LOGPROBS,))
+MODELS: dict[str, ModelSpec] = {REWARD.name: REWARD, REFERENCE.name: REFERENCE}
+
+
+class ContractError(Exception):
+    """A server, repository or request does not follow the wire contract."""
+
+
+def check_metadata(spec: ModelSpec, metadata: dict) -> None:
+    """Compares Triton model metadata (as a dict, from get_model_metadata) with the contract.
+
+    Triton reports batched dims with a leading -1; that dim is dropped before comparing.
+    """
+    batched = spec.name != MANIFEST_MODEL
+
+    def _tensors(key: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {t["name"]: (t["datatype"], tuple(int(d) for d in t.get("shape", []))[1 if batched else 0:])
+                for t in metadata.get(key, [])}
+
+    for key, expected in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        got = _tensors(key)
+        for t in expected:
+            if t.name not in got:
+                raise ContractError(f"model {spec.name!r}: {key[:-1]} {t.name!r} is missing (server has "
+                                    f"{sorted(got)}); is this a Tribune contract v{CONTRACT_VERSION} repository?")
+            dtype, dims = got[t.name]
+            if dtype != t.dtype or dims != t.dims:
+                raise ContractError(f"model {spec.name!r}: {key[:-1]} {t.name!r} is {dtype}{list(dims)}, "
+                                    f"the contract says {t.dtype}{list(t.dims)}")

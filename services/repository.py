@@ -1,0 +1,200 @@
+"""The Triton model repository: config.pbtxt files, the tribune.json manifest, fingerprints.
+
+Layout (a standard Triton repository that stock Triton loads unchanged)::
+
+    REPO/tribune.json                 manifest: contract, tokenizer, reward stats, sha256s
+    REPO/tokenizer/                   the tokenizer both models were trained with
+    REPO/reward/config.pbtxt          REPO/reward/1/model.onnx
+    REPO/reference/config.pbtxt       REPO/reference/1/model.onnx
+
+config.pbtxt files are built as ``ModelConfig`` protobufs (the message Triton itself
+parses, shipped in tritonclient) and written in text format, so they are valid by
+construction and can be parsed back the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.contract import (CONTRACT_VERSION, MANIFEST_FILE, MANIFEST_SPEC, MODELS, PARAM_CONTRACT_VERSION,
+                               PARAM_MAX_SEQUENCE_LENGTH, PARAM_REWARD_MEAN, PARAM_REWARD_STD,
+                               PARAM_TOKENIZER_FINGERPRINT, PARAM_VOCAB_SIZE, TOKENIZER_DIR, ContractError)
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """What goes into each config.pbtxt besides the contract's tensors."""
+    max_batch_size: int
+    queue_delay_us: int
+    max_queue_size: int
+    instance_count: int
+    instance_kind: str            # "KIND_GPU" | "KIND_CPU"
+    accelerator: str              # "none" | "tensorrt" | "cuda"
+    fp16: bool
+    warmup: bool
+    warmup_length: int
+
+
+def model_config(name: str, s: TritonSettings, parameters: dict[str, str]):
+    """The ModelConfig protobuf for model ``name`` of the contract."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    spec = MODELS[name]
+    cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=s.max_batch_size)
+    for t in spec.inputs:
+        cfg.input.add(name=t.name, data_type=getattr(mc, "TYPE_" + t.dtype), dims=list(t.dims))
+    for t in spec.outputs:
+        cfg.output.add(name=t.name, data_type=getattr(mc, "TYPE_" + t.dtype), dims=list(t.dims))
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = s.queue_delay_us
+    db.default_queue_policy.max_queue_size = s.max_queue_size
+    cfg.instance_group.add(count=s.instance_count, kind=getattr(mc.ModelInstanceGroup, s.instance_kind))
+    if s.accelerator != "none":
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add()
+        if s.accelerator == "tensorrt":
+            acc.name = "tensorrt"
+            acc.parameters["precision_mode"] = "FP16" if s.fp16 else "FP32"
+            acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        else:
+            acc.name = "cuda"
+    if s.warmup:
+        w = cfg.model_warmup.add(name="warmup", batch_size=min(8, s.max_batch_size), count=1)
+        for t in spec.inputs:
+            dims = [s.warmup_length if d == -1 else d for d in t.dims]
+            inp = w.inputs[t.name]
+            inp.data_type = getattr(mc, "TYPE_" + t.dtype)
+            inp.dims.extend(dims)
+            if t.name == "temperature":
+                inp.random_data = False
+                inp.zero_data = False
+                inp.input_data_file = "temperature_one"   # model dir's warmup/ holds 1.0
+            elif t.name == "attention_mask":
+                inp.input_data_file = "mask_ones"
+            else:
+                inp.zero_data = True
+    for k, v in parameters.items():
+        cfg.parameters[k].string_value = str(v)
+    return cfg
+
+
+def manifest_model_config():
+    """The unbatched `tribune_manifest` model: probe INT64 [1] → manifest BYTES [1] (JSON)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = mc.ModelConfig(name=MANIFEST_SPEC.name, platform="onnxruntime_onnx", max_batch_size=0)
+    cfg.input.add(name="probe", data_type=mc.TYPE_INT64, dims=[1])
+    cfg.output.add(name="manifest", data_type=mc.TYPE_STRING, dims=[1])
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return cfg
+
+
+def manifest_onnx(facts: dict) -> bytes:
+    """An ONNX graph whose only output is the served facts as one JSON string."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("value", TensorProto.STRING, [1], [json.dumps(facts, sort_keys=True).encode()])
+    graph = helper.make_graph([helper.make_node("Constant", [], ["manifest"], value=value)], "tribune_manifest",
+                              [helper.make_tensor_value_info("probe", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("manifest", TensorProto.STRING, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_config(path: Path, cfg) -> None:
+    from google.protobuf import text_format
+
+    path.write_text(text_format.MessageToString(cfg))
+
+
+def read_config(path: Path):
+    """Parses a config.pbtxt with Triton's own ModelConfig schema (unknown fields fail)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except text_format.ParseError as e:
+        raise ContractError(f"{path}: not a valid Triton model config: {e}") from None
+
+
+def contract_parameters(fingerprint: str, reward_mean: float, reward_std: float, max_len: int,
+                        vocab_size: int) -> dict[str, str]:
+    return {PARAM_CONTRACT_VERSION: str(CONTRACT_VERSION), PARAM_TOKENIZER_FINGERPRINT: fingerprint,
+            PARAM_REWARD_MEAN: repr(reward_mean), PARAM_REWARD_STD: repr(reward_std),
+            PARAM_MAX_SEQUENCE_LENGTH: str(max_len), PARAM_VOCAB_SIZE: str(vocab_size)}
+
+
+# ---------------------------------------------------------------- fingerprints and manifest
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides token ids: the vocabulary and the special tokens.
+
+    Computed from the loaded tokenizer rather than file bytes, because the same tokenizer
+    saved by two transformers versions gives different files but identical ids.
+    """
+    canon = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items()),
+        "added": sorted((t, i) for t, i in tokenizer.get_added_vocab().items()),
+        "bos_on_encode": tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None else False,
+    }
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_hashes(repo: Path) -> dict[str, str]:
+    repo = Path(repo)
+    return {str(p.relative_to(repo)): sha256_file(p) for p in sorted(repo.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def write_manifest(repo: Path, manifest: dict) -> dict:
+    manifest = {**manifest, "files": file_hashes(repo)}
+    (Path(repo) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(repo: Path) -> dict:
+    path = Path(repo) / MANIFEST_FILE
+    if not path.is_file():
+        raise ContractError(f"{repo} is not a Tribune model repository (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ContractError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("contract_version") != CONTRACT_VERSION:
+        raise ContractError(f"{path}: contract version {manifest.get('contract_version')}, "
+                            f"this Tribune speaks {CONTRACT_VERSION}")
+    return manifest
+
+
+def verify_repository(repo: Path) -> dict:
+    """Checks every file against the manifest's sha256; raises naming what differs."""
+    manifest = read_manifest(repo)
+    expected = manifest.get("files", {})
+    actual = file_hashes(repo)
+    problems = [f"{f}: modified" for f in expected if f in actual and actual[f] != expected[f]]
+    problems += [f"{f}: missing" for f in expected if f not in actual]
+    problems += [f"{f}: not in the manifest" for f in actual if f not in expected]
+    if problems:
+        raise ContractError(f"repository {repo} does not match its manifest: " + "; ".join(problems[:10]))
+    for name in [*MODELS, MANIFEST_SPEC.name]:
+        cfg = read_config(Path(repo) / name / "config.pbtxt")
+        if cfg.name != name:
+            raise ContractError(f"{repo}/{name}/config.pbtxt names model {cfg.name!r}")
+    if not (Path(repo) / TOKENIZER_DIR).is_dir():
+        raise ContractError(f"{repo} has no {TOKENIZER_DIR}/")
+    return manifest

@@ -1,0 +1,80 @@
+"""The command line: typed configs from YAML and flags, --help, and clean user errors."""
+import dataclasses
+import json
+
+import pytest
+
+from tests.conftest import tribune
+from trainer.config import build_config, config_from_args
+from trainer.errors import UserError
+from trainer.reward import RewardConfig
+from trainer.sft import SFTConfig
+
+
+def test_help_documents_every_field():
+    for command, cls in [("sft", SFTConfig), ("train-rm", RewardConfig)]:
+        text = tribune(command, "--help").stdout
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in text, (command, flag)
+            assert f.metadata["help"].split()[0] in text
+
+
+def test_yaml_then_flags(tmp_path):
+    from trainer.cli import build_parser
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model: m\ntrain: t.jsonl\noutput: o\nlearning_rate: 0.01\nbatch_size: 8\n")
+    args = build_parser().parse_args(["sft", "--config", str(yml), "--batch-size", "16"])
+    cfg = config_from_args(SFTConfig, args)
+    assert cfg.learning_rate == 0.01 and cfg.batch_size == 16 and str(cfg.model) == "m"
+
+
+def test_validation_raises_naming_the_field():
+    with pytest.raises(UserError, match="max_prompt_length"):
+        build_config(SFTConfig, {"model": "m", "train": "t", "output": "o", "max_prompt_length": 80})
+    with pytest.raises(UserError, match="unknown SFTConfig field"):
+        build_config(SFTConfig, {"model": "m", "train": "t", "output": "o", "lr": 1})
+    with pytest.raises(UserError, match="--train"):
+        build_config(SFTConfig, {"model": "m", "output": "o"})
+
+
+def test_user_errors_print_one_line_without_traceback(tmp_path, task_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "name two fruits", "response": "fig kiwi"}\n{"prompt": oops}\n')
+    proc = tribune("sft", "--model", task_dir / "base", "--train", bad, "--output", tmp_path / "o", check=False)
+    assert proc.returncode == 2
+    assert f"{bad}:2: malformed JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = tribune("sft", "--model", tmp_path / "nowhere", "--train", bad, "--output", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "not a Hugging Face model directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text("learning_rate: [1\n")
+    proc = tribune("sft", "--config", yml, check=False)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_skipped_rows_are_counted_and_logged(tmp_path, sft_dir):
+    rows = [
+        {"prompt": "name two fruits", "chosen": "fig kiwi", "rejected": "fig fig"},
+        {"prompt": "name two fruits", "chosen": "fig kiwi", "rejected": "fig kiwi"},    # chosen == rejected
+        {"prompt": "name two fruits", "chosen": "fig kiwi"},                             # missing rejected
+        {"chosen": "a", "rejected": "b"},                                                # missing prompt
+        {"prompt": "name three fruits", "ranking": ["fig kiwi lime", "fig kiwi", "fig"]},
+    ]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = tribune("train-rm", "--model", sft_dir, "--train", data, "--eval", data, "--output", tmp_path / "rm",
+                   "--max-steps", "2", "--batch-size", "2", "--stats-samples", "4")
+    assert "1 chosen == rejected" in proc.stderr and "1 missing chosen/rejected" in proc.stderr
+    assert "1 missing prompt" in proc.stderr
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert metrics["train_rows"] == 2 and metrics["train_pairs"] == 1 + 3 and metrics["skipped_rows"] == 6
+
+
+def test_unbuilt_commands_say_so():
+    proc = tribune("ppo", check=False)
+    assert proc.returncode == 2 and "not built yet" in proc.stderr

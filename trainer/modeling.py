@@ -1,0 +1,162 @@
+"""Loading Hugging Face models and the forward passes every stage shares.
+
+Any local Hugging Face model directory works. Position ids always come from the mask
+(cumsum − 1), so a left-padded row gets exactly the logits of the unpadded one; the
+exported ONNX graphs do the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.losses import gather_last, position_ids_from_mask, token_logprobs
+
+
+def check_model_dir(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a Hugging Face model directory (not found)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a Hugging Face model directory (not found)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: no usable tokenizer ({e})") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer in {path} has no EOS token")
+    if tok.pad_token_id is None:
+        # Common for decoder-only models; EOS as pad is safe because masks, not pad ids,
+        # decide which positions count everywhere in Tribune.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: RLHF log-prob ratios and rewards must be deterministic."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for key, value in list(model.config.to_dict().items()):
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(model.config, key, 0.0)
+
+
+def load_causal_lm(path: Path, dropout: bool = False, attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=torch.float32, **kw)
+    if not dropout:
+        disable_dropout(model)
+    return model
+
+
+def load_reward_model(path: Path, dropout: bool = False, attn_implementation: str | None = None):
+    """A sequence-classification model with one label: the scalar reward head."""
+    from transformers import AutoModelForSequenceClassification
+
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        check_model_dir(path), num_labels=1, dtype=torch.float32, **kw)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if not dropout:
+        disable_dropout(model)
+    return model
+
+
+def reward_head(model: nn.Module) -> nn.Module:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__} has no scalar head named score/classifier")
+
+
+def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward at the last position whose mask is 1, any padding side. (B, T) -> (B,)
+
+    Runs the backbone with mask-derived positions and applies the head to every position
+    (cheap: the head is one linear layer), then gathers the last real token.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    values = reward_head(model)(hidden).squeeze(-1)                         # (B, T)
+    return gather_last(values.float(), attention_mask)
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log π(token t | <t) for t ≥ 1; 0 where token t or t−1 is padding. (B, T) -> (B, T−1)
+
+    The same columns the `reference` service returns (see services.contract).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return token_logprobs(logits, input_ids, temperature) * (attention_mask[:, 1:] * attention_mask[:, :-1])
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+             temperature: float = 1.0, do_sample: bool = True, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Samples continuations of left-padded prompts with a KV cache.
+
+    Returns (query_responses (B, P+R), mask (B, P+R), P). Response tokens after the first
+    EOS are padding and masked out. Sampling uses ``generator`` so runs are reproducible.
+    """
+    from trainer.data import pad_left
+
+    model.eval()
+    ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id)                 # (B, P)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    P = ids.shape[1]
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[:, -1]
+    tokens, masks = [], []
+    for _ in range(max_new_tokens):
+        if do_sample:
+            probs = torch.softmax(logits.float() / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
+        tokens.append(nxt)
+        masks.append((~done).long())
+        done = done | (nxt == tokenizer.eos_token_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = (mask.sum(-1, keepdim=True) - 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1]
+    resp = torch.stack(tokens, 1)                                           # (B, R)
+    resp_mask = torch.stack(masks, 1)                                       # (B, R)
+    full_mask = torch.cat([mask[:, :P], resp_mask], 1)
+    return torch.cat([ids, resp], 1), full_mask, P
+
+
+def decode_responses(tokenizer, query_responses: torch.Tensor, mask: torch.Tensor, P: int) -> list[str]:
+    texts = []
+    for row, m in zip(query_responses[:, P:].tolist(), mask[:, P:].tolist()):
+        toks = [t for t, keep in zip(row, m) if keep and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+    return texts

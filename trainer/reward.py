@@ -1,0 +1,208 @@
+"""Stage 2, `tribune train-rm`: a Bradley–Terry reward model from the SFT weights.
+
+The model is ``AutoModelForSequenceClassification`` with one label (a fresh scalar head on
+the SFT backbone), so the saved directory loads anywhere as a standard HF model. The
+reward of a sequence is the head's value at its last real token (EOS), for either
+padding side.
+
+A batch holds whole preference groups: a k-way ranking contributes all its C(k, 2) pairs
+to the same batch (InstructGPT), weighted so each prompt counts once. Every distinct
+(prompt, response) sequence of the batch goes through a single forward pass, chosen and
+rejected alike, and pairs index into the resulting rewards.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from trainer.config import field
+from trainer.data import (PreferenceGroup, SkipCounter, Truncation, encode_pair, encode_prompt,
+                          load_preference_groups, pad_right)
+from trainer.loop import TrainingConfig, make_accelerator, run_training, save_final, seed_everything, write_json
+from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
+from trainer.modeling import decode_responses, generate, load_causal_lm, load_reward_model, score_sequences
+from trainer.task.judge import gold_score, is_task_prompt
+
+log = logging.getLogger("tribune")
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+@dataclass(kw_only=True)
+class RewardConfig(TrainingConfig):
+    """Reward-model training (Bradley–Terry on preference pairs and rankings)."""
+    model: Path = field(help="SFT model directory the reward model starts from")
+    train: Path = field(help="JSONL of {prompt, chosen, rejected} or {prompt, ranking}")
+    eval: Path = field(help="held-out preference JSONL in the same format")
+    learning_rate: float = field(1e-3, help="peak learning rate of AdamW")
+    batch_size: int = field(32, help="preference rows (pairs or rankings) per optimiser step")
+    max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
+    max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
+    margin_scale: float = field(1.0, help="multiplies a pair's optional 'margin' field in the loss")
+    center_rewards_coefficient: float = field(0.0, help="weight of TRL's reward-centering term mean((r_w+r_l)^2)")
+    gold_judge: Literal["auto", "bundled", "none"] = field(
+        "auto", help="accuracy against the bundled task's gold ordering: auto = when every eval prompt is a task prompt")
+    stats_samples: int = field(256, help="responses sampled from the SFT policy for the reward mean/std")
+    stats_max_new_tokens: int = field(16, help="maximum length of those sampled responses")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.center_rewards_coefficient < 0:
+            raise ValueError("center_rewards_coefficient must be non-negative")
+        if self.stats_samples < 2:
+            raise ValueError("stats_samples must be at least 2")
+
+
+class RewardScorer(nn.Module):
+    """Wraps the HF model so one forward call (through DDP) gives rewards (B,)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return score_sequences(self.model, input_ids, attention_mask)
+
+
+@dataclass
+class PairBatch:
+    """A batch of preference groups flattened for one forward pass.
+
+    input_ids, attention_mask: (S, T) every distinct sequence, right-padded;
+    chosen_idx, rejected_idx, margin, weight: (K,) one entry per pair.
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    chosen_idx: torch.Tensor
+    rejected_idx: torch.Tensor
+    margin: torch.Tensor
+    weight: torch.Tensor
+
+
+def collate_groups(tokenizer, groups: list[PreferenceGroup], max_prompt_length: int, max_length: int,
+                   trunc: Truncation | None = None) -> PairBatch:
+    seqs, chosen, rejected, margin, weight = [], [], [], [], []
+    for g in groups:
+        base = len(seqs)
+        seqs.extend(encode_pair(tokenizer, g.prompt, r, max_prompt_length, max_length, trunc)[0]
+                    for r in g.responses)
+        pairs = ranking_to_pairs(len(g.responses))
+        for a, b in pairs:
+            chosen.append(base + a)
+            rejected.append(base + b)
+            margin.append(g.margin)
+            weight.append(1.0 / (len(pairs) * len(groups)))
+    ids, mask = pad_right(seqs, tokenizer.pad_token_id)
+    return PairBatch(ids, mask, torch.tensor(chosen), torch.tensor(rejected),
+                     torch.tensor(margin, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32))
+
+
+def pair_rewards(scorer: nn.Module, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    r = scorer(batch.input_ids.to(device), batch.attention_mask.to(device))        # (S,)
+    return r[batch.chosen_idx.to(device)], r[batch.rejected_idx.to(device)]        # (K,), (K,)
+
+
+@torch.no_grad()
+def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardConfig, device,
+                use_gold: bool) -> dict[str, float]:
+    """Pairwise accuracy, mean margin and loss on held-out pairs; gold-ordering accuracy."""
+    rc, rr, mg, gold_hits, gold_pairs = [], [], [], 0, 0
+    for i in range(0, len(groups), 64):
+        chunk = groups[i:i + 64]
+        batch = collate_groups(tokenizer, chunk, cfg.max_prompt_length, cfg.max_length)
+        c, r = pair_rewards(scorer, batch, device)
+        rc.append(c.cpu()), rr.append(r.cpu()), mg.append(batch.margin)
+        if use_gold:
+            k = 0
+            for g in chunk:
+                golds = [gold_score(g.prompt, resp) for resp in g.responses]
+                for a, b in ranking_to_pairs(len(g.responses)):
+                    if golds[a] != golds[b]:
+                        gold_pairs += 1
+                        better_first = golds[a] > golds[b]
+                        gold_hits += int((c[k] > r[k]).item() == better_first)
+                    k += 1
+    c, r, m = torch.cat(rc), torch.cat(rr), torch.cat(mg)
+    metrics = {
+        "eval_accuracy": float(pairwise_accuracy(c, r)),
+        "eval_loss": float(bradley_terry_loss(c, r, cfg.margin_scale * m)),
+        "eval_margin": float((c - r).mean()),
+        "eval_pairs": int(c.numel()),
+    }
+    if use_gold and gold_pairs:
+        metrics["eval_gold_accuracy"] = gold_hits / gold_pairs
+    return metrics
+
+
+@torch.no_grad()
+def reward_stats_on_sft_samples(rm, sft_dir: Path, tokenizer, prompts: list[str], cfg: RewardConfig,
+                                device) -> dict[str, float]:
+    """Mean and std of rewards on responses sampled from πSFT: PPO's normalisation."""
+    policy = load_causal_lm(sft_dir).to(device)
+    g = torch.Generator().manual_seed(cfg.seed + 17)
+    rewards = []
+    for i in range(0, len(prompts), 64):
+        chunk = prompts[i:i + 64]
+        qr, mask, P = generate(policy, tokenizer, [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in chunk],
+                               max_new_tokens=cfg.stats_max_new_tokens, generator=g)
+        texts = decode_responses(tokenizer, qr, mask, P)
+        seqs = [encode_pair(tokenizer, p, t, cfg.max_prompt_length, cfg.max_length)[0] for p, t in zip(chunk, texts)]
+        ids, m = pad_right(seqs, tokenizer.pad_token_id)
+        rewards.append(score_sequences(rm, ids.to(device), m.to(device)).cpu())
+    r = torch.cat(rewards).double()
+    return {"mean": float(r.mean()), "std": float(r.std().clamp(min=1e-6)), "samples": int(r.numel()),
+            "source": "responses sampled from the SFT policy at temperature 1"}
+
+
+def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
+    from trainer.modeling import load_tokenizer
+
+    acc = make_accelerator()
+    seed_everything(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    skipped = SkipCounter()
+    train = load_preference_groups(cfg.train, skipped)
+    eval_skipped = SkipCounter()
+    evals = load_preference_groups(cfg.eval, eval_skipped)
+    trunc = Truncation()
+    collate_groups(tokenizer, train, cfg.max_prompt_length, cfg.max_length, trunc)
+    n_pairs = sum(math.comb(len(g.responses), 2) for g in train)
+    log.info("train-rm: %d train rows (%d pairs), %d eval rows; skipped train: %s; skipped eval: %s; "
+             "truncated prompts: %d, responses: %d", len(train), n_pairs, len(evals), skipped.summary(),
+             eval_skipped.summary(), trunc.prompts, trunc.responses)
+    use_gold = cfg.gold_judge == "bundled" or (cfg.gold_judge == "auto" and all(is_task_prompt(g.prompt) for g in evals))
+
+    scorer = RewardScorer(load_reward_model(cfg.model, dropout=cfg.dropout))
+
+    def loss_on(module, idx):
+        batch = collate_groups(tokenizer, [train[i] for i in idx], cfg.max_prompt_length, cfg.max_length)
+        c, r = pair_rewards(module, batch, acc.device)
+        # weights sum to 1 over this rank's groups; DDP then averages across ranks
+        loss = bradley_terry_loss(c, r, cfg.margin_scale * batch.margin.to(acc.device),
+                                  cfg.center_rewards_coefficient, batch.weight.to(acc.device))
+        return loss, {"accuracy": float(pairwise_accuracy(c, r)), "margin": float((c - r).mean().detach())}
+
+    scorer, metrics = run_training(acc, cfg, scorer, len(train), loss_on,
+                                   lambda m: evaluate_rm(m, tokenizer, evals, cfg, acc.device, use_gold),
+                                   desc="train-rm")
+    rm = scorer.model
+    prompts = [g.prompt for g in train[:cfg.stats_samples]]
+    stats = reward_stats_on_sft_samples(rm, cfg.model, tokenizer, prompts, cfg, acc.device)
+    rm.config.tribune_reward_mean = stats["mean"]
+    rm.config.tribune_reward_std = stats["std"]
+    metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"], "train_rows": len(train),
+                    "train_pairs": n_pairs, "skipped_rows": skipped.total + eval_skipped.total})
+    save_final(acc, rm, tokenizer, out, metrics)
+    if acc.is_main_process:
+        write_json(out / REWARD_STATS_FILE, stats)
+    return metrics

@@ -1,0 +1,126 @@
+"""Stage 1, `tribune sft`: supervised fine-tuning of any local causal LM.
+
+Loss on response tokens only (prompt and padding labels are −100); EOS is appended to
+every response so the policy learns to stop; long prompts are cut from the left and the
+cuts are counted and reported.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config import field
+from trainer.data import SkipCounter, Truncation, encode_pair, encode_prompt, load_sft_rows, pad_right
+from trainer.loop import TrainingConfig, make_accelerator, run_training, save_final, seed_everything
+from trainer.losses import position_ids_from_mask
+from trainer.modeling import decode_responses, generate, load_causal_lm, load_tokenizer
+from trainer.task.judge import gold_score, is_task_prompt
+
+log = logging.getLogger("tribune")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning."""
+    model: Path = field(help="local Hugging Face model directory to start from")
+    train: Path = field(help="JSONL of {prompt, response} or {messages}")
+    eval: Path | None = field(None, help="held-out JSONL in the same format (default: 5%% of --train)")
+    max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
+    max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
+    eval_fraction: float = field(0.05, help="share of --train held out when --eval is not given")
+    gold_eval_prompts: int = field(200, help="held-out prompts sampled for the bundled task's gold score")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError("eval_fraction must be in (0, 1)")
+
+
+def sft_batch(tokenizer, rows: list[tuple[str, str]], cfg: SFTConfig, trunc: Truncation | None = None):
+    """(input_ids, attention_mask, labels) each (B, T), right-padded, labels −100 off-response."""
+    seqs, plens = zip(*(encode_pair(tokenizer, p, r, cfg.max_prompt_length, cfg.max_length, trunc)
+                        for p, r in rows))
+    ids, mask = pad_right(list(seqs), tokenizer.pad_token_id)
+    labels = ids.clone()
+    for i, plen in enumerate(plens):
+        labels[i, :plen] = -100
+    labels[mask == 0] = -100
+    return ids, mask, labels
+
+
+def response_nll(model, ids, mask, labels) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens. (B, T) inputs -> ()"""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False).logits                                  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def gold_eval(model, tokenizer, prompts: list[str], max_prompt_length: int, max_new_tokens: int,
+              seed: int, batch_size: int = 64) -> dict[str, float]:
+    """Mean gold score of sampled responses (temperature 1) on bundled-task prompts."""
+    g = torch.Generator().manual_seed(seed)
+    scores, lengths = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        qr, mask, P = generate(model, tokenizer, [encode_prompt(tokenizer, p, max_prompt_length) for p in chunk],
+                               max_new_tokens=max_new_tokens, generator=g)
+        for p, text in zip(chunk, decode_responses(tokenizer, qr, mask, P)):
+            scores.append(gold_score(p, text))
+            lengths.append(len(text.split()))
+    return {"gold_score": sum(scores) / len(scores), "gold_response_words": sum(lengths) / len(lengths)}
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, float]:
+    acc = make_accelerator()
+    seed_everything(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    skipped = SkipCounter()
+    rows = load_sft_rows(cfg.train, tokenizer, skipped)
+    if cfg.eval is not None:
+        eval_rows = load_sft_rows(cfg.eval, tokenizer, skipped)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        perm = torch.randperm(len(rows), generator=g).tolist()
+        n_eval = max(1, int(len(rows) * cfg.eval_fraction))
+        eval_rows, rows = [rows[i] for i in perm[:n_eval]], [rows[i] for i in perm[n_eval:]]
+    trunc = Truncation()
+    for p, r in rows:  # count truncations once, up front
+        encode_pair(tokenizer, p, r, cfg.max_prompt_length, cfg.max_length, trunc)
+    log.info("sft: %d train rows, %d eval rows; skipped: %s; truncated prompts: %d, responses: %d",
+             len(rows), len(eval_rows), skipped.summary(), trunc.prompts, trunc.responses)
+
+    model = load_causal_lm(cfg.model, dropout=cfg.dropout)
+
+    def loss_on(module, idx):
+        ids, mask, labels = sft_batch(tokenizer, [rows[i] for i in idx], cfg)
+        return response_nll(module, ids.to(acc.device), mask.to(acc.device), labels.to(acc.device)), {}
+
+    task_prompts = [p for p, _ in eval_rows if is_task_prompt(p)][:cfg.gold_eval_prompts]
+
+    def evaluate(module) -> dict[str, float]:
+        losses = []
+        with torch.no_grad():
+            for i in range(0, len(eval_rows), 64):
+                ids, mask, labels = sft_batch(tokenizer, eval_rows[i:i + 64], cfg)
+                losses.append(float(response_nll(module, ids.to(acc.device), mask.to(acc.device),
+                                                 labels.to(acc.device))))
+        metrics = {"eval_loss": sum(losses) / len(losses)}
+        if task_prompts and len(task_prompts) == min(len(eval_rows), cfg.gold_eval_prompts):
+            metrics.update(gold_eval(module, tokenizer, task_prompts, cfg.max_prompt_length,
+                                     cfg.max_length - cfg.max_prompt_length, cfg.seed))
+        return metrics
+
+    model, metrics = run_training(acc, cfg, model, len(rows), loss_on, evaluate, desc="sft")
+    metrics.update({"train_rows": len(rows), "skipped_rows": skipped.total,
+                    "truncated_prompts": trunc.prompts, "truncated_responses": trunc.responses})
+    save_final(acc, model, tokenizer, out, metrics)
+    return metrics

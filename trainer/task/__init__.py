@@ -1,0 +1,1 @@
+"""The bundled synthetic instruction task and its gold judge."""
