@@ -1,0 +1,84 @@
+"""`tribune serve` as a child process: free ports, wait for readiness, clean shutdown.
+
+Used by `tribune demo`, the benchmarks and the tests: the server runs exactly as a user
+would run it, in its own process, and is stopped with SIGTERM (then SIGKILL).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = "tribune serve: ready"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeProcess:
+    """A running `tribune serve` and its ports; ``lines`` collects its output."""
+    proc: subprocess.Popen
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _pump(stream, lines: list[str], echo: bool) -> None:
+    for line in stream:
+        lines.append(line)
+        if echo:
+            sys.stderr.write(line)
+
+
+def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = None, timeout: float = 180,
+                echo: bool = False, ready: str = READY) -> ServeProcess:
+    """Starts `tribune serve --repository REPO` on free (or given) ports; returns once ready."""
+    grpc, http, metrics = ports or (free_port(), free_port(), free_port())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "serve", "--repository", str(repo), "--grpc-port", str(grpc),
+         "--http-port", str(http), "--metrics-port", str(metrics), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    served = ServeProcess(proc, grpc, http, metrics)
+    threading.Thread(target=_pump, args=(proc.stdout, served.lines, echo), daemon=True).start()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(ready in line for line in served.lines):
+            return served
+        if proc.poll() is not None:
+            time.sleep(0.2)
+            raise RuntimeError(f"tribune serve exited with {proc.returncode}:\n{''.join(served.lines)[-5000:]}")
+        time.sleep(0.1)
+    served.stop()
+    raise RuntimeError(f"tribune serve not ready after {timeout}s:\n{''.join(served.lines)[-5000:]}")
