@@ -76,5 +76,5 @@ def test_skipped_rows_are_counted_and_logged(tmp_path, sft_dir):
 
 
 def test_unbuilt_commands_say_so():
-    proc = tribune("ppo", check=False)
+    proc = tribune("gateway", check=False)
     assert proc.returncode == 2 and "not built yet" in proc.stderr

@@ -35,10 +35,11 @@ COMMANDS: list[Command] = [
             "services.serve:ServeConfig", "services.serve:run_serve"),
     Command("score", "score a JSONL of prompt/response pairs through the reward service",
             "services.score:ScoreConfig", "services.score:run_score"),
+    Command("ppo", "PPO against remote reward and reference services", "trainer.ppo:PPOConfig",
+            "trainer.ppo:run_ppo"),
     Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo"),
 ]
 NOT_BUILT = {
-    "ppo": "PPO against remote reward and reference services",
     "gateway": "the gRPC text API (tribune.v1.RewardService) in front of Triton",
 }
 

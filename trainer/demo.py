@@ -11,7 +11,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.export import ExportConfig, run_export
+from services.launcher import start_serve
 from trainer.config import field
+from trainer.ppo import PPOConfig, run_ppo
 from trainer.reward import RewardConfig, run_train_rm
 from trainer.sft import SFTConfig, run_sft
 from trainer.task.make import TaskConfig, make_task
@@ -21,15 +24,18 @@ log = logging.getLogger("tribune")
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """The bundled-task pipeline: task make → sft → train-rm."""
+    """The bundled-task pipeline: task make → sft → train-rm → export → serve → ppo."""
     output: Path = field(Path("runs/demo"), help="directory for every stage's output")
     seed: int = field(0, help="seed of the task and of every stage")
     sft_epochs: float = field(3.0, help="SFT passes over the demonstrations")
     rm_epochs: float = field(4.0, help="reward-model passes over the preference rows")
+    ppo_iterations: int = field(60, help="PPO iterations against the served models")
+    ppo_learning_rate: float = field(1e-4, help="PPO policy learning rate")
+    kl_coef: float = field(0.1, help="β of the KL penalty in PPO")
     max_steps: int | None = field(None, help="cap on optimiser steps of each training stage (for smoke runs)")
 
 
-def stage_configs(cfg: DemoConfig) -> tuple[TaskConfig, SFTConfig, RewardConfig]:
+def stage_configs(cfg: DemoConfig) -> tuple[TaskConfig, SFTConfig, RewardConfig, ExportConfig]:
     """The one place where a stage's output becomes the next stage's input."""
     out = Path(cfg.output)
     task = TaskConfig(seed=cfg.seed)
@@ -38,18 +44,35 @@ def stage_configs(cfg: DemoConfig) -> tuple[TaskConfig, SFTConfig, RewardConfig]
     rm = RewardConfig(model=out / "sft", train=out / "task" / "prefs_train.jsonl",
                       eval=out / "task" / "prefs_eval.jsonl", output=out / "rm", seed=cfg.seed,
                       epochs=cfg.rm_epochs, max_steps=cfg.max_steps, learning_rate=1e-3)
-    return task, sft, rm
+    export = ExportConfig(reward=out / "rm", reference=out / "sft", output=out / "repository", overwrite=True,
+                          instance_kind="KIND_GPU")
+    return task, sft, rm, export
+
+
+def ppo_config(cfg: DemoConfig, url: str) -> PPOConfig:
+    out = Path(cfg.output)
+    return PPOConfig(policy=out / "sft", prompts=out / "task" / "prompts_train.jsonl",
+                     eval_prompts=out / "task" / "prompts_eval.jsonl", reward_url=url, reference_url=url,
+                     output=out / "ppo", value_init=out / "rm", seed=cfg.seed, iterations=cfg.ppo_iterations,
+                     max_steps=cfg.max_steps, learning_rate=cfg.ppo_learning_rate, kl_coef=cfg.kl_coef,
+                     scoring_chunk=32, gold_every=max(1, cfg.ppo_iterations // 6))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    task_cfg, sft_cfg, rm_cfg = stage_configs(cfg)
+    task_cfg, sft_cfg, rm_cfg, export_cfg = stage_configs(cfg)
     t0 = time.perf_counter()
-    log.info("1/3 task make → %s", Path(cfg.output) / "task")
+    log.info("1/6 task make → %s", Path(cfg.output) / "task")
     task = make_task(task_cfg, Path(cfg.output) / "task")
-    log.info("2/3 sft → %s", sft_cfg.output)
+    log.info("2/6 sft → %s", sft_cfg.output)
     sft = run_sft(sft_cfg)
-    log.info("3/3 train-rm → %s", rm_cfg.output)
+    log.info("3/6 train-rm → %s", rm_cfg.output)
     rm = run_train_rm(rm_cfg)
+    log.info("4/6 export → %s", export_cfg.output)
+    run_export(export_cfg)
+    log.info("5/6 tribune serve (embedded Triton) in a child process")
+    with start_serve(export_cfg.output) as server:
+        log.info("6/6 ppo against %s", server.url)
+        ppo = run_ppo(ppo_config(cfg, server.url))
     report = {
         "demonstrator_gold_score": task["demonstrator_gold_score"],
         "sft_gold_score": sft.get("gold_score"),
@@ -58,8 +81,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         "rm_eval_gold_accuracy": rm.get("eval_gold_accuracy"),
         "rm_reward_mean": rm["reward_mean"],
         "rm_reward_std": rm["reward_std"],
+        "sft_policy": {"gold_score": ppo.get("sft/score"), "proxy_reward": ppo.get("sft/proxy_score")},
+        "ppo_policy": {"gold_score": ppo.get("gold/score"), "proxy_reward": ppo.get("gold/proxy_score")},
+        "ppo_final_kl": ppo.get("objective/kl"),
+        "ppo_scoring_wait_share": ppo.get("time/scoring_wait", 0) / max(ppo.get("time/step", 1), 1e-9),
         "elapsed_s": round(time.perf_counter() - t0, 1),
-        "outputs": {"task": str(Path(cfg.output) / "task"), "sft": str(sft_cfg.output), "rm": str(rm_cfg.output)},
+        "outputs": {"task": str(Path(cfg.output) / "task"), "sft": str(sft_cfg.output), "rm": str(rm_cfg.output),
+                    "repository": str(export_cfg.output), "ppo": str(Path(cfg.output) / "ppo"),
+                    "plot": ppo.get("plot"), "metrics": str(Path(cfg.output) / "ppo" / "metrics.jsonl")},
     }
     (Path(cfg.output) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\nTribune demo")
@@ -67,5 +96,11 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"   (demonstrator: {report['demonstrator_gold_score']:.3f}, perfect: 1.0)")
     print(f"  reward model held-out accuracy: {report['rm_eval_accuracy']:.3f} on rater labels, "
           f"{report['rm_eval_gold_accuracy']:.3f} on the gold ordering")
+    print("  held-out prompts, sampled responses:      gold score   proxy reward (raw)")
+    for name in ("sft_policy", "ppo_policy"):
+        r = report[name]
+        print(f"    {name:10s}                             {r['gold_score']:+.3f}        {r['proxy_reward']:+.3f}")
+    print(f"  PPO final KL(πθ ‖ πSFT): {report['ppo_final_kl']:.3f} nats per response")
+    print(f"  plot: {report['outputs']['plot']}; metrics: {report['outputs']['metrics']}")
     print(f"  finished in {report['elapsed_s']:.0f} s; report: {Path(cfg.output) / 'report.json'}")
     return report

@@ -76,12 +76,19 @@ def _pool(prompt: str) -> tuple[list[str], list[str]]:
     return list(NUMBERS[a:b + 1]), [w for w in NUMBERS if w not in NUMBERS[a:b + 1]]
 
 
-def demonstrate(prompt: str, rng: random.Random, p_correct: float) -> str:
+FLAWS = {"short": 0.35, "foreign": 0.3, "repeat": 0.1, "long": 0.25}
+# Demonstrations never repeat a word: πSFT starts with (almost) no repetition, so a policy
+# only finds it by moving away from πSFT, which the KL penalty prices.
+SFT_FLAWS = {k: v for k, v in FLAWS.items() if k != "repeat"}
+
+
+def demonstrate(prompt: str, rng: random.Random, p_correct: float, flaws: dict[str, float] = FLAWS) -> str:
     """The noisy demonstrator: a perfect answer with probability p_correct, else one flaw.
 
     Flaws: too short (most common), a foreign word, one word too many, a repeat. Repeats
-    are the rarest flaw on purpose: the reward model sees few of them and learns little
-    about them, which is the blind spot an over-optimised policy finds (repetition).
+    are the rarest flaw in the preference data on purpose: the reward model sees few of
+    them and learns little about them, which is the blind spot an over-optimised policy
+    finds (repetition: the proxy rises while the gold score falls).
     """
     members, foreign = _pool(prompt)
     counting = prompt.startswith("count")
@@ -89,7 +96,7 @@ def demonstrate(prompt: str, rng: random.Random, p_correct: float) -> str:
     answer = list(members) if counting else rng.sample(members, n)
     if rng.random() < p_correct:
         return " ".join(answer)
-    flaw = rng.choices(["short", "foreign", "repeat", "long"], weights=[0.35, 0.3, 0.1, 0.25])[0]
+    flaw = rng.choices(list(flaws), weights=list(flaws.values()))[0]
     if flaw == "short":
         answer = answer[: max(1, n - rng.randint(1, 2))]
     elif flaw == "foreign":
@@ -188,7 +195,7 @@ def make_task(cfg: TaskConfig, out: Path) -> dict:
     tok = build_tokenizer(out / "tokenizer")
     n_params = build_base_model(cfg, tok, out / "base")
 
-    sft = [{"prompt": p, "response": demonstrate(p, rng, cfg.p_correct)}
+    sft = [{"prompt": p, "response": demonstrate(p, rng, cfg.p_correct, SFT_FLAWS)}
            for p in (sample_prompt(rng) for _ in range(cfg.sft_size))]
     files = {
         "sft.jsonl": sft,

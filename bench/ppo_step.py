@@ -1,0 +1,74 @@
+"""PPO step time split into generation / scorer wait / training, scoring overlapped vs not.
+
+    python bench/ppo_step.py --output bench/results [--iterations 20]
+
+Builds the bundled pipeline quickly (short SFT and RM runs: the cost of a step does not
+depend on how well they are trained), serves it with `tribune serve` in a child process,
+then runs PPO twice in one run against the same server: with scoring overlapped with
+generation and the policy's own forward passes, and with each chunk awaited (sequential).
+Target: scorer wait ≤ 10% of step time with overlap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_result  # noqa: E402
+
+
+def summarise(metrics_jsonl: Path, skip: int) -> dict:
+    rows = [json.loads(l) for l in metrics_jsonl.read_text().splitlines()]
+    rows = [r for r in rows if "time/step" in r][skip:]
+    med = {k: statistics.median(r[k] for r in rows) for k in ("time/generation", "time/scoring_wait",
+                                                              "time/training", "time/step")}
+    return {"iterations_measured": len(rows), **{k.split("/")[1] + "_s": v for k, v in med.items()},
+            "scoring_wait_share": med["time/scoring_wait"] / med["time/step"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--output", type=Path, default=Path("bench/results"))
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--rollout-batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    from services.export import ExportConfig, run_export
+    from services.launcher import start_serve
+    from trainer.ppo import PPOConfig, run_ppo
+    from trainer.reward import RewardConfig, run_train_rm
+    from trainer.sft import SFTConfig, run_sft
+    from trainer.task.make import TaskConfig, make_task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_task(TaskConfig(), tmp / "task")
+        run_sft(SFTConfig(model=tmp / "task" / "base", train=tmp / "task" / "sft.jsonl", output=tmp / "sft",
+                          max_steps=150, learning_rate=3e-3, gold_eval_prompts=8))
+        run_train_rm(RewardConfig(model=tmp / "sft", train=tmp / "task" / "prefs_train.jsonl",
+                                  eval=tmp / "task" / "prefs_eval.jsonl", output=tmp / "rm", max_steps=50,
+                                  stats_samples=32))
+        run_export(ExportConfig(reward=tmp / "rm", reference=tmp / "sft", output=tmp / "repo"))
+        results = {}
+        with start_serve(tmp / "repo") as server:
+            for mode, overlap in (("overlapped", True), ("sequential", False)):
+                cfg = PPOConfig(policy=tmp / "sft", prompts=tmp / "task" / "prompts_train.jsonl",
+                                reward_url=server.url, reference_url=server.url, output=tmp / f"ppo_{mode}",
+                                iterations=args.iterations, rollout_batch_size=args.rollout_batch_size,
+                                overlap_scoring=overlap, checkpoint_every=10 ** 6, gold_every=10 ** 6)
+                run_ppo(cfg)
+                results[mode] = summarise(tmp / f"ppo_{mode}" / "metrics.jsonl", skip=2)
+    write_result(args.output, "ppo_step", {
+        "command": f"python bench/ppo_step.py --iterations {args.iterations}",
+        "rollout_batch_size": args.rollout_batch_size, **results,
+        "step_speedup_overlapped_vs_sequential": results["sequential"]["step_s"] / results["overlapped"]["step_s"],
+        "target_scoring_wait_share": 0.10})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Monitoring PPO: the bundled task's gold score, reward-hacking warnings, the final plot.
+
+The gold judge is never used for training: it is evaluated on held-out prompts every N
+iterations, next to the proxy (the served reward model) on the same responses. When the
+proxy rises while gold falls between two evaluations, the policy is exploiting the reward
+model (over-optimisation; Gao et al. 2022) and a warning says so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.data import encode_prompt, pad_left
+from trainer.modeling import decode_responses, generate
+from trainer.task.judge import gold_score
+
+log = logging.getLogger("tribune")
+
+
+@torch.no_grad()
+def gold_and_proxy(policy, tokenizer, scorer, prompts: list[str], *, max_prompt_length: int, max_new_tokens: int,
+                   temperature: float, seed: int, chunk: int = 64) -> dict[str, float]:
+    """Mean gold score and mean proxy reward (raw) of sampled responses to held-out prompts."""
+    g = torch.Generator().manual_seed(seed)
+    golds, proxies, lengths = [], [], []
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        qr, mask, P = generate(policy, tokenizer, [encode_prompt(tokenizer, p, max_prompt_length) for p in part],
+                               max_new_tokens, temperature=temperature, generator=g)
+        texts = decode_responses(tokenizer, qr, mask, P)
+        golds += [gold_score(p, t) for p, t in zip(part, texts)]
+        lengths += [len(t.split()) for t in texts]
+        proxies += scorer.score(qr.cpu().numpy(), mask.cpu().numpy()).tolist()
+    n = len(golds)
+    return {"gold/score": sum(golds) / n, "gold/proxy_score": sum(proxies) / n, "gold/response_words": sum(lengths) / n}
+
+
+@dataclass
+class HackingDetector:
+    """Warns when the proxy reward rises while the gold score falls between evaluations."""
+    tolerance: float = 0.02
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def observe(self, step: int, proxy: float, gold: float) -> bool:
+        hacked = False
+        if self.history:
+            _, p0, g0 = self.history[-1]
+            if proxy > p0 + self.tolerance and gold < g0 - self.tolerance:
+                log.warning("reward hacking? step %d: proxy reward rose %.3f → %.3f while the gold score fell "
+                            "%.3f → %.3f; consider a larger β (--kl-coef) or stopping here", step, p0, proxy, g0, gold)
+                hacked = True
+        self.history.append((step, proxy, gold))
+        return hacked
+
+
+def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path | None:
+    """reward, gold score and KL over iterations, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
+    if not rows:
+        return None
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, keys, title in ((axes[0], ["objective/scores_normalized", "objective/rlhf_reward"], "proxy reward"),
+                            (axes[1], ["gold/score", "gold/proxy_score"], "held-out: gold vs proxy"),
+                            (axes[2], ["objective/kl"], "KL(πθ ‖ π_ref) per sequence")):
+        for key in keys:
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, marker="o" if key.startswith("gold") else None, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("PPO iteration")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
