@@ -188,14 +188,15 @@ class TritonScorer:
         return status in RETRYABLE or any(h in text for h in LOADING_HINTS) or (
             status is None and ("UNAVAILABLE" in text or "failed to connect" in text.lower()))
 
-    def _call(self, model: str, inputs: list, output: str) -> np.ndarray:
+    def _call(self, model: str, inputs: list, output: str, timeout_s: float | None = None) -> np.ndarray:
         budget_end = time.monotonic() + self.cfg.retry_budget_s
         backoff = self.cfg.initial_backoff_s
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = self._client().infer(model, inputs, headers=self._headers, client_timeout=self.cfg.timeout_s)
+                result = self._client().infer(model, inputs, headers=self._headers,
+                                              client_timeout=timeout_s or self.cfg.timeout_s)
                 return result.as_numpy(output)
             except Exception as e:
                 if not self._retryable(e):
@@ -222,7 +223,8 @@ class TritonScorer:
                                      f"{self.facts['max_sequence_length']}")
         return ids, mask
 
-    def _chunk(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None) -> np.ndarray:
+    def _chunk(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,
+               timeout_s: float | None = None) -> np.ndarray:
         import tritonclient.grpc as grpcclient
 
         lo, hi = _trim(mask)
@@ -235,20 +237,24 @@ class TritonScorer:
             x.set_data_from_numpy(np.ascontiguousarray(value))
             inputs.append(x)
         if model == REWARD_MODEL:
-            return self._call(model, inputs, "rewards")[:, 0]                        # (b,)
+            return self._call(model, inputs, "rewards", timeout_s)[:, 0]             # (b,)
         out = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.float32)         # (b, T−1)
-        out[:, lo:hi] = self._call(model, inputs, "logprobs")
+        out[:, lo:hi] = self._call(model, inputs, "logprobs", timeout_s)
         return out
 
-    def _map(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None) -> list[Future]:
+    def _map(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,
+             timeout_s: float | None = None) -> list[Future]:
         return [self._pool.submit(self._chunk, model, ids[i:i + self.max_batch], mask[i:i + self.max_batch],
-                                  temperature)
+                                  temperature, timeout_s)
                 for i in range(0, ids.shape[0], self.max_batch)]
 
-    def score_async(self, input_ids, attention_mask) -> Future:
-        """Future of rewards (B,) for token ids (B, T) and their mask (any padding side)."""
+    def score_async(self, input_ids, attention_mask, timeout_s: float | None = None) -> Future:
+        """Future of rewards (B,) for token ids (B, T) and their mask (any padding side).
+
+        ``timeout_s`` overrides the configured per-request deadline (e.g. a caller's own).
+        """
         ids, mask = self._check(input_ids, attention_mask)
-        return _gather(self._map(REWARD_MODEL, ids, mask, None))
+        return _gather(self._map(REWARD_MODEL, ids, mask, None, timeout_s))
 
     def logprobs_async(self, input_ids, attention_mask, temperature: float = 1.0) -> Future:
         """Future of reference log-probs (B, T−1): column t−1 is token t, 0 where masked."""

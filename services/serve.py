@@ -43,8 +43,9 @@ class ServeConfig:
     instances: int = field(1, help="ONNX Runtime sessions per model (parallel batches)")
     intra_op_threads: int = field(0, help="ONNX Runtime threads per session (0: all cores)")
     log_verbose: int = field(0, help="Triton's own log verbosity")
-    with_gateway: bool = field(False, help="also start the tribune.v1.RewardService gateway")
-    gateway_port: int = field(50051, help="gateway gRPC port when --with-gateway")
+    with_gateway: bool = field(False, help="also start the tribune.v1.RewardService gateway in front of it")
+    gateway_port: int = field(50051, help="gateway gRPC port (with --with-gateway)")
+    gateway_metrics_port: int = field(9090, help="gateway Prometheus port (with --with-gateway; 0: off)")
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port", "gateway_port"):
@@ -193,13 +194,18 @@ def run_serve(cfg: ServeConfig) -> None:
         triton.run()
         gateway = None
         if cfg.with_gateway:
-            from services.gateway import start_gateway_for_serve
+            from services.gateway import GatewayThread
+            from services.gateway_core import GatewayConfig
 
-            gateway = start_gateway_for_serve(cfg, manifest)
+            gateway = GatewayThread(GatewayConfig(
+                repository=repo, triton_url=f"127.0.0.1:{cfg.grpc_port}" if cfg.host == "0.0.0.0" else
+                f"{cfg.host}:{cfg.grpc_port}", host=cfg.host, port=cfg.gateway_port,
+                metrics_port=cfg.gateway_metrics_port)).start()
         print(f"tribune serve: ready in {time.perf_counter() - t0:.1f}s; models "
               f"{', '.join(f'{m} (max batch {b})' for m, b in limits.items())}; gRPC {cfg.host}:{cfg.grpc_port}, "
-              f"HTTP {cfg.host}:{cfg.http_port}, metrics {cfg.host}:{cfg.metrics_port}"
-              + (f", gateway {cfg.host}:{cfg.gateway_port}" if gateway else ""), flush=True)
+              f"HTTP {cfg.host}:{cfg.http_port}, metrics {cfg.host}:{cfg.metrics_port}; "
+              f"reward model {manifest['served']['reward_model_id']}"
+              + (f"; gateway {cfg.host}:{cfg.gateway_port}" if gateway else ""), flush=True)
         while not stop.wait(0.5):
             if not triton.is_alive():
                 raise UserError("Triton stopped unexpectedly; see its log above")

@@ -1,6 +1,6 @@
 """`tribune`: the one console script. Each subcommand is a config dataclass + a function.
 
-Modules are imported only when their subcommand runs, so ``tribune --help`` is instant.
+Each subcommand's config dataclass is its option list and its --help text.
 User errors (bad flags, bad files, refused connections) print one line and exit 2.
 """
 from __future__ import annotations
@@ -37,11 +37,11 @@ COMMANDS: list[Command] = [
             "services.score:ScoreConfig", "services.score:run_score"),
     Command("ppo", "PPO against remote reward and reference services", "trainer.ppo:PPOConfig",
             "trainer.ppo:run_ppo"),
+    Command("gateway", "the gRPC text API (tribune.v1.RewardService) in front of Triton",
+            "services.gateway_core:GatewayConfig", "services.gateway:run_gateway"),
     Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo"),
 ]
-NOT_BUILT = {
-    "gateway": "the gRPC text API (tribune.v1.RewardService) in front of Triton",
-}
+NOT_BUILT: dict[str, str] = {}
 
 
 def _load(ref: str):

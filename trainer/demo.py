@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.export import ExportConfig, run_export
-from services.launcher import start_serve
+from services.launcher import free_port, start_serve
 from trainer.config import field
 from trainer.ppo import PPOConfig, run_ppo
 from trainer.reward import RewardConfig, run_train_rm
@@ -58,6 +58,27 @@ def ppo_config(cfg: DemoConfig, url: str) -> PPOConfig:
                      scoring_chunk=32, gold_every=max(1, cfg.ppo_iterations // 6))
 
 
+def gateway_score_call(target: str) -> dict:
+    """What another system does: one Score call with the generated stubs."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tribune.v1 import reward_pb2, reward_pb2_grpc
+
+    items = [{"prompt": "name three fruits", "response": "apple pear plum"},
+             {"prompt": "name three fruits", "response": "apple red"}]
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.time() + 30
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
+                health_pb2.HealthCheckResponse.SERVING and time.time() < deadline:
+            time.sleep(0.2)
+        reply = reward_pb2_grpc.RewardServiceStub(channel).Score(
+            reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(**i) for i in items]), timeout=30)
+    return {"items": items, "rewards": list(reply.rewards), "normalized_rewards": list(reply.normalized_rewards),
+            "model_id": reply.model_id}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     task_cfg, sft_cfg, rm_cfg, export_cfg = stage_configs(cfg)
     t0 = time.perf_counter()
@@ -69,10 +90,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     rm = run_train_rm(rm_cfg)
     log.info("4/6 export → %s", export_cfg.output)
     run_export(export_cfg)
-    log.info("5/6 tribune serve (embedded Triton) in a child process")
-    with start_serve(export_cfg.output) as server:
+    log.info("5/6 tribune serve --with-gateway (embedded Triton + text gateway) in a child process")
+    gateway_port = free_port()
+    with start_serve(export_cfg.output, "--with-gateway", "--gateway-port", str(gateway_port),
+                     "--gateway-metrics-port", "0") as server:
         log.info("6/6 ppo against %s", server.url)
         ppo = run_ppo(ppo_config(cfg, server.url))
+        score_call = gateway_score_call(f"127.0.0.1:{gateway_port}")
     report = {
         "demonstrator_gold_score": task["demonstrator_gold_score"],
         "sft_gold_score": sft.get("gold_score"),
@@ -84,6 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "sft_policy": {"gold_score": ppo.get("sft/score"), "proxy_reward": ppo.get("sft/proxy_score")},
         "ppo_policy": {"gold_score": ppo.get("gold/score"), "proxy_reward": ppo.get("gold/proxy_score")},
         "ppo_final_kl": ppo.get("objective/kl"),
+        "gateway_score_call": score_call,
         "ppo_scoring_wait_share": ppo.get("time/scoring_wait", 0) / max(ppo.get("time/step", 1), 1e-9),
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "outputs": {"task": str(Path(cfg.output) / "task"), "sft": str(sft_cfg.output), "rm": str(rm_cfg.output),
@@ -102,5 +127,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"    {name:10s}                             {r['gold_score']:+.3f}        {r['proxy_reward']:+.3f}")
     print(f"  PPO final KL(πθ ‖ πSFT): {report['ppo_final_kl']:.3f} nats per response")
     print(f"  plot: {report['outputs']['plot']}; metrics: {report['outputs']['metrics']}")
+    print(f"  one tribune.v1.RewardService/Score call through the gateway ({score_call['model_id']}):")
+    for item, r, n in zip(score_call["items"], score_call["rewards"], score_call["normalized_rewards"]):
+        print(f"    {item['prompt']!r:24s} → {item['response']!r:22s} reward {r:+.3f} (normalised {n:+.3f})")
     print(f"  finished in {report['elapsed_s']:.0f} s; report: {Path(cfg.output) / 'report.json'}")
     return report

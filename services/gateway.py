@@ -1,0 +1,345 @@
+"""`tribune gateway`: tribune.v1.RewardService over gRPC (grpc.aio), in front of Triton.
+
+Servicers only translate: proto in → ``gateway_core`` types → a plain function → proto
+out. Domain errors become gRPC status codes in one interceptor; authentication is a
+second interceptor (health checks stay open for probes). The server also serves
+``grpc.health.v1.Health`` (NOT_SERVING until Triton's `reward` model is ready, and again
+if it goes away), server reflection, and Prometheus metrics on their own port.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.contract import ContractError
+from services.gateway_core import (Backend, GatewayConfig, GatewayError, InvalidInput, Item, MicroBatcher, NotReady,
+                                   Overloaded, Tokenisation, Unauthenticated, model_info)
+from trainer.errors import UserError
+from tribune.v1 import reward_pb2, reward_pb2_grpc
+
+log = logging.getLogger("tribune.gateway")
+SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+STATUS = {InvalidInput: grpc.StatusCode.INVALID_ARGUMENT, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          NotReady: grpc.StatusCode.UNAVAILABLE, Unauthenticated: grpc.StatusCode.UNAUTHENTICATED}
+
+
+class Metrics:
+    """Prometheus metrics of the gateway (its own registry, so several can live in one process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tribune_gateway_requests", "requests by method and status code",
+                                ["method", "code"], registry=self.registry)
+        self.latency = Histogram("tribune_gateway_request_seconds", "request latency", ["method"],
+                                 registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch = Histogram("tribune_gateway_batch_items", "items per Triton call", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.queue = Gauge("tribune_gateway_queue_items", "items waiting for a Triton call", registry=self.registry)
+        self.ready = Gauge("tribune_gateway_triton_ready", "1 when Triton's reward model is ready",
+                           registry=self.registry)
+
+
+def _request_id(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return value[:128]
+    return uuid.uuid4().hex[:16]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Domain errors → status codes; unexpected errors → INTERNAL (logged); metrics and logs per call."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHODS):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        async def _guard(coro_fn, context):
+            t0 = time.perf_counter()
+            rid = _request_id(context)
+            context.set_trailing_metadata((("x-request-id", rid),))
+            code = grpc.StatusCode.OK
+            try:
+                return await coro_fn(rid)
+            except GatewayError as e:
+                code = STATUS[type(e)]
+                await context.abort(code, str(e))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:  # never crash on a request: log it, answer INTERNAL
+                code = grpc.StatusCode.INTERNAL
+                log.exception(json.dumps({"event": "internal_error", "method": method, "request_id": rid}))
+                await context.abort(code, f"internal error (request id {rid})")
+            finally:
+                elapsed = time.perf_counter() - t0
+                metrics.requests.labels(method, code.name).inc()
+                metrics.latency.labels(method).observe(elapsed)
+                log.info(json.dumps({"event": "request", "method": method, "request_id": rid, "code": code.name,
+                                     "ms": round(elapsed * 1000, 2)}))
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                return await _guard(lambda rid: inner(request, context, rid), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.stream_stream:
+            inner_stream = handler.stream_stream
+
+            async def stream(request_iterator, context):
+                async def run(rid):
+                    async for response in inner_stream(request_iterator, context, rid):
+                        await context.write(response)
+                await _guard(run, context)
+
+            return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        return handler
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires 'authorization: Bearer TOKEN' except on health checks and reflection."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        sent = dict(details.invocation_metadata or ()).get("authorization")
+        if sent == self.expected:
+            return await continuation(details)
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization)")
+
+        handler = await continuation(details)
+        if handler is not None and handler.stream_stream:
+            async def deny_stream(request_iterator, context):
+                await deny(None, context)
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _items(proto_items) -> list[Item]:
+    return [Item(i.prompt or None, i.response if (i.response or not i.messages) else None,
+                 tuple((m.role, m.content) for m in i.messages)) for i in proto_items]
+
+
+class RewardService(reward_pb2_grpc.RewardServiceServicer):
+    """Translates tribune.v1 messages to domain calls; the interceptor adds the request id."""
+
+    def __init__(self, cfg: GatewayConfig, tok: Tokenisation, backend: Backend, batcher: MicroBatcher):
+        self.cfg, self.tok, self.backend, self.batcher = cfg, tok, backend, batcher
+
+    async def _score(self, items: list[Item], context, field_name: str):
+        self.tok.validate(items, field_name)
+        max_len = int(self.backend.facts.get("max_sequence_length", 0)) or 512
+        seqs = [self.tok.encode(item, max_len) for item in items]
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        rewards = await self.batcher.score(seqs, deadline)
+        f = self.backend.facts
+        normalized = (rewards - f["reward_mean"]) / f["reward_std"]
+        return rewards.tolist(), normalized.tolist(), f.get("reward_model_id", "")
+
+    async def Score(self, request, context, rid=None):
+        rewards, norm, model_id = await self._score(_items(request.items), context, "items")
+        return reward_pb2.ScoreResponse(rewards=rewards, normalized_rewards=norm, model_id=model_id,
+                                        request_id=request.request_id or rid or "")
+
+    async def ScoreBestOfN(self, request, context, rid=None):
+        if not request.prompt:
+            raise InvalidInput("prompt is required")
+        items = [Item(request.prompt, c) for c in request.candidates]
+        rewards, norm, model_id = await self._score(items, context, "candidates")
+        ranking = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))
+        return reward_pb2.BestOfNResponse(rewards=rewards, normalized_rewards=norm, best_index=ranking[0],
+                                          ranking=ranking, model_id=model_id,
+                                          request_id=request.request_id or rid or "")
+
+    async def ScoreStream(self, request_iterator, context, rid=None):
+        async for request in request_iterator:
+            yield await self.Score(request, context, rid)
+
+    async def GetModelInfo(self, request, context, rid=None):
+        return reward_pb2.ModelInfo(**model_info(self.backend, self.cfg))
+
+
+def _read(path: Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path is not None else None
+
+
+class Gateway:
+    """The server and what it owns; built by ``create_server``, started with ``start()``."""
+
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        try:
+            self.tok = Tokenisation(cfg.repository, cfg)
+            self.backend = Backend(cfg, self.tok.fingerprint)
+        except ContractError as e:
+            raise UserError(str(e)) from None
+        self.metrics = Metrics()
+        self.batcher = MicroBatcher(cfg, self.backend, self.tok.tokenizer.pad_token_id,
+                                    observe_batch=self.metrics.batch.observe, observe_queue=self.metrics.queue.set)
+        interceptors = [ErrorInterceptor(self.metrics)]
+        if cfg.auth_token_file is not None:
+            token = Path(cfg.auth_token_file).read_text().strip()
+            if not token:
+                raise UserError(f"{cfg.auth_token_file} is empty")
+            interceptors.insert(0, AuthInterceptor(token))
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                   ("grpc.keepalive_permit_without_calls", 1)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardService(cfg, self.tok, self.backend, self.batcher), self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(_read(cfg.tls_key), _read(cfg.tls_cert))],
+                                                root_certificates=_read(cfg.tls_client_ca),
+                                                require_client_auth=cfg.tls_client_ca is not None)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise UserError(f"cannot bind the gateway to {address}")
+        self._tasks: list[asyncio.Task] = []
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def _watch_triton(self) -> None:
+        loop = asyncio.get_running_loop()
+        was = None
+        while True:
+            ready = await loop.run_in_executor(None, self.backend.check)
+            if ready != was:
+                await self._set_health(ready)
+                self.metrics.ready.set(1 if ready else 0)
+                log.info(json.dumps({"event": "health", "serving": ready, "detail": self.backend.last_error}))
+                was = ready
+            await asyncio.sleep(self.cfg.health_interval_s)
+
+    async def start(self) -> None:
+        await self._set_health(False)
+        await self.server.start()
+        self.batcher.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_triton()))
+        if self.cfg.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.cfg.metrics_port, addr=self.cfg.host, registry=self.metrics.registry)
+
+    async def stop(self) -> None:
+        await self._set_health(False)
+        await self.server.stop(self.cfg.grace_s)
+        for t in self._tasks:
+            t.cancel()
+        await self.batcher.stop()
+        self.backend.close()
+
+
+def create_server(cfg: GatewayConfig) -> tuple[Gateway, int]:
+    """Builds the gateway (not started); returns it and the bound port (port 0 picks one)."""
+    gw = Gateway(cfg)
+    return gw, gw.port
+
+
+async def serve(cfg: GatewayConfig, stop_event: asyncio.Event | None = None) -> None:
+    gw, port = create_server(cfg)
+    await gw.start()
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop_event.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    print(f"tribune gateway: ready on {cfg.host}:{port} ({'TLS' if cfg.tls_cert else 'plaintext'}"
+          f"{', mTLS' if cfg.tls_client_ca else ''}{', bearer auth' if cfg.auth_token_file else ''}); "
+          f"Triton {cfg.triton_url}; metrics {cfg.host}:{cfg.metrics_port or 'off'}", flush=True)
+    await stop_event.wait()
+    print("tribune gateway: stopping", flush=True)
+    await gw.stop()
+    print("tribune gateway: stopped", flush=True)
+
+
+class GatewayThread:
+    """The gateway on its own event loop in a background thread (for `tribune serve --with-gateway`)."""
+
+    def __init__(self, cfg: GatewayConfig):
+        import threading
+
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.stop_event: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="tribune-gateway", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            self.stop_event = asyncio.Event()
+            self.started.set()
+            await serve(self.cfg, self.stop_event)
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as e:  # surfaced to the caller by start()/stop()
+            self.error = e
+            self.started.set()
+
+    def start(self) -> "GatewayThread":
+        self.thread.start()
+        self.started.wait(60)
+        if self.error:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        if self.stop_event is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(self.cfg.grace_s + 10)
+
+
+def run_gateway(cfg: GatewayConfig) -> None:
+    logging.getLogger("tribune.gateway").setLevel(logging.INFO)
+    asyncio.run(serve(cfg))

@@ -1,0 +1,287 @@
+"""The gateway's domain, free of gRPC: config, errors, text → tokens, micro-batching, backend.
+
+Servicers translate protos to these types and back; everything that decides something
+lives here so it can be tested and reused.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.client import ClientConfig, ScorerRequestError, ScorerUnavailable, TritonScorer
+from services.contract import TOKENIZER_DIR, ContractError
+from services.repository import read_manifest, tokenizer_fingerprint
+from trainer.config import field
+
+log = logging.getLogger("tribune.gateway")
+
+
+@dataclass(kw_only=True)
+class GatewayConfig:
+    """The gRPC text API (tribune.v1.RewardService) in front of Triton's `reward` model."""
+    repository: Path = field(help="model repository (for its tokenizer/ and tribune.json)")
+    triton_url: str = field(help="Triton gRPC address, host:port or dns:///host:port")
+    host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
+    port: int = field(50051, help="gRPC port of the gateway")
+    metrics_port: int = field(9090, help="Prometheus /metrics port (0: off)")
+    max_items: int = field(256, help="most items per request")
+    max_text_bytes: int = field(16384, help="longest prompt or response, in UTF-8 bytes")
+    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: 3/4 of the maximum)")
+    batch_max_items: int = field(64, help="micro-batching: most items sent to Triton in one call")
+    batch_max_delay_ms: float = field(2.0, help="micro-batching: longest wait for more items")
+    max_queue_items: int = field(4096, help="items waiting before new requests get RESOURCE_EXHAUSTED")
+    triton_timeout_s: float = field(30.0, help="deadline for Triton calls when the client sets none")
+    health_interval_s: float = field(1.0, help="how often Triton's readiness is checked")
+    auth_token_file: Path | None = field(None, help="file holding the bearer token clients must send (off if unset)")
+    tls_cert: Path | None = field(None, help="PEM server certificate (TLS on when set)")
+    tls_key: Path | None = field(None, help="PEM server key")
+    tls_client_ca: Path | None = field(None, help="PEM CA for client certificates (mutual TLS when set)")
+    triton_auth_token: str | None = field(None, help="bearer token for Triton, if it needs one")
+    max_message_bytes: int = field(16 << 20, help="largest gRPC message accepted")
+    grace_s: float = field(10.0, help="on SIGTERM, time given to requests in flight")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("port and metrics_port must be TCP ports")
+        for name in ("max_items", "max_text_bytes", "batch_max_items", "max_queue_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+
+# ---------------------------------------------------------------- domain errors
+
+class GatewayError(Exception):
+    """Base of the errors the interceptor maps to gRPC status codes."""
+
+
+class InvalidInput(GatewayError):
+    """A request field is wrong; the message names the field."""
+
+
+class Overloaded(GatewayError):
+    """The queue is full."""
+
+
+class NotReady(GatewayError):
+    """Triton is not (or no longer) ready."""
+
+
+class Unauthenticated(GatewayError):
+    """Missing or wrong bearer token."""
+
+
+# ---------------------------------------------------------------- text → tokens
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str | None
+    response: str | None
+    messages: tuple[tuple[str, str], ...] = ()
+
+
+class Tokenisation:
+    """The repository's tokenizer and the truncation policy of the training code."""
+
+    def __init__(self, repo: Path, cfg: GatewayConfig):
+        from trainer.modeling import load_tokenizer
+
+        self.tokenizer = load_tokenizer(Path(repo) / TOKENIZER_DIR)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.cfg = cfg
+
+    def validate(self, items: list[Item], field_name: str = "items") -> None:
+        if not items:
+            raise InvalidInput(f"{field_name}: at least one item is required")
+        if len(items) > self.cfg.max_items:
+            raise InvalidInput(f"{field_name}: {len(items)} items, the limit is {self.cfg.max_items}")
+        for i, item in enumerate(items):
+            where = f"{field_name}[{i}]"
+            if item.messages:
+                if item.messages[-1][0] != "assistant":
+                    raise InvalidInput(f"{where}.messages: the last message must be the assistant's response")
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise InvalidInput(f"{where}.messages: this model's tokenizer has no chat template; "
+                                       "send prompt and response instead")
+                for j, (_, content) in enumerate(item.messages):
+                    self._check_text(f"{where}.messages[{j}].content", content)
+                continue
+            if not item.prompt:
+                raise InvalidInput(f"{where}.prompt is required (or messages)")
+            if item.response is None:
+                raise InvalidInput(f"{where}.response is required")
+            self._check_text(f"{where}.prompt", item.prompt)
+            self._check_text(f"{where}.response", item.response)
+
+    def _check_text(self, where: str, text: str) -> None:
+        if "\ufffd" in text:
+            raise InvalidInput(f"{where} is not valid UTF-8")
+        if len(text.encode("utf-8", "surrogatepass")) > self.cfg.max_text_bytes:
+            raise InvalidInput(f"{where} is longer than {self.cfg.max_text_bytes} bytes")
+
+    def encode(self, item: Item, max_len: int) -> list[int]:
+        from trainer.data import encode_pair
+
+        prompt, response = item.prompt, item.response
+        if item.messages:
+            msgs = [{"role": r, "content": c} for r, c in item.messages]
+            prompt = self.tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+            response = msgs[-1]["content"]
+        max_prompt = self.cfg.max_prompt_length or (3 * max_len) // 4
+        return encode_pair(self.tokenizer, prompt, response, max_prompt, max_len)[0]
+
+
+# ---------------------------------------------------------------- Triton backend and micro-batching
+
+class Backend:
+    """The Triton connection: (re)connects in the background, reports readiness."""
+
+    def __init__(self, cfg: GatewayConfig, fingerprint: str):
+        self.cfg, self.fingerprint = cfg, fingerprint
+        self.scorer: TritonScorer | None = None
+        self.ready = False
+        self.manifest = read_manifest(cfg.repository)
+        self.last_error = "not connected yet"
+
+    @property
+    def facts(self) -> dict:
+        return self.scorer.facts if self.scorer else self.manifest.get("served", {})
+
+    def check(self) -> bool:
+        """Blocking: one readiness probe, connecting first if needed. Run in a thread."""
+        try:
+            if self.scorer is None:
+                self.scorer = TritonScorer(ClientConfig(url=self.cfg.triton_url, connect_timeout_s=2,
+                                                        timeout_s=self.cfg.triton_timeout_s, retry_budget_s=0,
+                                                        auth_token=self.cfg.triton_auth_token,
+                                                        max_in_flight=8), self.fingerprint, models=("reward",))
+                log.info("connected to Triton at %s (reward model %s)", self.cfg.triton_url,
+                         self.scorer.facts.get("reward_model_id"))
+            client = self.scorer._client()
+            self.ready = bool(client.is_model_ready("reward", client_timeout=2))
+            self.last_error = "" if self.ready else "model 'reward' is not ready"
+        except ContractError as e:
+            self.ready, self.last_error = False, f"Triton at {self.cfg.triton_url} refused: {e}"
+            log.error(self.last_error)
+        except Exception as e:  # any transport failure means "not ready"; the probe repeats
+            self.ready, self.last_error = False, f"Triton at {self.cfg.triton_url} unreachable: {e}"
+            log.debug(self.last_error)
+        return self.ready
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+@dataclass
+class _Pending:
+    seqs: list[list[int]]
+    future: asyncio.Future
+    deadline_s: float | None      # time.monotonic() by which the caller needs the answer
+
+
+class MicroBatcher:
+    """Collects items of concurrent requests into Triton calls of up to batch_max_items.
+
+    A request's items stay together and in order; the queue is bounded (Overloaded).
+    """
+
+    def __init__(self, cfg: GatewayConfig, backend: Backend, pad_id: int, observe_batch=None, observe_queue=None):
+        self.cfg, self.backend, self.pad_id = cfg, backend, pad_id
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.queued_items = 0
+        self.observe_batch = observe_batch or (lambda n: None)
+        self.observe_queue = observe_queue or (lambda n: None)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def score(self, seqs: list[list[int]], deadline_s: float | None) -> np.ndarray:
+        if not self.backend.ready:
+            raise NotReady(f"the reward model is not available: {self.backend.last_error}")
+        if self.queued_items + len(seqs) > self.cfg.max_queue_items:
+            raise Overloaded(f"{self.queued_items} items queued (limit {self.cfg.max_queue_items}); retry later")
+        fut = asyncio.get_running_loop().create_future()
+        self.queued_items += len(seqs)
+        self.observe_queue(self.queued_items)
+        await self.queue.put(_Pending(seqs, fut, deadline_s))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            n = len(first.seqs)
+            wait_until = time.monotonic() + self.cfg.batch_max_delay_ms / 1000
+            while n < self.cfg.batch_max_items:
+                timeout = wait_until - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                batch.append(nxt)
+                n += len(nxt.seqs)
+            self.queued_items -= n
+            self.observe_queue(self.queued_items)
+            self.observe_batch(n)
+            asyncio.get_running_loop().create_task(self._send(batch))
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        from trainer.data import pad_left
+
+        seqs = [s for p in batch for s in p.seqs]
+        deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
+        try:
+            scorer = self.backend.scorer
+            if scorer is None or not self.backend.ready:
+                raise NotReady(f"the reward model is not available: {self.backend.last_error}")
+            ids, mask = pad_left(seqs, self.pad_id)
+            # the tightest caller deadline of the batch is passed on to Triton
+            timeout = max(0.05, min(deadlines) - time.monotonic()) if deadlines else self.cfg.triton_timeout_s
+            rewards = await asyncio.wrap_future(scorer.score_async(ids.numpy(), mask.numpy(), timeout_s=timeout))
+        except ScorerUnavailable as e:
+            self.backend.ready = False
+            self.backend.last_error = str(e)
+            self._fail(batch, NotReady(f"Triton is unavailable: {e}"))
+            return
+        except ScorerRequestError as e:
+            self._fail(batch, InvalidInput(str(e)))
+            return
+        except Exception as e:  # reported to the callers; the batcher goes on
+            self._fail(batch, e)
+            return
+        start = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(rewards[start:start + len(p.seqs)])
+            start += len(p.seqs)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(error)
+
+
+def model_info(backend: Backend, cfg: GatewayConfig) -> dict:
+    f = backend.facts
+    return {"model_id": f.get("reward_model_id", ""), "contract_version": int(f.get("contract_version", 0)),
+            "tokenizer_fingerprint": f.get("tokenizer_fingerprint", ""), "reward_mean": float(f.get("reward_mean", 0.0)),
+            "reward_std": float(f.get("reward_std", 1.0)), "max_sequence_length": int(f.get("max_sequence_length", 0)),
+            "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes}
+
