@@ -60,6 +60,29 @@ def _request_id(context) -> str:
     return uuid.uuid4().hex[:16]
 
 
+class _Malformed:
+    """Stands in for a request that did not parse, so the interceptor can answer INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.message = (f"malformed request: not a valid {type_name} (invalid UTF-8 in a string field, or a "
+                        f"truncated or garbled protobuf: {error})")
+
+
+def _tolerant(deserializer, type_name: str):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # any parse failure is the client's input error
+            return _Malformed(type_name, e)
+    return parse
+
+
+def _check_parsed(request):
+    if isinstance(request, _Malformed):
+        raise InvalidInput(request.message)
+    return request
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Domain errors → status codes; unexpected errors → INTERNAL (logged); metrics and logs per call."""
 
@@ -72,6 +95,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.rsplit("/", 1)[-1]
         metrics = self.metrics
+        method_desc = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].methods_by_name.get(method)
+        deserializer = _tolerant(handler.request_deserializer,
+                                 method_desc.input_type.full_name if method_desc else "request")
 
         async def _guard(coro_fn, context):
             t0 = time.perf_counter()
@@ -104,21 +130,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context):
-                return await _guard(lambda rid: inner(request, context, rid), context)
+                async def run(rid):
+                    return await inner(_check_parsed(request), context, rid)
+                return await _guard(run, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, deserializer, handler.response_serializer)
         if handler.stream_stream:
             inner_stream = handler.stream_stream
 
             async def stream(request_iterator, context):
+                async def checked():
+                    async for request in request_iterator:
+                        yield _check_parsed(request)
+
                 async def run(rid):
-                    async for response in inner_stream(request_iterator, context, rid):
+                    async for response in inner_stream(checked(), context, rid):
                         await context.write(response)
                 await _guard(run, context)
 
-            return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
-                                                         handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(stream, deserializer, handler.response_serializer)
         return handler
 
 
@@ -147,8 +177,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _items(proto_items) -> list[Item]:
-    return [Item(i.prompt or None, i.response if (i.response or not i.messages) else None,
-                 tuple((m.role, m.content) for m in i.messages)) for i in proto_items]
+    """proto3 cannot tell an unset string from an empty one: both count as missing."""
+    return [Item(i.prompt or None, i.response or None, tuple((m.role, m.content) for m in i.messages))
+            for i in proto_items]
 
 
 class RewardService(reward_pb2_grpc.RewardServiceServicer):

@@ -116,8 +116,8 @@ class Tokenisation:
                 continue
             if not item.prompt:
                 raise InvalidInput(f"{where}.prompt is required (or messages)")
-            if item.response is None:
-                raise InvalidInput(f"{where}.response is required")
+            if not item.response:
+                raise InvalidInput(f"{where}.response is required (non-empty)")
             self._check_text(f"{where}.prompt", item.prompt)
             self._check_text(f"{where}.response", item.response)
 

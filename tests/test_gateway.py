@@ -1,0 +1,291 @@
+"""The reward gateway against a real Triton (`tribune serve`) and real gRPC clients on loopback."""
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.launcher import free_port
+from tests.conftest import REPO
+from tests.servers import start_serve
+from tribune.v1 import reward_pb2 as pb
+from tribune.v1 import reward_pb2_grpc
+
+pytestmark = pytest.mark.slow
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Gateway:
+    """`tribune gateway` as a child process."""
+
+    def __init__(self, repo, triton_url, *extra):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "gateway", "--repository", str(repo), "--triton-url", triton_url,
+             "--port", str(self.port), "--metrics-port", str(free_port()), "--health-interval-s", "0.3", *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines = []
+        threading.Thread(target=lambda: [self.lines.append(l) for l in self.proc.stdout], daemon=True).start()
+        deadline = time.time() + 60
+        while not any("tribune gateway: ready" in l for l in self.lines):
+            assert self.proc.poll() is None and time.time() < deadline, "".join(self.lines)[-3000:]
+            time.sleep(0.1)
+        self.target = f"127.0.0.1:{self.port}"
+        self.metrics_port = int(next(l for l in self.lines if "ready on" in l).rsplit(":", 1)[1].split()[0])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+        return self.proc.returncode
+
+
+def wait_health(channel, want, timeout=60):
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.time() + timeout
+    status = None
+    while time.time() < deadline:
+        status = stub.Check(health_pb2.HealthCheckRequest(service="tribune.v1.RewardService"), timeout=5).status
+        if status == want:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"health stayed {status}, wanted {want}")
+
+
+@pytest.fixture(scope="module")
+def gateway(served, repo_dir):
+    gw = Gateway(repo_dir, served.url)
+    with grpc.insecure_channel(gw.target) as ch:
+        wait_health(ch, SERVING)
+    yield gw
+    assert gw.stop() == 0
+
+
+def _items():
+    return [("name two fruits", "fig kiwi"), ("name two fruits", "fig red"), ("count from one to three", "one two three"),
+            ("name three animals", "cat dog"), ("name four tools", "saw drill awl vise clamp")]
+
+
+def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
+    from services.client import ClientConfig, TritonScorer
+    from services.repository import tokenizer_fingerprint
+    from trainer.data import encode_pair, pad_left
+    from trainer.modeling import load_tokenizer
+
+    tok = load_tokenizer(repo_dir / "tokenizer")
+    with TritonScorer(ClientConfig(url=served.url), tokenizer_fingerprint(tok), models=("reward",)) as scorer:
+        direct = scorer.score(*[t.numpy() for t in pad_left([encode_pair(tok, p, r, 48, 64)[0] for p, r in _items()],
+                                                             tok.pad_token_id)])
+        facts = scorer.facts
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        reply, call = stub.Score.with_call(pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()]),
+                                           metadata=(("x-request-id", "req-42"),), timeout=30)
+        np.testing.assert_allclose(reply.rewards, direct, atol=1e-5)
+        np.testing.assert_allclose(reply.normalized_rewards, (direct - facts["reward_mean"]) / facts["reward_std"],
+                                   atol=1e-4)
+        assert reply.model_id == facts["reward_model_id"] and ("x-request-id", "req-42") in call.trailing_metadata()
+        best = stub.ScoreBestOfN(pb.BestOfNRequest(prompt="name two fruits", candidates=["fig red", "fig kiwi"]))
+        assert best.best_index == int(np.argmax(best.rewards)) and sorted(best.ranking) == [0, 1]
+        streamed = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r)])
+                                               for p, r in _items()]), timeout=60))
+        np.testing.assert_allclose([s.rewards[0] for s in streamed], direct, atol=1e-5)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert info.tokenizer_fingerprint == facts["tokenizer_fingerprint"] and info.max_items > 0
+
+
+def test_a_client_with_only_server_reflection_finds_and_calls_score(gateway):
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(gateway.target) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "tribune.v1.RewardService" in db.get_services()
+        pool = descriptor_pool.DescriptorPool(db)
+        method = pool.FindServiceByName("tribune.v1.RewardService").methods_by_name["Score"]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        request = json_format.ParseDict({"items": [{"prompt": "name two fruits", "response": "fig kiwi"}]},
+                                        request_cls())
+        call = ch.unary_unary("/tribune.v1.RewardService/Score", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=response_cls.FromString)
+        reply = json_format.MessageToDict(call(request, timeout=30))
+        assert len(reply["rewards"]) == 1 and reply["modelId"].startswith("rm-")
+
+
+def test_bad_inputs_get_status_codes_naming_the_field_and_fuzz_never_crashes(gateway):
+    long_text = "fig " * 5000
+    cases = [
+        (pb.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "items"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(response="x")]), grpc.StatusCode.INVALID_ARGUMENT, "items[0].prompt"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b"), pb.ScoreItem(prompt="a")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "items[1].response"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(prompt=long_text, response="b")]), grpc.StatusCode.INVALID_ARGUMENT,
+         "items[0].prompt is longer"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")] * 257), grpc.StatusCode.INVALID_ARGUMENT,
+         "limit is 256"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(messages=[pb.Message(role="user", content="hi"),
+                                                       pb.Message(role="assistant", content="yo")])]),
+         grpc.StatusCode.INVALID_ARGUMENT, "chat template"),
+    ]
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        for request, code, text in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Score(request, timeout=30)
+            assert err.value.code() == code and text in err.value.details(), (text, err.value.details())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ScoreBestOfN(pb.BestOfNRequest(prompt="", candidates=["a"]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+        # invalid UTF-8 cannot be built with the stubs: send raw bytes
+        raw = ch.unary_unary("/tribune.v1.RewardService/Score")
+        bad_utf8 = b"\x0a\x08\x0a\x02\xff\xfe\x12\x02ok"      # items { prompt: 0xfffe, response: "ok" }
+        with pytest.raises(grpc.RpcError) as err:
+            raw(bad_utf8, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+        # fuzz: random and truncated messages; the server must answer every one and stay up
+        rng = random.Random(0)
+        good = pb.ScoreRequest(items=[pb.ScoreItem(prompt="name two fruits", response="fig kiwi")]).SerializeToString()
+        codes = {}
+        for i in range(2000):
+            if i % 2:
+                payload = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
+            else:
+                payload = good[:rng.randint(0, len(good))]
+            try:
+                raw(payload, timeout=30)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.UNAVAILABLE, "the gateway went away"
+                codes[e.code().name] = codes.get(e.code().name, 0) + 1
+        assert sum(codes.values()) == 2000 and len(codes) >= 2, codes
+        assert len(stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")]), timeout=30).rewards) == 1
+    assert gateway.proc.poll() is None
+
+
+def test_metrics_count_requests_by_code(gateway):
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'tribune_gateway_requests_total{code="OK",method="Score"}' in text
+    assert "tribune_gateway_request_seconds_bucket" in text and "tribune_gateway_batch_items_count" in text
+    assert "tribune_gateway_triton_ready 1.0" in text
+
+
+def test_health_follows_triton_and_unavailable_when_it_is_gone(repo_dir):
+    ports = (free_port(), free_port(), free_port())
+    gw = Gateway(repo_dir, f"127.0.0.1:{ports[0]}")
+    try:
+        with grpc.insecure_channel(gw.target) as ch:
+            wait_health(ch, NOT_SERVING, timeout=5)
+            stub = reward_pb2_grpc.RewardServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            server = start_serve(repo_dir, ports=ports)
+            try:
+                wait_health(ch, SERVING)
+                assert len(stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")])).rewards) == 1
+            finally:
+                server.stop()
+            wait_health(ch, NOT_SERVING)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert gw.stop() == 0
+
+
+def _self_signed(tmp: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    key, cert = tmp / f"{name}.key", tmp / f"{name}.crt"
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+    else:
+        csr = tmp / f"{name}.csr"
+        subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                        "-subj", f"/CN={name}"], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial",
+                        "-out", cert, "-days", "1"], check=True, capture_output=True)
+    return key, cert
+
+
+def test_auth_tls_and_mutual_tls(served, repo_dir, tmp_path):
+    request = pb.ScoreRequest(items=[pb.ScoreItem(prompt="name two fruits", response="fig kiwi")])
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    gw = Gateway(repo_dir, served.url, "--auth-token-file", str(token))
+    try:
+        with grpc.insecure_channel(gw.target) as ch:
+            wait_health(ch, SERVING)                # health stays open for probes
+            stub = reward_pb2_grpc.RewardServiceStub(ch)
+            for md in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Score(request, metadata=md, timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert len(stub.Score(request, metadata=(("authorization", "Bearer s3cret"),), timeout=10).rewards) == 1
+    finally:
+        gw.stop()
+
+    server_key, server_cert = _self_signed(tmp_path, "server")
+    gw = Gateway(repo_dir, served.url, "--tls-cert", str(server_cert), "--tls-key", str(server_key))
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=server_cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{gw.port}", creds) as ch:
+            wait_health(ch, SERVING)
+            assert len(reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=10).rewards) == 1
+        with grpc.insecure_channel(gw.target) as ch:        # plaintext to a TLS port fails
+            with pytest.raises(grpc.RpcError):
+                reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=5)
+    finally:
+        gw.stop()
+
+    ca = _self_signed(tmp_path, "client-ca")
+    client_key, client_cert = _self_signed(tmp_path, "client", ca=ca)
+    gw = Gateway(repo_dir, served.url, "--tls-cert", str(server_cert), "--tls-key", str(server_key),
+                 "--tls-client-ca", str(ca[1]))
+    try:
+        without = grpc.ssl_channel_credentials(root_certificates=server_cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{gw.port}", without) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with_cert = grpc.ssl_channel_credentials(root_certificates=server_cert.read_bytes(),
+                                                 private_key=client_key.read_bytes(),
+                                                 certificate_chain=client_cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{gw.port}", with_cert) as ch:
+            wait_health(ch, SERVING)
+            assert len(reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=10).rewards) == 1
+    finally:
+        gw.stop()
+
+
+def test_bounded_queue_answers_resource_exhausted(served, repo_dir):
+    gw = Gateway(repo_dir, served.url, "--max-queue-items", "4", "--batch-max-delay-ms", "200")
+    try:
+        request = pb.ScoreRequest(items=[pb.ScoreItem(prompt="name two fruits", response="fig kiwi")] * 3)
+        with grpc.insecure_channel(gw.target) as ch:
+            wait_health(ch, SERVING)
+            stub = reward_pb2_grpc.RewardServiceStub(ch)
+            futures = [stub.Score.future(request, timeout=30) for _ in range(6)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+            assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+            assert len(stub.Score(request, timeout=30).rewards) == 3
+    finally:
+        gw.stop()
