@@ -41,9 +41,6 @@ COMMANDS: list[Command] = [
             "services.gateway_core:GatewayConfig", "services.gateway:run_gateway"),
     Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo"),
 ]
-NOT_BUILT: dict[str, str] = {}
-
-
 def _load(ref: str):
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
@@ -66,9 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         add_config_arguments(p, _load(cmd.config))
         p.set_defaults(_config=cmd.config, _run=cmd.run)
-    for name, text in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{text} (not built yet)", description=text)
-        p.set_defaults(_config=None, _run=None, _not_built=name)
     return parser
 
 
@@ -90,9 +84,6 @@ def setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if getattr(args, "_not_built", None):
-        print(f"tribune {args._not_built}: not built yet", file=sys.stderr)
-        return 2
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     setup_logging(args.verbose)
