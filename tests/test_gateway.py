@@ -1,5 +1,4 @@
 """The reward gateway against a real Triton (`tribune serve`) and real gRPC clients on loopback."""
-import json
 import os
 import random
 import subprocess

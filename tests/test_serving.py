@@ -76,6 +76,12 @@ def test_export_options_render_valid_configs(rm_dir, sft_dir, tmp_path):
     assert cfg.instance_group[0].count == 2 and not cfg.model_warmup
     proc = tribune("export", "--reward", rm_dir, "--reference", sft_dir, "--output", out, check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    half = tmp_path / "fp16"
+    tribune("export", "--reward", rm_dir, "--reference", sft_dir, "--output", half, "--dtype", "fp16")
+    manifest = json.loads((half / "tribune.json").read_text())
+    assert manifest["export"]["dtype"] == "fp16"
+    assert 0 < max(manifest["export"]["parity_max_abs_diff"].values()) <= 5e-2
+    assert (half / "reward" / "1" / "model.onnx").stat().st_size < 0.7 * (out / "reward" / "1" / "model.onnx").stat().st_size
 
 
 def test_served_scores_equal_pytorch_for_both_padding_sides(served, repo_dir, task_dir, rm_dir, sft_dir):

@@ -69,6 +69,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(seed: int, output: Path, model_dir: Path):
+    """What every stage does first: accelerator, seeds, output directory, tokenizer."""
+    from trainer.modeling import load_tokenizer
+
+    acc = make_accelerator()
+    seed_everything(seed)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    return acc, out, load_tokenizer(model_dir)
+
+
 def make_accelerator():
     """One Accelerator per run. Without CUDA, ranks started by a launcher (torchrun or
     ``accelerate launch --multi_gpu --num_processes N``) join one gloo process group on CPU."""

@@ -6,7 +6,9 @@ exported ONNX graphs do the same.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -152,6 +154,29 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_t
     resp_mask = torch.stack(masks, 1)                                       # (B, R)
     full_mask = torch.cat([mask[:, :P], resp_mask], 1)
     return torch.cat([ids, resp], 1), full_mask, P
+
+
+@dataclass
+class Samples:
+    """One chunk of sampled responses: prompts, (B, P+R) ids and mask, P, decoded texts."""
+    prompts: list[str]
+    query_responses: torch.Tensor
+    mask: torch.Tensor
+    P: int
+    texts: list[str]
+
+
+def sample_responses(model: nn.Module, tokenizer, prompts: list[str], *, max_prompt_length: int,
+                     max_new_tokens: int, seed: int, temperature: float = 1.0, chunk: int = 64) -> Iterator[Samples]:
+    """Samples one response per prompt, ``chunk`` prompts at a time, reproducibly (``seed``)."""
+    from trainer.data import encode_prompt
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        qr, mask, P = generate(model, tokenizer, [encode_prompt(tokenizer, p, max_prompt_length) for p in part],
+                               max_new_tokens, temperature=temperature, generator=g)
+        yield Samples(part, qr, mask, P, decode_responses(tokenizer, qr, mask, P))
 
 
 def decode_responses(tokenizer, query_responses: torch.Tensor, mask: torch.Tensor, P: int) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,10 +16,9 @@ from services.repository import tokenizer_fingerprint
 from trainer.data import SkipCounter, load_prompts
 from trainer.errors import UserError
 from trainer.loop import (MetricsLog, StopRequested, check_ranks_agree, global_batch_indices, latest_checkpoint,
-                          load_checkpoint, make_accelerator, save_checkpoint, seed_everything, shard, truncate_log,
-                          write_json)
+                          load_checkpoint, save_checkpoint, shard, start_run, truncate_log, write_json)
 from trainer.losses import position_ids_from_mask
-from trainer.modeling import load_causal_lm, load_reward_model, load_tokenizer, reward_head
+from trainer.modeling import load_causal_lm, load_reward_model, reward_head
 from trainer.ppo import PPOConfig
 from trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
 from trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty, masked_mean,
@@ -73,11 +71,7 @@ def _connect(cfg: PPOConfig, fingerprint: str) -> RemoteScorers:
 
 
 def train(cfg: PPOConfig) -> dict:
-    acc = make_accelerator()
-    seed_everything(cfg.seed)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.policy)
+    acc, out, tokenizer = start_run(cfg.seed, cfg.output, cfg.policy)
     skipped = SkipCounter()
     prompts = load_prompts(cfg.prompts, skipped)
     eval_prompts = load_prompts(cfg.eval_prompts, SkipCounter())[:cfg.gold_eval_size] if cfg.eval_prompts else []

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.data import encode_prompt, pad_left
-from trainer.modeling import decode_responses, generate
+from trainer.modeling import sample_responses
 from trainer.task.judge import gold_score
 
 log = logging.getLogger("tribune")
@@ -25,16 +24,12 @@ log = logging.getLogger("tribune")
 def gold_and_proxy(policy, tokenizer, scorer, prompts: list[str], *, max_prompt_length: int, max_new_tokens: int,
                    temperature: float, seed: int, chunk: int = 64) -> dict[str, float]:
     """Mean gold score and mean proxy reward (raw) of sampled responses to held-out prompts."""
-    g = torch.Generator().manual_seed(seed)
     golds, proxies, lengths = [], [], []
-    for i in range(0, len(prompts), chunk):
-        part = prompts[i:i + chunk]
-        qr, mask, P = generate(policy, tokenizer, [encode_prompt(tokenizer, p, max_prompt_length) for p in part],
-                               max_new_tokens, temperature=temperature, generator=g)
-        texts = decode_responses(tokenizer, qr, mask, P)
-        golds += [gold_score(p, t) for p, t in zip(part, texts)]
-        lengths += [len(t.split()) for t in texts]
-        proxies += scorer.score(qr.cpu().numpy(), mask.cpu().numpy()).tolist()
+    for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=max_prompt_length,
+                              max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, chunk=chunk):
+        golds += [gold_score(p, t) for p, t in zip(s.prompts, s.texts)]
+        lengths += [len(t.split()) for t in s.texts]
+        proxies += scorer.score(s.query_responses.cpu().numpy(), s.mask.cpu().numpy()).tolist()
     n = len(golds)
     return {"gold/score": sum(golds) / n, "gold/proxy_score": sum(proxies) / n, "gold/response_words": sum(lengths) / n}
 

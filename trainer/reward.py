@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from trainer.config import field
-from trainer.data import (PreferenceGroup, SkipCounter, Truncation, encode_pair, encode_prompt,
-                          load_preference_groups, pad_right)
-from trainer.loop import TrainingConfig, make_accelerator, run_training, save_final, seed_everything, write_json
+from trainer.data import PreferenceGroup, SkipCounter, Truncation, encode_pair, load_preference_groups, pad_right
+from trainer.loop import TrainingConfig, run_training, save_final, start_run, write_json
 from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
-from trainer.modeling import decode_responses, generate, load_causal_lm, load_reward_model, score_sequences
+from trainer.modeling import load_causal_lm, load_reward_model, sample_responses, score_sequences
 from trainer.task.judge import gold_score, is_task_prompt
 
 log = logging.getLogger("tribune")
@@ -147,14 +146,11 @@ def reward_stats_on_sft_samples(rm, sft_dir: Path, tokenizer, prompts: list[str]
                                 device) -> dict[str, float]:
     """Mean and std of rewards on responses sampled from πSFT: PPO's normalisation."""
     policy = load_causal_lm(sft_dir).to(device)
-    g = torch.Generator().manual_seed(cfg.seed + 17)
     rewards = []
-    for i in range(0, len(prompts), 64):
-        chunk = prompts[i:i + 64]
-        qr, mask, P = generate(policy, tokenizer, [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in chunk],
-                               max_new_tokens=cfg.stats_max_new_tokens, generator=g)
-        texts = decode_responses(tokenizer, qr, mask, P)
-        seqs = [encode_pair(tokenizer, p, t, cfg.max_prompt_length, cfg.max_length)[0] for p, t in zip(chunk, texts)]
+    for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=cfg.max_prompt_length,
+                              max_new_tokens=cfg.stats_max_new_tokens, seed=cfg.seed + 17):
+        seqs = [encode_pair(tokenizer, p, t, cfg.max_prompt_length, cfg.max_length)[0]
+                for p, t in zip(s.prompts, s.texts)]
         ids, m = pad_right(seqs, tokenizer.pad_token_id)
         rewards.append(score_sequences(rm, ids.to(device), m.to(device)).cpu())
     r = torch.cat(rewards).double()
@@ -163,13 +159,7 @@ def reward_stats_on_sft_samples(rm, sft_dir: Path, tokenizer, prompts: list[str]
 
 
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
-    from trainer.modeling import load_tokenizer
-
-    acc = make_accelerator()
-    seed_everything(cfg.seed)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.model)
+    acc, out, tokenizer = start_run(cfg.seed, cfg.output, cfg.model)
     skipped = SkipCounter()
     train = load_preference_groups(cfg.train, skipped)
     eval_skipped = SkipCounter()

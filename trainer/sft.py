@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from trainer.config import field
-from trainer.data import SkipCounter, Truncation, encode_pair, encode_prompt, load_sft_rows, pad_right
-from trainer.loop import TrainingConfig, make_accelerator, run_training, save_final, seed_everything
+from trainer.data import SkipCounter, Truncation, encode_pair, load_sft_rows, pad_right
+from trainer.loop import TrainingConfig, run_training, save_final, start_run
 from trainer.losses import position_ids_from_mask
-from trainer.modeling import decode_responses, generate, load_causal_lm, load_tokenizer
+from trainer.modeling import load_causal_lm, sample_responses
 from trainer.task.judge import gold_score, is_task_prompt
 
 log = logging.getLogger("tribune")
@@ -65,24 +65,16 @@ def response_nll(model, ids, mask, labels) -> torch.Tensor:
 def gold_eval(model, tokenizer, prompts: list[str], max_prompt_length: int, max_new_tokens: int,
               seed: int, batch_size: int = 64) -> dict[str, float]:
     """Mean gold score of sampled responses (temperature 1) on bundled-task prompts."""
-    g = torch.Generator().manual_seed(seed)
     scores, lengths = [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        qr, mask, P = generate(model, tokenizer, [encode_prompt(tokenizer, p, max_prompt_length) for p in chunk],
-                               max_new_tokens=max_new_tokens, generator=g)
-        for p, text in zip(chunk, decode_responses(tokenizer, qr, mask, P)):
-            scores.append(gold_score(p, text))
-            lengths.append(len(text.split()))
+    for s in sample_responses(model, tokenizer, prompts, max_prompt_length=max_prompt_length,
+                              max_new_tokens=max_new_tokens, seed=seed, chunk=batch_size):
+        scores += [gold_score(p, t) for p, t in zip(s.prompts, s.texts)]
+        lengths += [len(t.split()) for t in s.texts]
     return {"gold_score": sum(scores) / len(scores), "gold_response_words": sum(lengths) / len(lengths)}
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
-    acc = make_accelerator()
-    seed_everything(cfg.seed)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.model)
+    acc, out, tokenizer = start_run(cfg.seed, cfg.output, cfg.model)
     skipped = SkipCounter()
     rows = load_sft_rows(cfg.train, tokenizer, skipped)
     if cfg.eval is not None:
