@@ -224,6 +224,13 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agreed(self, acc) -> bool:
+        """True on every rank once any rank got the signal, so all ranks stop after the same step."""
+        if acc.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, "sum").item() > 0)
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -325,7 +332,7 @@ def _steps(acc, cfg, model, optimizer, scheduler, n_examples, loss_on, evaluate,
             model.train()
         if done % cfg.checkpoint_every == 0 and done != steps:
             save_checkpoint(acc, out, done, {}, cfg.keep_checkpoints)
-        if stop.requested and done != steps:
+        if done != steps and stop.agreed(acc):
             path = save_checkpoint(acc, out, done, {}, cfg.keep_checkpoints)
             bar.close()
             raise UserError(f"stopped by a signal after step {done}/{steps}; checkpoint {path}; "

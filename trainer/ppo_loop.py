@@ -136,7 +136,7 @@ def train(cfg: PPOConfig) -> dict:
                 state = {"kl_controller": kl_ctl.state_dict(), "gold_history": hacking.history}
                 if done % cfg.checkpoint_every == 0 and done != steps:
                     save_checkpoint(acc, out, done, state, cfg.keep_checkpoints)
-                if stop.requested and done != steps:
+                if done != steps and stop.agreed(acc):
                     path = save_checkpoint(acc, out, done, state, cfg.keep_checkpoints)
                     raise UserError(f"stopped by a signal after iteration {done}/{steps}; checkpoint {path}; "
                                     "run the same command with --resume to continue")
