@@ -255,3 +255,18 @@ def ppo_parts(c: dict, env: dict) -> tuple[list[str], list[str]]:
     i = args.index("-m")
     assert args[i + 1] == "trainer" and args[i + 2] == "ppo", args
     return args[2:i], args[i + 3:]
+
+
+def local_config(c: dict, spec: dict, docs: list[dict], path: str, tmp_path: Path) -> Path:
+    """The file a container sees at ``path`` when it comes from a ConfigMap volume, written locally."""
+    for m in c["volumeMounts"]:
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            vol = next(v for v in spec["volumes"] if v["name"] == m["name"])
+            assert "configMap" in vol, f"{path} is not on a ConfigMap volume"
+            key = path[len(m["mountPath"].rstrip("/")) + 1:]
+            data = configmap_data(docs, vol["configMap"]["name"])
+            assert key in data, f"{path}: key {key} missing from ConfigMap {vol['configMap']['name']}"
+            out = tmp_path / key
+            out.write_text(data[key])
+            return out
+    raise AssertionError(f"{path} is not mounted")

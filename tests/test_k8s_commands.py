@@ -8,27 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.k8s_support import *  # noqa: F401,F403  (helpers and the `rendered` fixture)
 
-
-def _local_config(c: dict, spec: dict, docs: list[dict], path: str, tmp_path: Path) -> Path:
-    """The file a container sees at ``path`` when it comes from a ConfigMap volume, written locally."""
-    for m in c["volumeMounts"]:
-        if path.startswith(m["mountPath"].rstrip("/") + "/"):
-            vol = next(v for v in spec["volumes"] if v["name"] == m["name"])
-            assert "configMap" in vol, f"{path} is not on a ConfigMap volume"
-            key = path[len(m["mountPath"].rstrip("/")) + 1:]
-            data = configmap_data(docs, vol["configMap"]["name"])
-            assert key in data, f"{path}: key {key} missing from ConfigMap {vol['configMap']['name']}"
-            out = tmp_path / key
-            out.write_text(data[key])
-            return out
-    raise AssertionError(f"{path} is not mounted")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -62,7 +47,7 @@ def test_every_tribune_flag_exists_and_parses(rendered, overlay, tmp_path):
                     f"{obj['metadata']['name']}: {f} is not in `tribune {command} --help`"
             config = flag_values(args).get("--config")
             if config:
-                local = _local_config(c, tmpl["spec"], docs, config[0], tmp_path)
+                local = local_config(c, tmpl["spec"], docs, config[0], tmp_path)
                 args = [a if not a.startswith("--config") else f"--config={local}" for a in args]
             ns = parser.parse_args([command, *args])
             cfg = config_from_args(_load(ns._config), ns)     # validates every value (UserError otherwise)

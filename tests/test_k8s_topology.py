@@ -235,7 +235,7 @@ def test_deployment_topology_runs_on_loopback(rendered, repo_dir, sft_dir, task_
         inputs = _fetch(fetch, store, workspace / "inputs")
         assert (inputs / "sft" / "config.json").is_file() and (inputs / "prompts_eval.jsonl").is_file()
         c = main_container(job)
-        config = _local_config(c, spec, dev, flag(c["args"], "--config"), tmp_path)
+        config = local_config(c, spec, dev, flag(c["args"], "--config"), tmp_path)
         # a CPU-sized run: the Job's own arguments, capped (flags override the ConfigMap)
         caps = ["--max-steps=1", "--rollout-batch-size=8", "--mini-batch-size=4", "--ppo-epochs=1",
                 "--gold-eval-size=8", "--scoring-chunk=4"]
