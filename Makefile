@@ -23,8 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+BENCHES := rm_training serving ppo_step gateway_load
+
 bench: $(STAMP)
-	$(PY) bench/run_all.py --output bench/results
+	for b in $(BENCHES); do $(PY) bench/$$b.py --output bench/results || exit 1; done
 
 proto: $(STAMP)
 	$(PY) protos/generate.py

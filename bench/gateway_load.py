@@ -2,7 +2,8 @@
 
     python bench/gateway_load.py --output bench/results [--requests 300]
 
-Serves the bundled task's repository with `tribune serve --with-gateway`, then from a
+Serves the bundled task's repository with `tribune serve` and `tribune gateway` (separate
+processes, as deployed), then from a
 separate load-generator process measures, in one run: (1) Score calls through the gateway
 (text in, tokenised by the gateway), (2) the same items sent straight to Triton as token
 ids through the client library. Reports throughput, p50/p99 latency, errors, and the
@@ -104,6 +105,23 @@ def load_generator(gateway: str, triton: str, tokenizer: Path, clients: int, req
             "throughput_ratio_gateway_over_direct": gw["requests_per_s"] / dr["requests_per_s"]}
 
 
+def wait_serving(target: str, timeout: float = 120) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.time() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit(f"gateway at {target} not SERVING after {timeout}s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--output", type=Path, default=Path("bench/results"))
@@ -127,12 +145,17 @@ def main() -> None:
                              prompts_eval_size=10), tmp / "task")
         run_export(ExportConfig(reward=tmp / "task" / "base", reference=tmp / "task" / "base", output=tmp / "repo"))
         gw_port = free_port()
-        with start_serve(tmp / "repo", "--with-gateway", "--gateway-port", str(gw_port),
-                         "--gateway-metrics-port", "0") as server:
-            time.sleep(2)   # the gateway's first health probe
+        with start_serve(tmp / "repo") as server:
+            # the gateway in its own process, as deployed (k8s/): it shares no GIL with Triton's side
+            gateway = subprocess.Popen([sys.executable, "-m", "trainer", "gateway", "--repository", str(tmp / "repo"),
+                                        "--triton-url", server.url, "--port", str(gw_port), "--metrics-port", "0"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_serving(f"127.0.0.1:{gw_port}")
             proc = subprocess.run([sys.executable, __file__, "--clients", str(args.clients), "--requests",
                                    str(args.requests), "--load-generator", f"127.0.0.1:{gw_port}", server.url,
                                    str(tmp / "repo" / "tokenizer")], capture_output=True, text=True, timeout=1800)
+            gateway.terminate()
+            gateway.wait(60)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
             result = json.loads(proc.stdout.strip().splitlines()[-1])
