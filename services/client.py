@@ -45,8 +45,16 @@ class ScorerUnavailable(RuntimeError):
     """The scoring service could not be reached within the retry budget."""
 
 
+class ScorerTimeout(ScorerUnavailable):
+    """The last attempt ran past its deadline (DEADLINE_EXCEEDED)."""
+
+
 class ScorerRequestError(ValueError):
-    """The server rejected a request (bad input); retrying would not help."""
+    """The server rejected a request as bad input; retrying would not help."""
+
+
+class ScorerServerError(RuntimeError):
+    """The server failed on a valid request (e.g. INTERNAL); not the caller's fault."""
 
 
 @dataclass(kw_only=True)
@@ -161,14 +169,26 @@ class TritonScorer:
                 "mean different words. Use the tokenizer in the model repository's tokenizer/ directory.")
         return facts
 
-    def _manifest(self) -> dict:
+    def _manifest_output(self, name: str) -> str:
         import tritonclient.grpc as grpcclient
 
         probe = grpcclient.InferInput("probe", [1], "INT64")
         probe.set_data_from_numpy(np.zeros(1, dtype=np.int64))
-        result = self._call(MANIFEST_SPEC.name, [probe], "manifest")
-        value = result[0]
-        return json.loads(value.decode() if isinstance(value, bytes) else value)
+        value = self._call(MANIFEST_SPEC.name, [probe], name, outputs=[grpcclient.InferRequestedOutput(name)])[0]
+        return value.decode() if isinstance(value, bytes) else value
+
+    def _manifest(self) -> dict:
+        return json.loads(self._manifest_output("manifest"))
+
+    def fetch_tokenizer(self, dest: Path) -> Path:
+        """Writes the server's tokenizer files into ``dest`` (for text clients without the repository)."""
+        import base64
+
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, content in json.loads(self._manifest_output("tokenizer_files")).items():
+            (dest / Path(name).name).write_bytes(base64.b64decode(content))
+        return dest
 
     # ------------------------------------------------------------ retries
 
@@ -182,27 +202,35 @@ class TritonScorer:
         return msg.strip().splitlines()[0] if msg.strip() else repr(e)
 
     @staticmethod
+    def _is_bad_request(e: Exception) -> bool:
+        status = e.status() if hasattr(e, "status") and callable(e.status) else None
+        return status == "StatusCode.INVALID_ARGUMENT" or "PyTritonBadParameterError" in str(e)
+
+    @staticmethod
     def _retryable(e: Exception) -> bool:
         status = e.status() if hasattr(e, "status") and callable(e.status) else None
         text = str(e)
         return status in RETRYABLE or any(h in text for h in LOADING_HINTS) or (
             status is None and ("UNAVAILABLE" in text or "failed to connect" in text.lower()))
 
-    def _call(self, model: str, inputs: list, output: str, timeout_s: float | None = None) -> np.ndarray:
+    def _call(self, model: str, inputs: list, output: str, timeout_s: float | None = None,
+              outputs: list | None = None) -> np.ndarray:
         budget_end = time.monotonic() + self.cfg.retry_budget_s
         backoff = self.cfg.initial_backoff_s
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = self._client().infer(model, inputs, headers=self._headers,
+                result = self._client().infer(model, inputs, headers=self._headers, outputs=outputs,
                                               client_timeout=timeout_s or self.cfg.timeout_s)
                 return result.as_numpy(output)
             except Exception as e:
                 if not self._retryable(e):
-                    raise ScorerRequestError(f"{model}: {self._message(e)}") from None
+                    error = ScorerRequestError if self._is_bad_request(e) else ScorerServerError
+                    raise error(f"{model}: {self._message(e)}") from None
                 if time.monotonic() + backoff > budget_end:
-                    raise ScorerUnavailable(
+                    timed_out = "DEADLINE_EXCEEDED" in str(getattr(e, "status", lambda: "")())
+                    raise (ScorerTimeout if timed_out else ScorerUnavailable)(
                         f"{model} at {self.cfg.url}: still failing after {attempt} attempts over "
                         f"{self.cfg.retry_budget_s:.0f}s retry budget: {self._message(e)}") from None
                 log.warning("%s at %s: %s; retry %d in %.2fs", model, self.cfg.url, self._message(e), attempt, backoff)
@@ -298,6 +326,11 @@ def _gather(parts: list[Future]) -> Future:
 
     def _one_finished(f: Future) -> None:
         if done.done():
+            return
+        if f.cancelled():
+            with lock:
+                if not done.done():
+                    done.set_exception(ScorerUnavailable("the scorer was closed while a request was in flight"))
             return
         if f.exception() is not None:
             with lock:

@@ -70,9 +70,12 @@ LOGPROBS = TensorSpec("logprobs", "FP32", (-1,))
 
 PROBE = TensorSpec("probe", "INT64", (1,))
 MANIFEST = TensorSpec("manifest", "BYTES", (1,))
+# JSON {file name: base64 content} of the repository's tokenizer/: lets a text client that has
+# no copy of the repository (e.g. `tribune score`) tokenise exactly as the models were trained.
+TOKENIZER_FILES = TensorSpec("tokenizer_files", "BYTES", (1,))
 
 REWARD = ModelSpec(REWARD_MODEL, (INPUT_IDS, ATTENTION_MASK), (REWARDS,))
-MANIFEST_SPEC = ModelSpec(MANIFEST_MODEL, (PROBE,), (MANIFEST,))
+MANIFEST_SPEC = ModelSpec(MANIFEST_MODEL, (PROBE,), (MANIFEST, TOKENIZER_FILES))
 REFERENCE = ModelSpec(REFERENCE_MODEL, (INPUT_IDS, ATTENTION_MASK, TEMPERATURE), (LOGPROBS,))
 MODELS: dict[str, ModelSpec] = {REWARD.name: REWARD, REFERENCE.name: REFERENCE}
 

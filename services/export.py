@@ -214,6 +214,7 @@ def run_export(cfg: ExportConfig) -> dict:
     max_len = int(getattr(ref.config, "max_position_embeddings", 0) or tok.model_max_length)
     vocab = int(ref.config.vocab_size)
     low = max(tok.all_special_ids, default=-1) + 1
+    low = low if low < vocab else 0          # e.g. GPT-2: its only special id is the last one
     stats = _reward_stats(cfg.reward)
     params = contract_parameters(fp, float(stats["mean"]), float(stats["std"]), max_len, vocab)
     settings = TritonSettings(cfg.max_batch_size, cfg.queue_delay_us, cfg.max_queue_size, cfg.instance_count,
@@ -244,7 +245,7 @@ def run_export(cfg: ExportConfig) -> dict:
         sources = {"reward": _source(cfg.reward), "reference": _source(cfg.reference)}
         facts = served_facts(fp, stats, max_len, vocab, cfg.max_batch_size, sources)
         (tmp / MANIFEST_SPEC.name / "1").mkdir(parents=True)
-        (tmp / MANIFEST_SPEC.name / "1" / "model.onnx").write_bytes(manifest_onnx(facts))
+        (tmp / MANIFEST_SPEC.name / "1" / "model.onnx").write_bytes(manifest_onnx(facts, tmp / TOKENIZER_DIR))
         write_config(tmp / MANIFEST_SPEC.name / "config.pbtxt", manifest_model_config())
         manifest = write_manifest(tmp, {
             "contract_version": CONTRACT_VERSION,

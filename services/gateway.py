@@ -21,8 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.contract import ContractError
-from services.gateway_core import (Backend, GatewayConfig, GatewayError, InvalidInput, Item, MicroBatcher, NotReady,
-                                   Overloaded, Tokenisation, Unauthenticated, model_info)
+from services.gateway_core import (Backend, DeadlineExceeded, GatewayConfig, GatewayError, InvalidInput, Item,
+                                   MicroBatcher, NotReady, Overloaded, Tokenisation, Unauthenticated, model_info)
 from trainer.errors import UserError
 from tribune.v1 import reward_pb2, reward_pb2_grpc
 
@@ -31,7 +31,8 @@ SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 STATUS = {InvalidInput: grpc.StatusCode.INVALID_ARGUMENT, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          NotReady: grpc.StatusCode.UNAVAILABLE, Unauthenticated: grpc.StatusCode.UNAUTHENTICATED}
+          NotReady: grpc.StatusCode.UNAVAILABLE, Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+          DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class Metrics:

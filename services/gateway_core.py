@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.client import ClientConfig, ScorerRequestError, ScorerUnavailable, TritonScorer
+from services.client import ClientConfig, ScorerRequestError, ScorerTimeout, ScorerUnavailable, TritonScorer
 from services.contract import TOKENIZER_DIR, ContractError
 from services.repository import read_manifest, tokenizer_fingerprint
 from trainer.config import field
@@ -77,6 +77,10 @@ class NotReady(GatewayError):
 
 class Unauthenticated(GatewayError):
     """Missing or wrong bearer token."""
+
+
+class DeadlineExceeded(GatewayError):
+    """The caller's deadline passed before Triton answered."""
 
 
 # ---------------------------------------------------------------- text → tokens
@@ -156,7 +160,14 @@ class Backend:
         return self.scorer.facts if self.scorer else self.manifest.get("served", {})
 
     def check(self) -> bool:
-        """Blocking: one readiness probe, connecting first if needed. Run in a thread."""
+        """Blocking: one readiness probe, connecting first if needed. Run in a thread.
+
+        While not ready, every probe connects afresh, so a Triton that comes back with another
+        repository is checked again (fingerprint) and its facts (model id, statistics) re-read.
+        """
+        if not self.ready and self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
         try:
             if self.scorer is None:
                 self.scorer = TritonScorer(ClientConfig(url=self.cfg.triton_url, connect_timeout_s=2,
@@ -236,24 +247,43 @@ class MicroBatcher:
                     break
                 batch.append(nxt)
                 n += len(nxt.seqs)
-            self.queued_items -= n
-            self.observe_queue(self.queued_items)
             self.observe_batch(n)
-            asyncio.get_running_loop().create_task(self._send(batch))
+            asyncio.get_running_loop().create_task(self._send(batch, n))
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _send(self, batch: list[_Pending], n_items: int) -> None:
+        try:
+            await self._score_batch(batch)
+        finally:
+            # items count against the queue limit until Triton has answered: that bounds
+            # the work in flight, not only the work waiting
+            self.queued_items -= n_items
+            self.observe_queue(self.queued_items)
+
+    async def _score_batch(self, batch: list[_Pending]) -> None:
         from trainer.data import pad_left
 
+        now = time.monotonic()
+        expired = [p for p in batch if p.deadline_s is not None and p.deadline_s <= now]
+        self._fail(expired, DeadlineExceeded("the request's deadline passed while it was queued"))
+        batch = [p for p in batch if p not in expired]
+        if not batch:
+            return
         seqs = [s for p in batch for s in p.seqs]
-        deadlines = [p.deadline_s for p in batch if p.deadline_s is not None]
+        # Triton gets the most generous deadline of the batch (none: the configured one);
+        # each caller's own deadline is enforced by gRPC on its call
+        if any(p.deadline_s is None for p in batch):
+            timeout = self.cfg.triton_timeout_s
+        else:
+            timeout = max(p.deadline_s for p in batch) - now
         try:
             scorer = self.backend.scorer
             if scorer is None or not self.backend.ready:
                 raise NotReady(f"the reward model is not available: {self.backend.last_error}")
             ids, mask = pad_left(seqs, self.pad_id)
-            # the tightest caller deadline of the batch is passed on to Triton
-            timeout = max(0.05, min(deadlines) - time.monotonic()) if deadlines else self.cfg.triton_timeout_s
             rewards = await asyncio.wrap_future(scorer.score_async(ids.numpy(), mask.numpy(), timeout_s=timeout))
+        except ScorerTimeout as e:
+            self._fail(batch, DeadlineExceeded(f"Triton did not answer in time: {e}"))
+            return
         except ScorerUnavailable as e:
             self.backend.ready = False
             self.backend.last_error = str(e)

@@ -86,19 +86,33 @@ def manifest_model_config():
     cfg = mc.ModelConfig(name=MANIFEST_SPEC.name, platform="onnxruntime_onnx", max_batch_size=0)
     cfg.input.add(name="probe", data_type=mc.TYPE_INT64, dims=[1])
     cfg.output.add(name="manifest", data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name="tokenizer_files", data_type=mc.TYPE_STRING, dims=[1])
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     return cfg
 
 
-def manifest_onnx(facts: dict) -> bytes:
-    """An ONNX graph whose only output is the served facts as one JSON string."""
+def tokenizer_files_json(tokenizer_dir: Path) -> str:
+    """{file name: base64} of every file in a tokenizer directory."""
+    import base64
+
+    return json.dumps({p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(Path(tokenizer_dir).iterdir())
+                       if p.is_file()}, sort_keys=True)
+
+
+def manifest_onnx(facts: dict, tokenizer_dir: Path) -> bytes:
+    """An ONNX graph of two constants: the served facts and the tokenizer files, as JSON strings."""
     import onnx
     from onnx import TensorProto, helper
 
-    value = helper.make_tensor("value", TensorProto.STRING, [1], [json.dumps(facts, sort_keys=True).encode()])
-    graph = helper.make_graph([helper.make_node("Constant", [], ["manifest"], value=value)], "tribune_manifest",
+    nodes = []
+    for name, text in (("manifest", json.dumps(facts, sort_keys=True)), ("tokenizer_files",
+                                                                         tokenizer_files_json(tokenizer_dir))):
+        value = helper.make_tensor("value", TensorProto.STRING, [1], [text.encode()])
+        nodes.append(helper.make_node("Constant", [], [name], value=value))
+    graph = helper.make_graph(nodes, "tribune_manifest",
                               [helper.make_tensor_value_info("probe", TensorProto.INT64, [1])],
-                              [helper.make_tensor_value_info("manifest", TensorProto.STRING, [1])])
+                              [helper.make_tensor_value_info(n, TensorProto.STRING, [1])
+                               for n in ("manifest", "tokenizer_files")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

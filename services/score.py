@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.client import ClientConfig, ScorerUnavailable, TritonScorer
+from services.client import ClientConfig, ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
 from services.contract import ContractError
 from services.repository import tokenizer_fingerprint
 from trainer.config import field
@@ -29,7 +30,7 @@ class ScoreConfig(ClientConfig):
     """Score a JSONL file through a served reward model."""
     input: Path = field(help="JSONL of {prompt, response}")
     output: Path = field(help="JSONL to write: each input row plus reward and reward_normalized")
-    tokenizer: Path = field(help="tokenizer directory: the repository's tokenizer/ (or the SFT model directory)")
+    tokenizer: Path | None = field(None, help="tokenizer directory (default: the one the server ships with its models)")
     batch_size: int = field(256, help="rows sent per scoring call (split further into server-sized chunks)")
     max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: 3/4 of the maximum)")
 
@@ -44,10 +45,17 @@ def run_score(cfg: ScoreConfig) -> dict:
 
     from trainer.modeling import load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer)
     rows = list(read_jsonl(cfg.input))
     try:
-        scorer = TritonScorer(cfg, tokenizer_fingerprint(tok), models=("reward",))
+        if cfg.tokenizer is not None:
+            tok = load_tokenizer(cfg.tokenizer)
+            scorer = TritonScorer(cfg, tokenizer_fingerprint(tok), models=("reward",))
+        else:   # the tokenizer the served models were trained with, from the server itself
+            scorer = TritonScorer(cfg, None, models=("reward",))
+            with tempfile.TemporaryDirectory() as tmp:
+                tok = load_tokenizer(scorer.fetch_tokenizer(Path(tmp)))
+            if tokenizer_fingerprint(tok) != scorer.facts["tokenizer_fingerprint"]:
+                raise ContractError("the tokenizer the server ships does not match its own fingerprint")
     except (ContractError, ScorerUnavailable) as e:
         raise UserError(str(e)) from None
     max_len = scorer.facts["max_sequence_length"]
@@ -70,7 +78,7 @@ def run_score(cfg: ScoreConfig) -> dict:
             if seqs:
                 try:
                     rewards = scorer.score(*pad_left(seqs, tok.pad_token_id))
-                except ScorerUnavailable as e:
+                except (ScorerUnavailable, ScorerServerError, ScorerRequestError) as e:
                     raise UserError(f"{e}; nothing was written to {cfg.output}") from None
                 normalized = scorer.normalise(rewards)
                 for i, r, n in zip(where, rewards.tolist(), normalized.tolist()):

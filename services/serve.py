@@ -138,11 +138,13 @@ class ManifestModel:
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        self.value = session.run(None, {"probe": np.zeros(1, dtype=np.int64)})[0]
-        self.facts = json.loads(self.value[0])
+        manifest, files = session.run(["manifest", "tokenizer_files"], {"probe": np.zeros(1, dtype=np.int64)})
+        self.facts = json.loads(manifest[0])
+        self.outputs = {"manifest": np.array([manifest[0].encode()], dtype=np.object_),
+                        "tokenizer_files": np.array([files[0].encode()], dtype=np.object_)}
 
     def __call__(self, requests):
-        return [{"manifest": np.array([self.value[0].encode()], dtype=np.object_)} for _ in requests]
+        return [dict(self.outputs) for _ in requests]
 
 
 def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
@@ -152,7 +154,8 @@ def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
     manifest = ManifestModel(repo / MANIFEST_SPEC.name / "1" / "model.onnx")
     triton.bind(model_name=MANIFEST_SPEC.name, infer_func=manifest,
                 inputs=[Tensor(name="probe", dtype=np.int64, shape=(1,))],
-                outputs=[Tensor(name="manifest", dtype=np.bytes_, shape=(1,))],
+                outputs=[Tensor(name="manifest", dtype=np.bytes_, shape=(1,)),
+                         Tensor(name="tokenizer_files", dtype=np.bytes_, shape=(1,))],
                 config=ModelConfig(batching=False), strict=False)
     vocab, max_len = manifest.facts["vocab_size"], manifest.facts["max_sequence_length"]
     limits = {}

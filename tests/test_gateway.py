@@ -288,3 +288,17 @@ def test_bounded_queue_answers_resource_exhausted(served, repo_dir):
             assert len(stub.Score(request, timeout=30).rewards) == 3
     finally:
         gw.stop()
+
+
+def test_a_short_deadline_fails_alone_and_the_gateway_stays_up(gateway):
+    request = pb.ScoreRequest(items=[pb.ScoreItem(prompt="name two fruits", response="fig kiwi")] * 4)
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        hurried = stub.Score.future(request, timeout=0.0005)
+        patient = [stub.Score.future(request, timeout=30) for _ in range(4)]
+        with pytest.raises(grpc.RpcError) as err:
+            hurried.result()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert all(len(f.result().rewards) == 4 for f in patient)
+        assert len(stub.Score(request, timeout=30).rewards) == 4     # still ready, no UNAVAILABLE
+        wait_health(ch, SERVING, timeout=2)

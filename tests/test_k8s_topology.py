@@ -192,7 +192,7 @@ def test_deployment_topology_runs_on_loopback(rendered, repo_dir, sft_dir, task_
                 get = c[probe]["httpGet"]
                 port = container_port(dep["spec"]["template"]["spec"], get["port"])[1]["containerPort"]
                 _wait(f"{probe} {get['path']}", lambda: _http_ok(proc.ports[port], get["path"]), proc)
-            assert _http_ok(proc.ports[8002], "/metrics")
+            _wait("Triton /metrics", lambda: _http_ok(proc.ports[8002], "/metrics"), proc, timeout=60)
 
         # 2. the gateway, on the files its init container fetches (tribune.json, tokenizer/)
         if gateway_built:

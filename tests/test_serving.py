@@ -234,8 +234,8 @@ def test_score_command_writes_raw_and_normalised_rewards(served, repo_dir, tmp_p
             {"response": "orphan", "id": 4}]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = json.loads(tribune("score", "--url", served.url, "--input", inp, "--output", out,
-                                 "--tokenizer", repo_dir / "tokenizer").stdout)
+    # the contract's form: no tokenizer given, the server ships the one its models use
+    summary = json.loads(tribune("score", "--url", served.url, "--input", inp, "--output", out).stdout)
     assert summary["scored"] == 3 and summary["errors"] == 1
     got = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["id"] for r in got] == [1, 2, 3, 4] and "error" in got[3]
@@ -243,3 +243,6 @@ def test_score_command_writes_raw_and_normalised_rewards(served, repo_dir, tmp_p
     for r in got[:3]:
         assert r["reward_normalized"] == pytest.approx((r["reward"] - facts["mean"]) / facts["std"], abs=1e-5)
     assert got[0]["reward"] > got[1]["reward"]     # a colour is not a fruit
+    again = tmp_path / "again.jsonl"
+    tribune("score", "--url", served.url, "--input", inp, "--output", again, "--tokenizer", repo_dir / "tokenizer")
+    assert [json.loads(l).get("reward") for l in again.read_text().splitlines()] == [r.get("reward") for r in got]

@@ -152,12 +152,21 @@ class Truncation:
 
 
 def encode_prompt(tokenizer, prompt: str, max_prompt_length: int, trunc: Truncation | None = None) -> list[int]:
-    """Prompt ids (with the tokenizer's own special tokens, e.g. BOS), left-truncated."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Prompt ids (with the tokenizer's own special tokens, e.g. BOS), left-truncated.
+
+    A prompt rendered by a chat template already starts with the BOS text, so no second BOS
+    is added; a cut from the left keeps the leading BOS.
+    """
+    bos = tokenizer.bos_token
+    rendered = bool(bos) and prompt.startswith(bos)
+    ids = tokenizer(prompt, add_special_tokens=not rendered)["input_ids"]
     if len(ids) > max_prompt_length:
         if trunc is not None:
             trunc.prompts += 1
-        ids = ids[-max_prompt_length:]
+        if ids and ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None:
+            ids = ids[:1] + ids[len(ids) - max_prompt_length + 1:]
+        else:
+            ids = ids[-max_prompt_length:]
     return ids
 
 

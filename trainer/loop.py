@@ -274,7 +274,10 @@ def run_training(acc, cfg: TrainingConfig, model, n_examples: int,
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # every rank runs every global step, so the scheduler must step once per step: accelerate's
+    # wrapper would step it once per process; it is registered for checkpoints instead
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
     start = 0
     if cfg.resume:
         start, _ = load_checkpoint(acc, out)

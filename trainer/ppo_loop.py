@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from services.client import ScorerRequestError, ScorerUnavailable, TritonScorer
+from services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
 from services.contract import ContractError
 from services.repository import tokenizer_fingerprint
 from trainer.data import SkipCounter, load_prompts
@@ -140,7 +140,7 @@ def train(cfg: PPOConfig) -> dict:
                     path = save_checkpoint(acc, out, done, state, cfg.keep_checkpoints)
                     raise UserError(f"stopped by a signal after iteration {done}/{steps}; checkpoint {path}; "
                                     "run the same command with --resume to continue")
-    except (ScorerUnavailable, ScorerRequestError) as e:
+    except (ScorerUnavailable, ScorerRequestError, ScorerServerError) as e:
         ckpt = latest_checkpoint(out)
         raise UserError(f"{e}. The iteration in progress was not applied; last checkpoint: "
                         f"{ckpt or 'none yet'}; run the same command with --resume once the service is back") from None
@@ -210,6 +210,7 @@ def ppo_iteration(cfg: PPOConfig, acc, it: int, policy, value, opt_p, opt_v, kl_
     g = torch.Generator().manual_seed(cfg.seed * 104729 + it)
     stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approxkl", "entropy")}
     policy.train(), value.train()
+    opt_p.zero_grad(set_to_none=True), opt_v.zero_grad(set_to_none=True)
     accum = 0
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(B, generator=g).split(mb_size):
@@ -223,7 +224,8 @@ def ppo_iteration(cfg: PPOConfig, acc, it: int, policy, value, opt_p, opt_v, kl_
             acc.backward(pg_loss / cfg.gradient_accumulation_steps)
             acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
             accum += 1
-            if accum % cfg.gradient_accumulation_steps == 0:
+            last = accum == cfg.ppo_epochs * len(range(0, B, mb_size))
+            if accum % cfg.gradient_accumulation_steps == 0 or last:   # never carry gradients over
                 for model, opt in ((policy, opt_p), (value, opt_v)):
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     opt.step()

@@ -149,10 +149,8 @@ def reward_stats_on_sft_samples(rm, sft_dir: Path, tokenizer, prompts: list[str]
     rewards = []
     for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=cfg.max_prompt_length,
                               max_new_tokens=cfg.stats_max_new_tokens, seed=cfg.seed + 17):
-        seqs = [encode_pair(tokenizer, p, t, cfg.max_prompt_length, cfg.max_length)[0]
-                for p, t in zip(s.prompts, s.texts)]
-        ids, m = pad_right(seqs, tokenizer.pad_token_id)
-        rewards.append(score_sequences(rm, ids.to(device), m.to(device)).cpu())
+        # the sampled ids themselves, as PPO sends them (no re-tokenisation of decoded text)
+        rewards.append(score_sequences(rm, s.query_responses.to(device), s.mask.to(device)).cpu())
     r = torch.cat(rewards).double()
     return {"mean": float(r.mean()), "std": float(r.std().clamp(min=1e-6)), "samples": int(r.numel()),
             "source": "responses sampled from the SFT policy at temperature 1"}
