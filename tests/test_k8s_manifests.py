@@ -135,8 +135,6 @@ def _check_triton_probes_and_metrics(dep: dict, http_port: int, grpc_port: int, 
 
 
 def test_cpu_overlay_serves_with_tribune_serve_on_the_same_ports_and_probes(rendered):
-    if "cpu" not in rendered:
-        pytest.skip("no cpu overlay")
     docs = rendered["cpu"]
     _, serve_parser = tribune_subparser("serve")
     for name in TRITON_MODELS.values():

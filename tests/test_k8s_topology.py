@@ -165,11 +165,6 @@ def test_deployment_topology_runs_on_loopback(rendered, repo_dir, sft_dir, task_
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if "cpu" not in rendered:
-        pytest.skip("no cpu overlay")
-    gateway_help = subprocess.run([sys.executable, "-m", "trainer", "gateway", "--help"], capture_output=True,
-                                  text=True, cwd=ROOT, timeout=120)
-    gateway_built = "not built yet" not in gateway_help.stdout + gateway_help.stderr
     cpu, dev = rendered["cpu"], rendered["dev"]
     procs: list[Proc] = []
     try:
@@ -195,33 +190,32 @@ def test_deployment_topology_runs_on_loopback(rendered, repo_dir, sft_dir, task_
             _wait("Triton /metrics", lambda: _http_ok(proc.ports[8002], "/metrics"), proc, timeout=60)
 
         # 2. the gateway, on the files its init container fetches (tribune.json, tokenizer/)
-        if gateway_built:
-            dep = one(dev, "Deployment", "tribune-gateway")
-            spec = dep["spec"]["template"]["spec"]
-            (fetch,) = spec["initContainers"]
-            models = _fetch(fetch, repo_dir, tmp_path / "gateway-models")
-            assert not (models / "reward").exists(), "the gateway needs no model weights"
-            c = main_container(dep)
-            ports = {}
-            gw = _launch("tribune-gateway", c, dev, {"/models": models, "/tmp": tmp_path}, ports, urls)
-            procs.append(gw)
-            probe = c["readinessProbe"]["grpc"]
-            channel = grpc.insecure_channel(f"127.0.0.1:{ports[probe['port']]}")
-            stub = health_pb2_grpc.HealthStub(channel)
+        dep = one(dev, "Deployment", "tribune-gateway")
+        spec = dep["spec"]["template"]["spec"]
+        (fetch,) = spec["initContainers"]
+        models = _fetch(fetch, repo_dir, tmp_path / "gateway-models")
+        assert not (models / "reward").exists(), "the gateway needs no model weights"
+        c = main_container(dep)
+        ports = {}
+        gw = _launch("tribune-gateway", c, dev, {"/models": models, "/tmp": tmp_path}, ports, urls)
+        procs.append(gw)
+        probe = c["readinessProbe"]["grpc"]
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports[probe['port']]}")
+        stub = health_pb2_grpc.HealthStub(channel)
 
-            def serving():
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service=probe["service"]), timeout=2)
-                    return r.status == health_pb2.HealthCheckResponse.SERVING
-                except grpc.RpcError:
-                    return False
-            _wait("gRPC health SERVING", serving, gw, timeout=180)
-            from tribune.v1 import reward_pb2, reward_pb2_grpc
+        def serving():
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=probe["service"]), timeout=2)
+                return r.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+        _wait("gRPC health SERVING", serving, gw, timeout=180)
+        from tribune.v1 import reward_pb2, reward_pb2_grpc
 
-            reply = reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(
-                items=[reward_pb2.ScoreItem(prompt="name three fruits", response="apple pear plum")]), timeout=30)
-            assert len(reply.rewards) == 1 and abs(reply.rewards[0]) < 1e6
-            channel.close()
+        reply = reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(prompt="name three fruits", response="apple pear plum")]), timeout=30)
+        assert len(reply.rewards) == 1 and abs(reply.rewards[0]) < 1e6
+        channel.close()
 
         # 3. the PPO Job's command: inputs as its init container fetches them, one iteration
         job = one(dev, "Job", "tribune-ppo")
@@ -247,8 +241,6 @@ def test_deployment_topology_runs_on_loopback(rendered, repo_dir, sft_dir, task_
         metrics = json.loads((workspace / "ppo" / "metrics.json").read_text())
         assert "objective/scores" in metrics, metrics
         assert (workspace / "ppo" / "config.json").is_file(), "the trained policy is saved on the PVC"
-        if not gateway_built:
-            pytest.skip("the gateway part was skipped: `tribune gateway --help` says it is not built yet")
     finally:
         for p in reversed(procs):
             _stop(p)
