@@ -1,0 +1,40 @@
+"""The gateway's text → tokens step, against the training code's encoding."""
+import pytest
+
+from services.gateway_core import GatewayConfig, InvalidInput, Item, Tokenisation
+from trainer.data import encode_pair
+
+
+@pytest.fixture()
+def tok(task_dir, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "tokenizer").mkdir(parents=True)
+    for f in (task_dir / "tokenizer").iterdir():
+        (repo / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    return Tokenisation(repo, GatewayConfig(repository=repo, triton_url="127.0.0.1:1", max_items=3,
+                                            max_text_bytes=40))
+
+
+def test_prompt_response_encodes_like_training(tok):
+    ids = tok.encode(Item("name two fruits", "fig kiwi"), max_len=64)
+    assert ids == encode_pair(tok.tokenizer, "name two fruits", "fig kiwi", 48, 64)[0]
+
+
+def test_messages_use_the_chat_template(tok):
+    tok.tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                                   "{% if add_generation_prompt %}{% endif %}")
+    item = Item(None, None, (("user", "name two"), ("user", "fruits"), ("assistant", "fig kiwi")))
+    tok.validate([item])
+    assert tok.encode(item, 64) == tok.encode(Item("name two fruits", "fig kiwi"), 64)
+
+
+def test_validation_names_the_field(tok):
+    with pytest.raises(InvalidInput, match=r"items\[1\]\.response"):
+        tok.validate([Item("a", "b"), Item("a", None)])
+    with pytest.raises(InvalidInput, match="limit is 3"):
+        tok.validate([Item("a", "b")] * 4)
+    with pytest.raises(InvalidInput, match=r"items\[0\]\.prompt is longer than 40 bytes"):
+        tok.validate([Item("é" * 21, "b")])
+    with pytest.raises(InvalidInput, match="last message must be the assistant"):
+        tok.validate([Item(None, None, (("user", "hi"),))])
+
