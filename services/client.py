@@ -86,7 +86,7 @@ class ClientConfig:
             raise ValueError("chunk_size must be at least 1")
 
 
-def _read(path: Path | None) -> str | None:
+def _path_str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
@@ -126,8 +126,8 @@ class TritonScorer:
                        ("grpc.lb_policy_name", self.cfg.load_balancing),
                        ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
             client = grpcclient.InferenceServerClient(
-                self.cfg.url, ssl=self.cfg.ssl, root_certificates=_read(self.cfg.root_certificates),
-                private_key=_read(self.cfg.private_key), certificate_chain=_read(self.cfg.certificate_chain),
+                self.cfg.url, ssl=self.cfg.ssl, root_certificates=_path_str(self.cfg.root_certificates),
+                private_key=_path_str(self.cfg.private_key), certificate_chain=_path_str(self.cfg.certificate_chain),
                 channel_args=options)
             self._local.client = client
             with self._lock:

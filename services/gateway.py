@@ -254,7 +254,7 @@ class Gateway:
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardService(cfg, self.tok, self.backend, self.batcher), self.server)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{cfg.host}:{cfg.port}"
@@ -272,9 +272,7 @@ class Gateway:
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
-            result = self.health.set(name, status)
-            if asyncio.iscoroutine(result):
-                await result
+            await self.health.set(name, status)
 
     async def _watch_triton(self) -> None:
         loop = asyncio.get_running_loop()

@@ -183,24 +183,23 @@ def encode_pair(tokenizer, prompt: str, response: str, max_prompt_length: int, m
     return p + r + [tokenizer.eos_token_id], len(p)
 
 
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pads to (B, T) ids and mask: the layout generation and the services use."""
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
+            cols = slice(T - len(s), T) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s)
+            mask[i, cols] = 1
     return ids, mask
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pads to (B, T) ids and mask: the layout generation and the services use."""
+    return _pad(seqs, pad_id, left=True)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pads to (B, T) ids and mask."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
+    return _pad(seqs, pad_id, left=False)

@@ -211,6 +211,7 @@ def ppo_iteration(cfg: PPOConfig, acc, it: int, policy, value, opt_p, opt_v, kl_
     stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approxkl", "entropy")}
     policy.train(), value.train()
     opt_p.zero_grad(set_to_none=True), opt_v.zero_grad(set_to_none=True)
+    n_minibatches = cfg.ppo_epochs * -(-B // mb_size)
     accum = 0
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(B, generator=g).split(mb_size):
@@ -224,8 +225,7 @@ def ppo_iteration(cfg: PPOConfig, acc, it: int, policy, value, opt_p, opt_v, kl_
             acc.backward(pg_loss / cfg.gradient_accumulation_steps)
             acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
             accum += 1
-            last = accum == cfg.ppo_epochs * len(range(0, B, mb_size))
-            if accum % cfg.gradient_accumulation_steps == 0 or last:   # never carry gradients over
+            if accum % cfg.gradient_accumulation_steps == 0 or accum == n_minibatches:   # never carry gradients over
                 for model, opt in ((policy, opt_p), (value, opt_v)):
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     opt.step()
