@@ -15,6 +15,19 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
+def task_and_sft(tmp: Path, sft_steps: int) -> tuple[Path, Path]:
+    """The bundled task and a short SFT run on it, as the benchmarks' starting point: (task dir, SFT dir)."""
+    from services.common.config import build_config
+    from trainer.sft import SFTConfig, run_sft
+    from trainer.task.make import TaskConfig, make_task
+
+    task, sft = Path(tmp) / "task", Path(tmp) / "sft"
+    make_task(TaskConfig(), task)
+    run_sft(build_config(SFTConfig, {"model": task / "base", "train": task / "sft.jsonl", "output": sft,
+                                     "max_steps": sft_steps, "learning_rate": 3e-3, "gold_eval_prompts": 8}))
+    return task, sft
+
+
 def write_result(out_dir: Path, name: str, result: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

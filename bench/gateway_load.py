@@ -68,9 +68,10 @@ def load_generator(gateway: str, triton: str, tokenizer: Path, clients: int, req
     import grpc
 
     from services.client import ClientConfig, TritonScorer
+    from services.common.text import encode_pair, load_tokenizer
+    from services.contract import REWARD_MODEL
     from services.repository import tokenizer_fingerprint
-    from trainer.data import encode_pair, pad_left
-    from trainer.modeling import load_tokenizer
+    from trainer.data import pad_left
     from tribune.v1 import reward_pb2 as pb
     from tribune.v1 import reward_pb2_grpc
 
@@ -88,7 +89,7 @@ def load_generator(gateway: str, triton: str, tokenizer: Path, clients: int, req
     ids, mask = pad_left([encode_pair(tok, p, r, 48, 64)[0] for p, r in ITEMS], tok.pad_token_id)
     ids, mask = ids.numpy(), mask.numpy()
     fp = tokenizer_fingerprint(tok)
-    scorers = iter([TritonScorer(ClientConfig(url=triton, max_in_flight=1), fp, models=("reward",))
+    scorers = iter([TritonScorer(ClientConfig(url=triton, max_in_flight=1), fp, models=(REWARD_MODEL,))
                     for _ in range(clients)])
     local_direct = threading.local()
 
@@ -135,8 +136,8 @@ def main() -> None:
         return
 
     from bench.common import write_result
-    from services.export import ExportConfig, run_export
     from services.launcher import free_port, start_serve
+    from trainer.export import ExportConfig, run_export
     from trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:

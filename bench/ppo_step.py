@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import task_and_sft, write_result  # noqa: E402
 
 
 def summarise(metrics_jsonl: Path, skip: int) -> dict:
@@ -38,18 +38,15 @@ def main() -> None:
     ap.add_argument("--rollout-batch-size", type=int, default=64)
     args = ap.parse_args()
 
-    from services.export import ExportConfig, run_export
     from services.launcher import start_serve
-    from trainer.ppo import PPOConfig, run_ppo
+    from trainer.export import ExportConfig, run_export
+    from trainer.ppo import run_ppo
+    from trainer.ppo_config import PPOConfig
     from trainer.reward import RewardConfig, run_train_rm
-    from trainer.sft import SFTConfig, run_sft
-    from trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_task(TaskConfig(), tmp / "task")
-        run_sft(SFTConfig(model=tmp / "task" / "base", train=tmp / "task" / "sft.jsonl", output=tmp / "sft",
-                          max_steps=150, learning_rate=3e-3, gold_eval_prompts=8))
+        task_and_sft(tmp, sft_steps=150)
         run_train_rm(RewardConfig(model=tmp / "sft", train=tmp / "task" / "prefs_train.jsonl",
                                   eval=tmp / "task" / "prefs_eval.jsonl", output=tmp / "rm", max_steps=50,
                                   stats_samples=32))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import task_and_sft, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -29,14 +29,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from trainer.reward import RewardConfig, run_train_rm
-    from trainer.sft import SFTConfig, run_sft
-    from trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_task(TaskConfig(), tmp / "task")
-        run_sft(SFTConfig(model=tmp / "task" / "base", train=tmp / "task" / "sft.jsonl", output=tmp / "sft",
-                          max_steps=50, learning_rate=3e-3, gold_eval_prompts=8))
+        task_and_sft(tmp, sft_steps=50)
         cfg = RewardConfig(model=tmp / "sft", train=tmp / "task" / "prefs_train.jsonl",
                            eval=tmp / "task" / "prefs_eval.jsonl", output=tmp / "rm", max_steps=args.steps,
                            batch_size=args.batch_size, log_every=args.steps, stats_samples=8,

@@ -53,10 +53,12 @@ def main() -> None:
     import torch
 
     from services.client import ClientConfig, TritonScorer
-    from services.export import ExportConfig, run_export
+    from services.common.text import load_tokenizer
+    from services.contract import ATTENTION_MASK, INPUT_IDS, REWARD_MODEL
     from services.launcher import start_serve
     from services.repository import tokenizer_fingerprint
-    from trainer.modeling import load_reward_model, load_tokenizer, score_sequences
+    from trainer.export import ExportConfig, run_export
+    from trainer.modeling import load_reward_model, score_sequences
     from trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,8 +76,8 @@ def main() -> None:
         n_params = sum(p.numel() for p in load_reward_model(base).parameters())
 
         # (c) + in-process reference point for (a)
-        sess = ort.InferenceSession(str(repo / "reward" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-        ort_times = timed(lambda: sess.run(None, {"input_ids": ids, "attention_mask": mask}), args.repeats)
+        sess = ort.InferenceSession(str(repo / REWARD_MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        ort_times = timed(lambda: sess.run(None, {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask}), args.repeats)
         rm = load_reward_model(base).eval()
         tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
         with torch.no_grad():
@@ -84,10 +86,10 @@ def main() -> None:
         with start_serve(repo) as server:
             fp = tokenizer_fingerprint(tok)
             with TritonScorer(ClientConfig(url=server.url, max_in_flight=2, chunk_size=args.batch // 2), fp,
-                              models=("reward",)) as split:
+                              models=(REWARD_MODEL,)) as split:
                 # two half-batches in flight: serialisation of one overlaps inference of the other
                 split_times = timed(lambda: split.score(ids, mask), args.repeats)
-            with TritonScorer(ClientConfig(url=server.url, max_in_flight=1), fp, models=("reward",)) as scorer:
+            with TritonScorer(ClientConfig(url=server.url, max_in_flight=1), fp, models=(REWARD_MODEL,)) as scorer:
                 served_times = timed(lambda: scorer.score(ids, mask), args.repeats)
                 one_ids, one_mask = ids[:1], mask[:1]
                 n_seq = args.concurrent_clients * args.requests_per_client
@@ -96,7 +98,7 @@ def main() -> None:
                     scorer.score(one_ids, one_mask)
                 sequential_s = time.perf_counter() - t0
             # (b) concurrent batch-1 clients, each with its own connection
-            scorers = [TritonScorer(ClientConfig(url=server.url, max_in_flight=1), fp, models=("reward",))
+            scorers = [TritonScorer(ClientConfig(url=server.url, max_in_flight=1), fp, models=(REWARD_MODEL,))
                        for _ in range(args.concurrent_clients)]
             barrier = threading.Barrier(args.concurrent_clients + 1)
 

@@ -6,10 +6,8 @@
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-# a CPU build of torch (the tokenizer code imports transformers), never a multi-GB CUDA build
-ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-
+# No torch and no PyTriton: the gateway only tokenizes text (transformers' tokenizers, which
+# need no torch) and talks gRPC to Triton. tests/test_gateway.py runs it with torch blocked.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -21,12 +19,15 @@ RUN groupadd --system --gid 10001 tribune \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin tribune
 
 WORKDIR /opt/tribune
-RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY trainer ./trainer
 COPY services ./services
 COPY protos ./protos
-RUN pip install . "${TORCH_SPEC}" \
+RUN pip install --no-deps . \
+ && pip install "numpy>=1.24,<2" "transformers>=4.56" "tokenizers>=0.20" "tritonclient[grpc]>=2.50" "grpcio>=1.81" \
+      "grpcio-health-checking>=1.81,<1.82" "grpcio-reflection>=1.81,<1.82" "protobuf>=5.26,<7" "pyyaml>=6" \
+      "prometheus-client>=0.20" "jinja2>=3.1" \
+ && ! python -c "import torch" 2>/dev/null \
  && python -m compileall -q "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && tribune gateway --help > /dev/null
 

@@ -18,6 +18,7 @@ every address the name resolves to: Kubernetes headless Services).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -30,9 +31,10 @@ from typing import Literal
 
 import numpy as np
 
-from services.contract import (CONTRACT_VERSION, MANIFEST_SPEC, MODELS, REFERENCE_MODEL, REWARD_MODEL,
-                               ContractError, check_metadata)
-from trainer.config import field
+from services.common.config import field
+from services.contract import (ATTENTION_MASK, INPUT_IDS, LOGPROBS, MANIFEST, MANIFEST_SPEC, MODELS, PROBE,
+                               REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_FILES, ContractError,
+                               ServedFacts, check_metadata)
 
 log = logging.getLogger("tribune")
 
@@ -58,9 +60,11 @@ class ScorerServerError(RuntimeError):
 
 
 @dataclass(kw_only=True)
-class ClientConfig:
-    """Connection to a Triton server that serves the Tribune contract."""
-    url: str = field(help="host:port, or dns:///host:port to balance over every address of a headless Service")
+class ClientOptions:
+    """How to talk to a Triton server that serves the Tribune contract (everything but its address).
+
+    One group shared by `tribune ppo`, `tribune score`, the gateway (``--triton-…``) and the demo.
+    """
     timeout_s: float = field(60.0, help="deadline of each request")
     connect_timeout_s: float = field(60.0, help="how long to wait for the models to become ready at connect")
     max_in_flight: int = field(4, help="chunks in flight at once")
@@ -72,18 +76,33 @@ class ClientConfig:
     root_certificates: Path | None = field(None, help="PEM file of the CA that signed the server certificate")
     private_key: Path | None = field(None, help="PEM client key (mutual TLS)")
     certificate_chain: Path | None = field(None, help="PEM client certificate (mutual TLS)")
-    auth_token: str | None = field(None, help="sent as 'authorization: Bearer TOKEN' on every call")
+    auth_token: str | None = field(None, help="sent as 'authorization: Bearer TOKEN' on every call", secret=True)
     load_balancing: Literal["round_robin", "pick_first"] = field("round_robin", help="gRPC load-balancing policy")
 
     def __post_init__(self) -> None:
-        if not self.url:
-            raise ValueError("url must be host:port or dns:///host:port")
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0 or self.retry_budget_s < 0:
             raise ValueError("timeout_s and connect_timeout_s must be positive, retry_budget_s >= 0")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("private_key and certificate_chain (mutual TLS) go together")
+
+    def at(self, url: str) -> "ClientConfig":
+        """These options for the server at ``url``."""
+        return ClientConfig(url=url, **{f.name: getattr(self, f.name) for f in dataclasses.fields(ClientOptions)})
+
+
+@dataclass(kw_only=True)
+class ClientConfig(ClientOptions):
+    """Connection to one Triton server: its address and the client options."""
+    url: str = field(help="host:port, or dns:///host:port to balance over every address of a headless Service")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.url:
+            raise ValueError("url must be host:port or dns:///host:port")
 
 
 def _path_str(path: Path | None) -> str | None:
@@ -113,7 +132,7 @@ class TritonScorer:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="tribune-scorer")
         self.facts = self._connect(expected_fingerprint)
-        self.max_batch = min(self.facts["max_batch_size"], cfg.chunk_size or self.facts["max_batch_size"])
+        self.max_batch = min(self.facts.max_batch_size, cfg.chunk_size or self.facts.max_batch_size)
 
     # ------------------------------------------------------------ connection
 
@@ -156,29 +175,31 @@ class TritonScorer:
             if time.monotonic() > deadline:
                 raise ScorerUnavailable(f"{self.cfg.url}: not ready after {self.cfg.connect_timeout_s:.0f}s ({last})")
             time.sleep(0.2)
-        facts = self._manifest()
-        if facts.get("contract_version") != CONTRACT_VERSION:
-            raise ContractError(f"{self.cfg.url} serves contract v{facts.get('contract_version')}, "
-                                f"this client speaks v{CONTRACT_VERSION}")
+        try:
+            facts = ServedFacts.parse(self._manifest_output(MANIFEST.name))
+        except ContractError as e:
+            raise ContractError(f"{self.cfg.url}: {e}") from None
         for name in self.models:
             check_metadata(MODELS[name], self._client().get_model_metadata(name, headers=self._headers, as_json=True))
-        if expected_fingerprint is not None and facts["tokenizer_fingerprint"] != expected_fingerprint:
+        if expected_fingerprint is not None and facts.tokenizer_fingerprint != expected_fingerprint:
             raise ContractError(
                 f"tokenizer mismatch: {self.cfg.url} serves models trained with tokenizer "
-                f"{facts['tokenizer_fingerprint'][:12]}…, yours is {expected_fingerprint[:12]}…; token ids would "
+                f"{facts.tokenizer_fingerprint[:12]}…, yours is {expected_fingerprint[:12]}…; token ids would "
                 "mean different words. Use the tokenizer in the model repository's tokenizer/ directory.")
         return facts
+
+    def is_ready(self, model: str, timeout_s: float | None = None) -> bool:
+        """One readiness probe of ``model`` (raises the transport error if the server is unreachable)."""
+        return bool(self._client().is_model_ready(model, headers=self._headers,
+                                                  client_timeout=timeout_s or self.cfg.timeout_s))
 
     def _manifest_output(self, name: str) -> str:
         import tritonclient.grpc as grpcclient
 
-        probe = grpcclient.InferInput("probe", [1], "INT64")
+        probe = grpcclient.InferInput(PROBE.name, [1], PROBE.dtype)
         probe.set_data_from_numpy(np.zeros(1, dtype=np.int64))
         value = self._call(MANIFEST_SPEC.name, [probe], name, outputs=[grpcclient.InferRequestedOutput(name)])[0]
         return value.decode() if isinstance(value, bytes) else value
-
-    def _manifest(self) -> dict:
-        return json.loads(self._manifest_output("manifest"))
 
     def fetch_tokenizer(self, dest: Path) -> Path:
         """Writes the server's tokenizer files into ``dest`` (for text clients without the repository)."""
@@ -186,7 +207,7 @@ class TritonScorer:
 
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        for name, content in json.loads(self._manifest_output("tokenizer_files")).items():
+        for name, content in json.loads(self._manifest_output(TOKENIZER_FILES.name)).items():
             (dest / Path(name).name).write_bytes(base64.b64decode(content))
         return dest
 
@@ -246,9 +267,9 @@ class TritonScorer:
             raise ScorerRequestError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal (B, T)")
         if ids.shape[0] == 0:
             raise ScorerRequestError("empty batch")
-        if ids.shape[1] > self.facts["max_sequence_length"]:
+        if ids.shape[1] > self.facts.max_sequence_length:
             raise ScorerRequestError(f"sequence length {ids.shape[1]} exceeds the served model's maximum "
-                                     f"{self.facts['max_sequence_length']}")
+                                     f"{self.facts.max_sequence_length}")
         return ids, mask
 
     def _chunk(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,
@@ -256,18 +277,18 @@ class TritonScorer:
         import tritonclient.grpc as grpcclient
 
         lo, hi = _trim(mask)
-        feeds = {"input_ids": ids[:, lo:hi + 1], "attention_mask": mask[:, lo:hi + 1]}
+        feeds = [(INPUT_IDS, ids[:, lo:hi + 1]), (ATTENTION_MASK, mask[:, lo:hi + 1])]
         if temperature is not None:
-            feeds["temperature"] = np.full((ids.shape[0], 1), temperature, dtype=np.float32)
+            feeds.append((TEMPERATURE, np.full((ids.shape[0], 1), temperature, dtype=np.float32)))
         inputs = []
-        for name, value in feeds.items():
-            x = grpcclient.InferInput(name, list(value.shape), "FP32" if value.dtype == np.float32 else "INT64")
-            x.set_data_from_numpy(np.ascontiguousarray(value))
+        for spec, value in feeds:
+            x = grpcclient.InferInput(spec.name, list(value.shape), spec.dtype)
+            x.set_data_from_numpy(np.ascontiguousarray(value, dtype=spec.numpy_dtype))
             inputs.append(x)
         if model == REWARD_MODEL:
-            return self._call(model, inputs, "rewards", timeout_s)[:, 0]             # (b,)
+            return self._call(model, inputs, REWARDS.name, timeout_s)[:, 0]          # (b,)
         out = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.float32)         # (b, T−1)
-        out[:, lo:hi] = self._call(model, inputs, "logprobs", timeout_s)
+        out[:, lo:hi] = self._call(model, inputs, LOGPROBS.name, timeout_s)
         return out
 
     def _map(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,
@@ -296,10 +317,6 @@ class TritonScorer:
 
     def logprobs(self, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
         return self.logprobs_async(input_ids, attention_mask, temperature).result()
-
-    def normalise(self, rewards: np.ndarray) -> np.ndarray:
-        """(r − mean) / std with the statistics the repository ships (rewards of πSFT samples)."""
-        return (rewards - self.facts["reward_mean"]) / self.facts["reward_std"]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -15,6 +15,8 @@ batch dimension: both models are batched (max_batch_size > 0).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +33,11 @@ REFERENCE_MODEL = "reference"
 # server drops custom parameters, and clients must be able to check both servers alike.
 MANIFEST_MODEL = "tribune_manifest"
 
-# Keys of the Triton model config `parameters` map that carry the contract to clients:
-# stock Triton returns them in the model config, so a remote client can check them.
+# Keys of the Triton model config `parameters` map: stock Triton returns them in the model
+# config, so any client can see which contract and tokenizer a model speaks. The full facts
+# (reward statistics included) are served by MANIFEST_MODEL.
 PARAM_CONTRACT_VERSION = "tribune_contract_version"
 PARAM_TOKENIZER_FINGERPRINT = "tribune_tokenizer_fingerprint"
-PARAM_REWARD_MEAN = "tribune_reward_mean"
-PARAM_REWARD_STD = "tribune_reward_std"
 PARAM_MAX_SEQUENCE_LENGTH = "tribune_max_sequence_length"
 PARAM_VOCAB_SIZE = "tribune_vocab_size"
 
@@ -61,6 +62,14 @@ class ModelSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
 
 INPUT_IDS = TensorSpec("input_ids", "INT64", (-1,))
 ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1,))
@@ -82,6 +91,70 @@ MODELS: dict[str, ModelSpec] = {REWARD.name: REWARD, REFERENCE.name: REFERENCE}
 
 class ContractError(Exception):
     """A server, repository or request does not follow the wire contract."""
+
+
+@dataclass(frozen=True)
+class ServedFacts:
+    """What a served repository tells its clients: ``tribune.json["served"]``, answered by the
+    `tribune_manifest` model. The one home of the reward statistics of a repository.
+
+    ``reward_mean``/``reward_std``: rewards of responses sampled from πSFT (normalisation);
+    ``max_length``/``max_prompt_length``: the truncation the reward model was trained with
+    (prompt + response + EOS tokens; prompt tokens kept, cut from the left), so text
+    clients encode exactly as training did.
+    """
+    contract_version: int
+    tokenizer_fingerprint: str
+    reward_mean: float
+    reward_std: float
+    max_sequence_length: int
+    vocab_size: int
+    max_batch_size: int
+    reward_model_id: str
+    max_length: int
+    max_prompt_length: int
+    reward_model_source: str = ""
+
+    @classmethod
+    def parse(cls, data: dict | str | bytes) -> "ServedFacts":
+        """From the manifest model's JSON (or a dict); raises ContractError naming what is wrong."""
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as e:
+                raise ContractError(f"served facts are not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ContractError("served facts must be a JSON object")
+        if data.get("contract_version") != CONTRACT_VERSION:
+            raise ContractError(f"contract v{data.get('contract_version')}, this Tribune speaks v{CONTRACT_VERSION}")
+        data = dict(data)
+        # repositories exported before the truncation policy was served: the old client rule
+        data.setdefault("max_length", data.get("max_sequence_length"))
+        if data.get("max_length") is not None:
+            data.setdefault("max_prompt_length", (3 * int(data["max_length"])) // 4)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and data.get(f.name) is None]
+        if missing:
+            raise ContractError(f"served facts lack {', '.join(missing)}")
+        try:
+            facts = cls(**{k: v for k, v in data.items() if k in names})
+            return dataclasses.replace(facts, reward_mean=float(facts.reward_mean), reward_std=float(facts.reward_std),
+                                       max_sequence_length=int(facts.max_sequence_length),
+                                       vocab_size=int(facts.vocab_size), max_batch_size=int(facts.max_batch_size),
+                                       max_length=int(facts.max_length), max_prompt_length=int(facts.max_prompt_length))
+        except (TypeError, ValueError) as e:
+            raise ContractError(f"served facts are malformed: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def normalise(self, rewards):
+        """(r − mean) / std with the repository's statistics (rewards of πSFT samples).
+
+        Any array type (numpy, torch) of raw rewards, returned as the same type.
+        """
+        return (rewards - self.reward_mean) / self.reward_std
 
 
 def check_metadata(spec: ModelSpec, metadata: dict) -> None:

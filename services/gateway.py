@@ -20,10 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.errors import UserError
 from services.contract import ContractError
 from services.gateway_core import (Backend, DeadlineExceeded, GatewayConfig, GatewayError, InvalidInput, Item,
                                    MicroBatcher, NotReady, Overloaded, Tokenisation, Unauthenticated, model_info)
-from trainer.errors import UserError
 from tribune.v1 import reward_pb2, reward_pb2_grpc
 
 log = logging.getLogger("tribune.gateway")
@@ -191,14 +191,13 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     async def _score(self, items: list[Item], context, field_name: str):
         self.tok.validate(items, field_name)
-        max_len = int(self.backend.facts.get("max_sequence_length", 0)) or 512
-        seqs = [self.tok.encode(item, max_len) for item in items]
+        facts = self.backend.facts
+        seqs = [self.tok.encode(item, facts) for item in items]
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         rewards = await self.batcher.score(seqs, deadline)
-        f = self.backend.facts
-        normalized = (rewards - f["reward_mean"]) / f["reward_std"]
-        return rewards.tolist(), normalized.tolist(), f.get("reward_model_id", "")
+        facts = self.backend.facts     # the server that answered (it may have been replaced meanwhile)
+        return rewards.tolist(), facts.normalise(rewards).tolist(), facts.reward_model_id
 
     async def Score(self, request, context, rid=None):
         rewards, norm, model_id = await self._score(_items(request.items), context, "items")

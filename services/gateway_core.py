@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from services.client import ClientConfig, ScorerRequestError, ScorerTimeout, ScorerUnavailable, TritonScorer
-from services.contract import TOKENIZER_DIR, ContractError
+from services.client import ClientOptions, ScorerRequestError, ScorerTimeout, ScorerUnavailable, TritonScorer
+from services.common.config import field, group
+from services.common.text import encode_pair, load_tokenizer, pad, render_chat
+from services.contract import REWARD_MODEL, TOKENIZER_DIR, ContractError, ServedFacts
 from services.repository import read_manifest, tokenizer_fingerprint
-from trainer.config import field
 
 log = logging.getLogger("tribune.gateway")
 
@@ -31,17 +32,19 @@ class GatewayConfig:
     metrics_port: int = field(9090, help="Prometheus /metrics port (0: off)")
     max_items: int = field(256, help="most items per request")
     max_text_bytes: int = field(16384, help="longest prompt or response, in UTF-8 bytes")
-    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: 3/4 of the maximum)")
+    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: the reward "
+                                          "model's training setting, served with the model)")
     batch_max_items: int = field(64, help="micro-batching: most items sent to Triton in one call")
     batch_max_delay_ms: float = field(2.0, help="micro-batching: longest wait for more items")
     max_queue_items: int = field(4096, help="items waiting before new requests get RESOURCE_EXHAUSTED")
-    triton_timeout_s: float = field(30.0, help="deadline for Triton calls when the client sets none")
     health_interval_s: float = field(1.0, help="how often Triton's readiness is checked")
     auth_token_file: Path | None = field(None, help="file holding the bearer token clients must send (off if unset)")
     tls_cert: Path | None = field(None, help="PEM server certificate (TLS on when set)")
     tls_key: Path | None = field(None, help="PEM server key")
     tls_client_ca: Path | None = field(None, help="PEM CA for client certificates (mutual TLS when set)")
-    triton_auth_token: str | None = field(None, help="bearer token for Triton, if it needs one")
+    triton: ClientOptions = group(ClientOptions(timeout_s=30.0, connect_timeout_s=2.0, retry_budget_s=0.0,
+                                                max_in_flight=8), prefix="triton_",
+                                  help="the connection to Triton (timeout_s: deadline when the caller sets none)")
     max_message_bytes: int = field(16 << 20, help="largest gRPC message accepted")
     grace_s: float = field(10.0, help="on SIGTERM, time given to requests in flight")
 
@@ -96,8 +99,6 @@ class Tokenisation:
     """The repository's tokenizer and the truncation policy of the training code."""
 
     def __init__(self, repo: Path, cfg: GatewayConfig):
-        from trainer.modeling import load_tokenizer
-
         self.tokenizer = load_tokenizer(Path(repo) / TOKENIZER_DIR)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.cfg = cfg
@@ -131,16 +132,13 @@ class Tokenisation:
         if len(text.encode("utf-8", "surrogatepass")) > self.cfg.max_text_bytes:
             raise InvalidInput(f"{where} is longer than {self.cfg.max_text_bytes} bytes")
 
-    def encode(self, item: Item, max_len: int) -> list[int]:
-        from trainer.data import encode_pair
-
+    def encode(self, item: Item, facts: ServedFacts) -> list[int]:
+        """Token ids as the reward model was trained: its truncation policy comes with the facts."""
         prompt, response = item.prompt, item.response
         if item.messages:
-            msgs = [{"role": r, "content": c} for r, c in item.messages]
-            prompt = self.tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-            response = msgs[-1]["content"]
-        max_prompt = self.cfg.max_prompt_length or (3 * max_len) // 4
-        return encode_pair(self.tokenizer, prompt, response, max_prompt, max_len)[0]
+            prompt, response = render_chat(self.tokenizer, [{"role": r, "content": c} for r, c in item.messages])
+        max_prompt = self.cfg.max_prompt_length or facts.max_prompt_length
+        return encode_pair(self.tokenizer, prompt, response, max_prompt, facts.max_length)[0]
 
 
 # ---------------------------------------------------------------- Triton backend and micro-batching
@@ -152,12 +150,13 @@ class Backend:
         self.cfg, self.fingerprint = cfg, fingerprint
         self.scorer: TritonScorer | None = None
         self.ready = False
-        self.manifest = read_manifest(cfg.repository)
+        self.repository_facts = ServedFacts.parse(read_manifest(cfg.repository)["served"])
         self.last_error = "not connected yet"
 
     @property
-    def facts(self) -> dict:
-        return self.scorer.facts if self.scorer else self.manifest.get("served", {})
+    def facts(self) -> ServedFacts:
+        """The connected server's facts; the repository's own until connected."""
+        return self.scorer.facts if self.scorer else self.repository_facts
 
     def check(self) -> bool:
         """Blocking: one readiness probe, connecting first if needed. Run in a thread.
@@ -170,15 +169,12 @@ class Backend:
             self.scorer = None
         try:
             if self.scorer is None:
-                self.scorer = TritonScorer(ClientConfig(url=self.cfg.triton_url, connect_timeout_s=2,
-                                                        timeout_s=self.cfg.triton_timeout_s, retry_budget_s=0,
-                                                        auth_token=self.cfg.triton_auth_token,
-                                                        max_in_flight=8), self.fingerprint, models=("reward",))
+                self.scorer = TritonScorer(self.cfg.triton.at(self.cfg.triton_url), self.fingerprint,
+                                           models=(REWARD_MODEL,))
                 log.info("connected to Triton at %s (reward model %s)", self.cfg.triton_url,
-                         self.scorer.facts.get("reward_model_id"))
-            client = self.scorer._client()
-            self.ready = bool(client.is_model_ready("reward", client_timeout=2))
-            self.last_error = "" if self.ready else "model 'reward' is not ready"
+                         self.scorer.facts.reward_model_id)
+            self.ready = self.scorer.is_ready(REWARD_MODEL, timeout_s=self.cfg.triton.connect_timeout_s)
+            self.last_error = "" if self.ready else f"model {REWARD_MODEL!r} is not ready"
         except ContractError as e:
             self.ready, self.last_error = False, f"Triton at {self.cfg.triton_url} refused: {e}"
             log.error(self.last_error)
@@ -260,8 +256,6 @@ class MicroBatcher:
             self.observe_queue(self.queued_items)
 
     async def _score_batch(self, batch: list[_Pending]) -> None:
-        from trainer.data import pad_left
-
         now = time.monotonic()
         expired = [p for p in batch if p.deadline_s is not None and p.deadline_s <= now]
         self._fail(expired, DeadlineExceeded("the request's deadline passed while it was queued"))
@@ -272,15 +266,15 @@ class MicroBatcher:
         # Triton gets the most generous deadline of the batch (none: the configured one);
         # each caller's own deadline is enforced by gRPC on its call
         if any(p.deadline_s is None for p in batch):
-            timeout = self.cfg.triton_timeout_s
+            timeout = self.cfg.triton.timeout_s
         else:
             timeout = max(p.deadline_s for p in batch) - now
         try:
             scorer = self.backend.scorer
             if scorer is None or not self.backend.ready:
                 raise NotReady(f"the reward model is not available: {self.backend.last_error}")
-            ids, mask = pad_left(seqs, self.pad_id)
-            rewards = await asyncio.wrap_future(scorer.score_async(ids.numpy(), mask.numpy(), timeout_s=timeout))
+            ids, mask = pad(seqs, self.pad_id, left=True)
+            rewards = await asyncio.wrap_future(scorer.score_async(ids, mask, timeout_s=timeout))
         except ScorerTimeout as e:
             self._fail(batch, DeadlineExceeded(f"Triton did not answer in time: {e}"))
             return
@@ -310,8 +304,8 @@ class MicroBatcher:
 
 def model_info(backend: Backend, cfg: GatewayConfig) -> dict:
     f = backend.facts
-    return {"model_id": f.get("reward_model_id", ""), "contract_version": int(f.get("contract_version", 0)),
-            "tokenizer_fingerprint": f.get("tokenizer_fingerprint", ""), "reward_mean": float(f.get("reward_mean", 0.0)),
-            "reward_std": float(f.get("reward_std", 1.0)), "max_sequence_length": int(f.get("max_sequence_length", 0)),
+    return {"model_id": f.reward_model_id, "contract_version": f.contract_version,
+            "tokenizer_fingerprint": f.tokenizer_fingerprint, "reward_mean": f.reward_mean,
+            "reward_std": f.reward_std, "max_sequence_length": f.max_sequence_length,
             "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes}
 

@@ -18,9 +18,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.contract import (CONTRACT_VERSION, MANIFEST_FILE, MANIFEST_SPEC, MODELS, PARAM_CONTRACT_VERSION,
-                               PARAM_MAX_SEQUENCE_LENGTH, PARAM_REWARD_MEAN, PARAM_REWARD_STD,
-                               PARAM_TOKENIZER_FINGERPRINT, PARAM_VOCAB_SIZE, TOKENIZER_DIR, ContractError)
+from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, MANIFEST, MANIFEST_FILE, MANIFEST_SPEC, MODELS,
+                               PARAM_CONTRACT_VERSION, PARAM_MAX_SEQUENCE_LENGTH, PARAM_TOKENIZER_FINGERPRINT,
+                               PARAM_VOCAB_SIZE, PROBE, TEMPERATURE, TOKENIZER_DIR, TOKENIZER_FILES, ContractError,
+                               ServedFacts)
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,11 @@ def model_config(name: str, s: TritonSettings, parameters: dict[str, str]):
             inp = w.inputs[t.name]
             inp.data_type = getattr(mc, "TYPE_" + t.dtype)
             inp.dims.extend(dims)
-            if t.name == "temperature":
+            if t is TEMPERATURE:
                 inp.random_data = False
                 inp.zero_data = False
                 inp.input_data_file = "temperature_one"   # model dir's warmup/ holds 1.0
-            elif t.name == "attention_mask":
+            elif t is ATTENTION_MASK:
                 inp.input_data_file = "mask_ones"
             else:
                 inp.zero_data = True
@@ -84,9 +85,10 @@ def manifest_model_config():
     from tritonclient.grpc import model_config_pb2 as mc
 
     cfg = mc.ModelConfig(name=MANIFEST_SPEC.name, platform="onnxruntime_onnx", max_batch_size=0)
-    cfg.input.add(name="probe", data_type=mc.TYPE_INT64, dims=[1])
-    cfg.output.add(name="manifest", data_type=mc.TYPE_STRING, dims=[1])
-    cfg.output.add(name="tokenizer_files", data_type=mc.TYPE_STRING, dims=[1])
+    for t in MANIFEST_SPEC.inputs:
+        cfg.input.add(name=t.name, data_type=getattr(mc, "TYPE_" + t.dtype), dims=list(t.dims))
+    for t in MANIFEST_SPEC.outputs:   # Triton calls BYTES "TYPE_STRING" in model configs
+        cfg.output.add(name=t.name, data_type=mc.TYPE_STRING, dims=list(t.dims))
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     return cfg
 
@@ -99,20 +101,20 @@ def tokenizer_files_json(tokenizer_dir: Path) -> str:
                        if p.is_file()}, sort_keys=True)
 
 
-def manifest_onnx(facts: dict, tokenizer_dir: Path) -> bytes:
+def manifest_onnx(facts: ServedFacts, tokenizer_dir: Path) -> bytes:
     """An ONNX graph of two constants: the served facts and the tokenizer files, as JSON strings."""
     import onnx
     from onnx import TensorProto, helper
 
     nodes = []
-    for name, text in (("manifest", json.dumps(facts, sort_keys=True)), ("tokenizer_files",
-                                                                         tokenizer_files_json(tokenizer_dir))):
+    for spec, text in ((MANIFEST, json.dumps(facts.to_dict(), sort_keys=True)),
+                       (TOKENIZER_FILES, tokenizer_files_json(tokenizer_dir))):
         value = helper.make_tensor("value", TensorProto.STRING, [1], [text.encode()])
-        nodes.append(helper.make_node("Constant", [], [name], value=value))
-    graph = helper.make_graph(nodes, "tribune_manifest",
-                              [helper.make_tensor_value_info("probe", TensorProto.INT64, [1])],
-                              [helper.make_tensor_value_info(n, TensorProto.STRING, [1])
-                               for n in ("manifest", "tokenizer_files")])
+        nodes.append(helper.make_node("Constant", [], [spec.name], value=value))
+    graph = helper.make_graph(nodes, MANIFEST_SPEC.name,
+                              [helper.make_tensor_value_info(PROBE.name, TensorProto.INT64, list(PROBE.dims))],
+                              [helper.make_tensor_value_info(t.name, TensorProto.STRING, list(t.dims))
+                               for t in MANIFEST_SPEC.outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -136,11 +138,10 @@ def read_config(path: Path):
         raise ContractError(f"{path}: not a valid Triton model config: {e}") from None
 
 
-def contract_parameters(fingerprint: str, reward_mean: float, reward_std: float, max_len: int,
-                        vocab_size: int) -> dict[str, str]:
-    return {PARAM_CONTRACT_VERSION: str(CONTRACT_VERSION), PARAM_TOKENIZER_FINGERPRINT: fingerprint,
-            PARAM_REWARD_MEAN: repr(reward_mean), PARAM_REWARD_STD: repr(reward_std),
-            PARAM_MAX_SEQUENCE_LENGTH: str(max_len), PARAM_VOCAB_SIZE: str(vocab_size)}
+def contract_parameters(facts: ServedFacts) -> dict[str, str]:
+    """The contract identity every model config carries (statistics live in the served facts only)."""
+    return {PARAM_CONTRACT_VERSION: str(facts.contract_version), PARAM_TOKENIZER_FINGERPRINT: facts.tokenizer_fingerprint,
+            PARAM_MAX_SEQUENCE_LENGTH: str(facts.max_sequence_length), PARAM_VOCAB_SIZE: str(facts.vocab_size)}
 
 
 # ---------------------------------------------------------------- fingerprints and manifest

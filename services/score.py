@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.client import ClientConfig, ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
-from services.contract import ContractError
+from services.common.config import field
+from services.common.errors import UserError
+from services.common.jsonl import read_jsonl
+from services.common.text import encode_pair, load_tokenizer, pad
+from services.contract import REWARD_MODEL, ContractError
 from services.repository import tokenizer_fingerprint
-from trainer.config import field
-from trainer.data import encode_pair, pad_left, read_jsonl
-from trainer.errors import UserError
 
 log = logging.getLogger("tribune")
 
@@ -32,7 +33,8 @@ class ScoreConfig(ClientConfig):
     output: Path = field(help="JSONL to write: each input row plus reward and reward_normalized")
     tokenizer: Path | None = field(None, help="tokenizer directory (default: the one the server ships with its models)")
     batch_size: int = field(256, help="rows sent per scoring call (split further into server-sized chunks)")
-    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: 3/4 of the maximum)")
+    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: the reward "
+                                          "model's training setting, served with the model)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,23 +45,21 @@ class ScoreConfig(ClientConfig):
 def run_score(cfg: ScoreConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from trainer.modeling import load_tokenizer
-
     rows = list(read_jsonl(cfg.input))
     try:
         if cfg.tokenizer is not None:
             tok = load_tokenizer(cfg.tokenizer)
-            scorer = TritonScorer(cfg, tokenizer_fingerprint(tok), models=("reward",))
+            scorer = TritonScorer(cfg, tokenizer_fingerprint(tok), models=(REWARD_MODEL,))
         else:   # the tokenizer the served models were trained with, from the server itself
-            scorer = TritonScorer(cfg, None, models=("reward",))
+            scorer = TritonScorer(cfg, None, models=(REWARD_MODEL,))
             with tempfile.TemporaryDirectory() as tmp:
                 tok = load_tokenizer(scorer.fetch_tokenizer(Path(tmp)))
-            if tokenizer_fingerprint(tok) != scorer.facts["tokenizer_fingerprint"]:
+            if tokenizer_fingerprint(tok) != scorer.facts.tokenizer_fingerprint:
                 raise ContractError("the tokenizer the server ships does not match its own fingerprint")
     except (ContractError, ScorerUnavailable) as e:
         raise UserError(str(e)) from None
-    max_len = scorer.facts["max_sequence_length"]
-    max_prompt = cfg.max_prompt_length or (3 * max_len) // 4
+    max_len = scorer.facts.max_length
+    max_prompt = cfg.max_prompt_length or scorer.facts.max_prompt_length
     out_rows: list[dict] = []
     errors = 0
     tmp = Path(str(cfg.output) + ".tmp")
@@ -77,10 +77,10 @@ def run_score(cfg: ScoreConfig) -> dict:
                 where.append(i)
             if seqs:
                 try:
-                    rewards = scorer.score(*pad_left(seqs, tok.pad_token_id))
+                    rewards = scorer.score(*pad(seqs, tok.pad_token_id, left=True))
                 except (ScorerUnavailable, ScorerServerError, ScorerRequestError) as e:
                     raise UserError(f"{e}; nothing was written to {cfg.output}") from None
-                normalized = scorer.normalise(rewards)
+                normalized = scorer.facts.normalise(rewards)
                 for i, r, n in zip(where, rewards.tolist(), normalized.tolist()):
                     lineno, row = batch[i]
                     batch[i] = (lineno, {**row, "reward": r, "reward_normalized": n})
@@ -91,4 +91,4 @@ def run_score(cfg: ScoreConfig) -> dict:
     if errors:
         log.warning("score: %d of %d rows could not be scored; they carry an 'error' field", errors, len(rows))
     return {"rows": len(rows), "scored": len(rows) - errors, "errors": errors, "output": str(cfg.output),
-            "reward_model_id": scorer.facts.get("reward_model_id")}
+            "reward_model_id": scorer.facts.reward_model_id}

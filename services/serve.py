@@ -13,7 +13,6 @@ keeps serving.
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -23,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.contract import MANIFEST_SPEC, REFERENCE, REWARD, ContractError, ModelSpec
+from services.common.config import field
+from services.common.errors import UserError
+from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, PROBE, REFERENCE, REWARD, TEMPERATURE,
+                               ContractError, ModelSpec, ServedFacts)
 from services.repository import read_config, verify_repository
 from services.runtime import ensure_libpython_on_loader_path, execution_providers
-from trainer.config import field
-from trainer.errors import UserError
 
 log = logging.getLogger("tribune")
 
@@ -60,7 +60,7 @@ class BadRequest(ValueError):
 
 
 def validate(spec: ModelSpec, inputs: dict[str, np.ndarray], vocab_size: int, max_len: int) -> None:
-    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    ids, mask = inputs.get(INPUT_IDS.name), inputs.get(ATTENTION_MASK.name)
     if ids is None or mask is None:
         raise BadRequest(f"{spec.name}: input_ids and attention_mask are required")
     if ids.shape != mask.shape or ids.ndim != 2:
@@ -80,7 +80,7 @@ def validate(spec: ModelSpec, inputs: dict[str, np.ndarray], vocab_size: int, ma
     if (mask.sum(-1) == 0).any():
         raise BadRequest(f"{spec.name}: a row has no token with attention_mask 1")
     if spec is REFERENCE:
-        temp = inputs.get("temperature")
+        temp = inputs.get(TEMPERATURE.name)
         if temp is None or temp.shape != (B, 1):
             raise BadRequest("reference: temperature must be (batch, 1)")
         if not (np.isfinite(temp).all() and (temp > 0).all()):
@@ -108,8 +108,8 @@ class OnnxModel:
                 validate(self.spec, {k: np.asarray(v) for k, v in r.items()}, self.vocab_size, self.max_len)
         except BadRequest as e:
             raise PyTritonBadParameterError(str(e)) from None
-        sizes = [r["input_ids"].shape[0] for r in requests]
-        lengths = [r["input_ids"].shape[1] for r in requests]
+        sizes = [r[INPUT_IDS.name].shape[0] for r in requests]
+        lengths = [r[INPUT_IDS.name].shape[1] for r in requests]
         T = max(lengths)
         feeds = {}
         for t in self.spec.inputs:
@@ -138,10 +138,11 @@ class ManifestModel:
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        manifest, files = session.run(["manifest", "tokenizer_files"], {"probe": np.zeros(1, dtype=np.int64)})
-        self.facts = json.loads(manifest[0])
-        self.outputs = {"manifest": np.array([manifest[0].encode()], dtype=np.object_),
-                        "tokenizer_files": np.array([files[0].encode()], dtype=np.object_)}
+        names = MANIFEST_SPEC.output_names
+        manifest, files = session.run(names, {PROBE.name: np.zeros(1, dtype=PROBE.numpy_dtype)})
+        self.facts = ServedFacts.parse(manifest[0])
+        self.outputs = {name: np.array([value[0].encode()], dtype=np.object_)
+                        for name, value in zip(names, (manifest, files))}
 
     def __call__(self, requests):
         return [dict(self.outputs) for _ in requests]
@@ -153,11 +154,10 @@ def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
 
     manifest = ManifestModel(repo / MANIFEST_SPEC.name / "1" / "model.onnx")
     triton.bind(model_name=MANIFEST_SPEC.name, infer_func=manifest,
-                inputs=[Tensor(name="probe", dtype=np.int64, shape=(1,))],
-                outputs=[Tensor(name="manifest", dtype=np.bytes_, shape=(1,)),
-                         Tensor(name="tokenizer_files", dtype=np.bytes_, shape=(1,))],
+                inputs=[Tensor(name=t.name, dtype=t.numpy_dtype, shape=t.dims) for t in MANIFEST_SPEC.inputs],
+                outputs=[Tensor(name=t.name, dtype=np.bytes_, shape=t.dims) for t in MANIFEST_SPEC.outputs],
                 config=ModelConfig(batching=False), strict=False)
-    vocab, max_len = manifest.facts["vocab_size"], manifest.facts["max_sequence_length"]
+    vocab, max_len = manifest.facts.vocab_size, manifest.facts.max_sequence_length
     limits = {}
     for spec in (REWARD, REFERENCE):
         pb = read_config(repo / spec.name / "config.pbtxt")

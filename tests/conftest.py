@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the bundled task's gold judge, plugged in like any other (`--judge module:function`)
+JUDGE = ("--judge", "trainer.task.judge:gold_score")
 
 
 def tribune(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None
@@ -43,7 +45,7 @@ def task_dir(tmp_path_factory) -> Path:
 def sft_dir(task_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft") / "sft"
     tribune("sft", "--model", task_dir / "base", "--train", task_dir / "sft.jsonl", "--output", out,
-            "--epochs", "3", "--learning-rate", "3e-3")
+            "--epochs", "3", "--learning-rate", "3e-3", *JUDGE)
     return out
 
 
@@ -51,7 +53,7 @@ def sft_dir(task_dir, tmp_path_factory) -> Path:
 def rm_dir(task_dir, sft_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm") / "rm"
     tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl",
-            "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4")
+            "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4", *JUDGE)
     return out
 
 

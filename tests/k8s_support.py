@@ -28,6 +28,7 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
 RUNTIME_ENV = {
     "OMP_NUM_THREADS": "OpenMP thread pools of torch / ONNX Runtime, and accelerate launch",
     "HOME": "rclone looks for its config file under $HOME (read-only root filesystem: /tmp)",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "torchrun's c10d rendezvous: a new process-group store every round",
 }
 INSTALL_KUBECTL = ("needs `kubectl` (>= 1.27, bundles kustomize v5) or `kustomize` (>= 5.0) on PATH: "
                    "https://kubernetes.io/docs/tasks/tools/ or https://kubectl.docs.kubernetes.io/installation/kustomize/")
@@ -125,8 +126,14 @@ def flag(args: list[str], name: str) -> str:
     return values[0]
 
 
-def env_of(container: dict, docs: list[dict], pod: dict | None = None) -> dict[str, str | None]:
-    """A container's environment as Kubernetes builds it (values from fieldRefs resolved)."""
+# the annotation the Job controller puts on each pod of an Indexed Job (and reads
+# JOB_COMPLETION_INDEX from)
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def env_of(container: dict, docs: list[dict], pod: dict | None = None, index: int = 0) -> dict[str, str | None]:
+    """A container's environment as Kubernetes builds it (values from fieldRefs resolved), in
+    the pod with completion index ``index`` where the pod belongs to an Indexed Job."""
     env: dict[str, str | None] = {}
     for src in container.get("envFrom", []):
         if "configMapRef" in src:
@@ -137,8 +144,9 @@ def env_of(container: dict, docs: list[dict], pod: dict | None = None) -> dict[s
         else:
             src = e["valueFrom"]
             if "fieldRef" in src:
-                assert src["fieldRef"]["fieldPath"] == "metadata.namespace", src
-                env[e["name"]] = namespace(docs)
+                path = src["fieldRef"]["fieldPath"]
+                assert path in ("metadata.namespace", COMPLETION_INDEX_FIELD), src
+                env[e["name"]] = namespace(docs) if path == "metadata.namespace" else str(index)
             elif "resourceFieldRef" in src:
                 ref = src["resourceFieldRef"]
                 res, kind = ref["resource"].split(".")

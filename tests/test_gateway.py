@@ -22,13 +22,19 @@ pytestmark = pytest.mark.slow
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# runs the CLI with `import torch` failing, as in the gateway image (which ships no torch)
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from trainer.cli import main; "
+                 "sys.exit(main(sys.argv[1:]))")
+
+
 class Gateway:
     """`tribune gateway` as a child process."""
 
-    def __init__(self, repo, triton_url, *extra):
+    def __init__(self, repo, triton_url, *extra, without_torch=False):
         self.port = free_port()
+        python = [sys.executable, "-c", WITHOUT_TORCH] if without_torch else [sys.executable, "-m", "trainer"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer", "gateway", "--repository", str(repo), "--triton-url", triton_url,
+            [*python, "gateway", "--repository", str(repo), "--triton-url", triton_url,
              "--port", str(self.port), "--metrics-port", str(free_port()), "--health-interval-s", "0.3", *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -77,8 +83,8 @@ def _items():
 def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
     from services.client import ClientConfig, TritonScorer
     from services.repository import tokenizer_fingerprint
-    from trainer.data import encode_pair, pad_left
-    from trainer.modeling import load_tokenizer
+    from services.common.text import encode_pair, load_tokenizer
+    from trainer.data import pad_left
 
     tok = load_tokenizer(repo_dir / "tokenizer")
     with TritonScorer(ClientConfig(url=served.url), tokenizer_fingerprint(tok), models=("reward",)) as scorer:
@@ -90,16 +96,16 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
         reply, call = stub.Score.with_call(pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()]),
                                            metadata=(("x-request-id", "req-42"),), timeout=30)
         np.testing.assert_allclose(reply.rewards, direct, atol=1e-5)
-        np.testing.assert_allclose(reply.normalized_rewards, (direct - facts["reward_mean"]) / facts["reward_std"],
+        np.testing.assert_allclose(reply.normalized_rewards, (direct - facts.reward_mean) / facts.reward_std,
                                    atol=1e-4)
-        assert reply.model_id == facts["reward_model_id"] and ("x-request-id", "req-42") in call.trailing_metadata()
+        assert reply.model_id == facts.reward_model_id and ("x-request-id", "req-42") in call.trailing_metadata()
         best = stub.ScoreBestOfN(pb.BestOfNRequest(prompt="name two fruits", candidates=["fig red", "fig kiwi"]))
         assert best.best_index == int(np.argmax(best.rewards)) and sorted(best.ranking) == [0, 1]
         streamed = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r)])
                                                for p, r in _items()]), timeout=60))
         np.testing.assert_allclose([s.rewards[0] for s in streamed], direct, atol=1e-5)
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
-        assert info.tokenizer_fingerprint == facts["tokenizer_fingerprint"] and info.max_items > 0
+        assert info.tokenizer_fingerprint == facts.tokenizer_fingerprint and info.max_items > 0
 
 
 def test_a_client_with_only_server_reflection_finds_and_calls_score(gateway):
@@ -302,3 +308,39 @@ def test_a_short_deadline_fails_alone_and_the_gateway_stays_up(gateway):
         assert all(len(f.result().rewards) == 4 for f in patient)
         assert len(stub.Score(request, timeout=30).rewards) == 4     # still ready, no UNAVAILABLE
         wait_health(ch, SERVING, timeout=2)
+
+
+def test_gateway_runs_without_torch_and_scores_like_the_one_with_it(gateway, served, repo_dir):
+    """The gateway image ships no torch: the whole serving path must work without it."""
+    items = pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()])
+    with grpc.insecure_channel(gateway.target) as ch:
+        expected = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
+    bare = Gateway(repo_dir, served.url, without_torch=True)
+    try:
+        with grpc.insecure_channel(bare.target) as ch:
+            wait_health(ch, SERVING)
+            got = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    finally:
+        assert bare.stop() == 0, "".join(bare.lines)[-3000:]
+
+
+def test_judge_plugins_callable_and_service(gateway):
+    """`--judge module:function` and `--judge-url H:P` (a RewardService) give the same kind of scores."""
+    from services.common.errors import UserError
+    from services.judge import JudgeConfig, load_judge
+    from trainer.task.judge import gold_score
+
+    prompts, responses = zip(*_items())
+    callable_judge = load_judge(JudgeConfig(judge="trainer.task.judge:gold_score"))
+    assert callable_judge.score(list(prompts), list(responses)) == [gold_score(p, r) for p, r in _items()]
+    service = load_judge(JudgeConfig(judge_url=gateway.target))
+    with grpc.insecure_channel(gateway.target) as ch:
+        direct = reward_pb2_grpc.RewardServiceStub(ch).Score(
+            pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()]), timeout=30).rewards
+    np.testing.assert_allclose(service.score(list(prompts), list(responses)), direct, atol=1e-6)
+    assert load_judge(JudgeConfig()) is None
+    with pytest.raises(UserError, match="cannot import"):
+        load_judge(JudgeConfig(judge="trainer.task.judge:no_such_judge"))
+    with pytest.raises(ValueError, match="one of them"):
+        JudgeConfig(judge="a:b", judge_url="127.0.0.1:1")

@@ -1,8 +1,14 @@
 """The gateway's text → tokens step, against the training code's encoding."""
 import pytest
 
+from services.common.text import encode_pair
+from services.contract import ServedFacts
 from services.gateway_core import GatewayConfig, InvalidInput, Item, Tokenisation
-from trainer.data import encode_pair
+
+# what a repository serves: the reward model was trained with 64 tokens, prompts cut to 48
+FACTS = ServedFacts(contract_version=1, tokenizer_fingerprint="f", reward_mean=0.0, reward_std=1.0,
+                    max_sequence_length=64, vocab_size=100, max_batch_size=8, reward_model_id="rm-x",
+                    max_length=64, max_prompt_length=48)
 
 
 @pytest.fixture()
@@ -16,7 +22,7 @@ def tok(task_dir, tmp_path):
 
 
 def test_prompt_response_encodes_like_training(tok):
-    ids = tok.encode(Item("name two fruits", "fig kiwi"), max_len=64)
+    ids = tok.encode(Item("name two fruits", "fig kiwi"), FACTS)
     assert ids == encode_pair(tok.tokenizer, "name two fruits", "fig kiwi", 48, 64)[0]
 
 
@@ -25,7 +31,7 @@ def test_messages_use_the_chat_template(tok):
                                    "{% if add_generation_prompt %}{% endif %}")
     item = Item(None, None, (("user", "name two"), ("user", "fruits"), ("assistant", "fig kiwi")))
     tok.validate([item])
-    assert tok.encode(item, 64) == tok.encode(Item("name two fruits", "fig kiwi"), 64)
+    assert tok.encode(item, FACTS) == tok.encode(Item("name two fruits", "fig kiwi"), FACTS)
 
 
 def test_validation_names_the_field(tok):

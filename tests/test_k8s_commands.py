@@ -22,7 +22,7 @@ def test_every_tribune_flag_exists_and_parses(rendered, overlay, tmp_path):
     --help, and the whole command line (with the PPO ConfigMap as --config) builds a valid config."""
     from accelerate.commands.launch import launch_command_parser
     from trainer.cli import _load
-    from trainer.config import config_from_args
+    from services.common.config import config_from_args
 
     docs = rendered[overlay]
     seen = set()
@@ -35,7 +35,7 @@ def test_every_tribune_flag_exists_and_parses(rendered, overlay, tmp_path):
                 launch, args = ppo_parts(c, env)
                 ns, unknown = launch_command_parser().parse_known_args([*launch, "x.py"])
                 assert not unknown, f"accelerate launch does not know {unknown}"
-                assert ns.num_processes >= 1 and ns.num_machines == 1
+                assert ns.num_processes >= 1 and ns.num_machines == obj["spec"].get("parallelism", 1)
                 command = "ppo"
             else:
                 continue
@@ -56,8 +56,8 @@ def test_every_tribune_flag_exists_and_parses(rendered, overlay, tmp_path):
 
 
 def test_ppo_configmap_keys_are_ppo_options(rendered):
-    from trainer.config import build_config
-    from trainer.ppo import PPOConfig
+    from services.common.config import build_config
+    from trainer.ppo_config import PPOConfig
 
     for docs in rendered.values():
         (cm,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("tribune-ppo-config")]
@@ -71,7 +71,8 @@ def test_ports_probes_and_targets_resolve(rendered, overlay):
     """Port flags ↔ containerPorts; probes, Service targetPorts and NetworkPolicy ports name
     ports that exist in the pods they apply to."""
     docs = rendered[overlay]
-    port_flags = {"--port", "--metrics-port", "--grpc-port", "--http-port"}
+    port_flags = {"--port", "--metrics-port", "--grpc-port", "--http-port",
+                  "--main_process_port"}     # accelerate launch: rank 0's rendezvous (multi-node PPO)
     for obj, tmpl in pod_templates(docs):
         spec = tmpl["spec"]
         for c in containers(spec, init=False):

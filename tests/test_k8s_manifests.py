@@ -28,11 +28,23 @@ def test_overlays_render(rendered):
     assert find(rendered["prod"], "HorizontalPodAutoscaler") and not find(rendered["dev"], "HorizontalPodAutoscaler")
 
 
-def _validate(obj: dict, where: str):
-    import kubernetes_validate
+# The oldest Kubernetes the manifests must be accepted by (Job podFailurePolicy rules need an
+# explicit `status` there), and the newest schemas kubernetes-validate ships.
+OLDEST_VALIDATED = "1.33.0"
+
+
+def _latest_version() -> str:
     from kubernetes_validate.utils import latest_version
 
-    version = latest_version()
+    return latest_version()
+
+
+SCHEMA_VERSIONS = sorted({OLDEST_VALIDATED, _latest_version()}, key=lambda v: tuple(map(int, v.split("."))))
+
+
+def _validate(obj: dict, where: str, version: str):
+    import kubernetes_validate
+
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as e:
@@ -40,30 +52,51 @@ def _validate(obj: dict, where: str):
                     f"{'.'.join(map(str, e.path))}: {e.message}")
 
 
-def test_every_object_validates_against_the_kubernetes_schemas(rendered):
-    from kubernetes_validate.utils import latest_version
+def test_schema_versions_are_shipped():
+    from kubernetes_validate.utils import all_versions
 
-    major, minor = map(int, latest_version().split(".")[:2])
-    assert (major, minor) >= (1, 32), f"kubernetes-validate ships schemas only up to {latest_version()}"
+    assert len(SCHEMA_VERSIONS) == 2, f"kubernetes-validate's newest schemas are {_latest_version()}"
+    major, minor = map(int, _latest_version().split(".")[:2])
+    assert (major, minor) >= (1, 34), f"kubernetes-validate ships schemas only up to {_latest_version()}"
+    assert set(SCHEMA_VERSIONS) <= set(all_versions()), all_versions()
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_schemas(rendered, version):
     for name, docs in rendered.items():
         for d in docs:
-            _validate(d, f"overlays/{name}")
-    _validate(yaml.safe_load((K8S / "components/model-repository-pvc/loader-pod.yaml").read_text()), "loader-pod.yaml")
+            _validate(d, f"overlays/{name}", version)
+    _validate(yaml.safe_load((K8S / "components/model-repository-pvc/loader-pod.yaml").read_text()), "loader-pod.yaml",
+              version)
 
 
-def test_schema_validation_rejects_a_broken_object(rendered):
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_schema_validation_rejects_a_broken_object(rendered, version):
     """The validation above is strict: a misspelt field or a wrong type fails."""
     import kubernetes_validate
-    from kubernetes_validate.utils import latest_version
 
     dep = copy.deepcopy(one(rendered["dev"], "Deployment", "tribune-reward"))
     main_container(dep)["readinessProbe"]["httpGett"] = main_container(dep)["readinessProbe"].pop("httpGet")
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(dep, latest_version(), strict=True)
+        kubernetes_validate.validate(dep, version, strict=True)
     dep = copy.deepcopy(one(rendered["dev"], "Deployment", "tribune-reward"))
     main_container(dep)["ports"][0]["containerPort"] = "8000"
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(dep, latest_version(), strict=True)
+        kubernetes_validate.validate(dep, version, strict=True)
+
+
+def test_oldest_schema_requires_the_pod_condition_status(rendered):
+    """What 1.33 adds to the check: a podFailurePolicy condition without `status` is rejected there
+    (later schemas default it), so validating only against the newest schemas would miss it."""
+    import kubernetes_validate
+
+    job = copy.deepcopy(one(rendered["dev"], "Job", "tribune-ppo"))
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        for cond in rule.get("onPodConditions", []):
+            cond.pop("status", None)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, OLDEST_VALIDATED, strict=True)
+    kubernetes_validate.validate(job, _latest_version(), strict=True)
 
 
 # ================================================================ Triton
@@ -301,11 +334,16 @@ def test_ppo_job(rendered, overlay):
     ns_launch = __import__("accelerate.commands.launch", fromlist=["x"]).launch_command_parser().parse_args(
         [*launch, "x.py"])
     gpus = int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+    nodes = job["spec"].get("parallelism", 1)
+    assert ns_launch.num_machines == nodes, "one machine per pod of the Job"
     if overlay in GPU_OVERLAYS:
-        assert gpus >= 1 and ns_launch.num_processes == gpus, "one rank per GPU"
+        assert gpus >= 1 and ns_launch.num_processes == gpus * nodes, "one rank per GPU, on every node"
     else:
         assert gpus == 0 and ns_launch.num_processes == 1
     assert "--resume" in args, "a rescheduled pod must continue from the last checkpoint"
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        for cond in rule.get("onPodConditions", []):
+            assert cond.get("status") == "True", f"{rule}: Kubernetes <= 1.34 requires the condition's status"
     out = flag(args, "--output")
     mount = max((m for m in c["volumeMounts"] if out.startswith(m["mountPath"] + "/")), key=lambda m: len(m["mountPath"]))
     vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
@@ -314,6 +352,123 @@ def test_ppo_job(rendered, overlay):
     assert spec["restartPolicy"] == "Never" and job["spec"]["podFailurePolicy"]
     assert spec["terminationGracePeriodSeconds"] >= 60, "time to checkpoint on SIGTERM"
     assert c["image"].split("/")[-1].startswith("trainer:")
+
+
+# ================================================================ multi-node PPO
+
+def _mount_of(c: dict, spec: dict, path: str) -> tuple[dict, dict]:
+    """(volumeMount, volume) that holds ``path`` in container ``c`` (the deepest mount wins)."""
+    mounts = [m for m in c.get("volumeMounts", []) if (path.rstrip("/") + "/").startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{c['name']}: {path} is not on a volume"
+    m = max(mounts, key=lambda m: len(m["mountPath"]))
+    return m, next(v for v in spec["volumes"] if v["name"] == m["name"])
+
+
+def _launch_ns(c: dict, env: dict):
+    from accelerate.commands.launch import launch_command_parser
+
+    launch, args = ppo_parts(c, env)
+    ns, unknown = launch_command_parser().parse_known_args([*launch, "x.py"])
+    assert not unknown, f"accelerate launch does not know {unknown}"
+    return ns, args
+
+
+@pytest.mark.parametrize("overlay", sorted(set(OVERLAYS) - {"prod"}))
+def test_ppo_runs_on_one_node_outside_prod(rendered, overlay):
+    job = one(rendered[overlay], "Job", "tribune-ppo")
+    assert job["spec"].get("parallelism", 1) == 1 and job["spec"].get("completions", 1) == 1
+    assert job["spec"].get("completionMode", "NonIndexed") == "NonIndexed"
+    ns, _ = _launch_ns(main_container(job), env_of(main_container(job), rendered[overlay]))
+    assert ns.num_machines == 1 and ns.main_process_ip is None
+
+
+def test_prod_ppo_is_an_indexed_job_across_nodes(rendered):
+    """One pod per node; each rank's accelerate launch gets its machine rank from the completion
+    index, the number of machines from the parallelism, all GPUs of all pods as processes, and
+    pod 0 of the headless Service the pods' subdomain names as the main process."""
+    docs = rendered["prod"]
+    job = one(docs, "Job", "tribune-ppo")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    nodes = spec["parallelism"]
+    assert spec["completionMode"] == "Indexed"
+    assert nodes >= 2 and spec["completions"] == nodes, "every rank runs at once, once"
+    # a failed rank is retried on its own budget; one out of budget ends the Job (the others
+    # cannot go on without it); a replacement starts only when the old pod is gone
+    assert spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert "successPolicy" not in spec, "the Job succeeds when every rank has"
+    assert "hostname" not in pod, "the Job controller names the pods JOB-INDEX"
+    c = main_container(job)
+    gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus >= 1 and c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    mains = set()
+    for index in range(nodes):
+        env = env_of(c, docs, index=index)
+        ns, args = _launch_ns(c, env)
+        assert ns.multi_gpu
+        assert int(ns.machine_rank) == index, "machine rank = completion index"
+        assert ns.num_machines == nodes
+        assert ns.num_processes == nodes * gpus, "one rank per GPU on every node"
+        assert ns.num_processes % ns.num_machines == 0
+        # all ranks restart together: c10d lets the torchrun agents re-form the group
+        assert ns.rdzv_backend == "c10d" and int(ns.max_restarts) >= 1
+        assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1", "restarted rounds need a fresh store"
+        assert "--resume" in args
+        mains.add((ns.main_process_ip, int(ns.main_process_port)))
+    (host, port), = mains       # every rank agrees on the main process
+    # host: pod 0 (JOB-0) . subdomain . namespace .svc.cluster.local
+    parts = host.split(".")
+    assert len(parts) == 6 and parts[3:] == ["svc", "cluster", "local"], host
+    assert parts[0] == f"{job['metadata']['name']}-0", f"{host}: not the pod with completion index 0"
+    assert parts[1] == pod["subdomain"] and parts[2] == namespace(docs), host
+    svc = one(docs, "Service", pod["subdomain"])
+    assert svc["spec"]["clusterIP"] == "None", "pod DNS names need a headless Service"
+    assert svc["spec"].get("publishNotReadyAddresses") is True, "ranks must find each other before Ready"
+    selected = pods_selected(docs, {"matchLabels": svc["spec"]["selector"]})
+    assert [o["metadata"]["name"] for o, _ in selected] == [job["metadata"]["name"]], "it selects the ranks only"
+    (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    _, cp = container_port(pod, sp["targetPort"])
+    assert cp["containerPort"] == port and cp["name"] == "rendezvous"
+    # the init container that waits for rank 0 waits for the same name
+    waits = [ic for ic in pod["initContainers"] if host in [expand(a, env_of(ic, docs)) for a in ic.get("args", [])]]
+    assert len(waits) == 1 and pod["initContainers"][-1] is waits[0], "wait for rank 0 last, after the inputs"
+
+
+def test_prod_ppo_ranks_on_different_nodes_in_one_zone(rendered):
+    job = one(rendered["prod"], "Job", "tribune-ppo")
+    tmpl = job["spec"]["template"]
+    labels, aff = tmpl["metadata"]["labels"], tmpl["spec"]["affinity"]
+    required = aff["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" and selector_matches(t["labelSelector"], labels)
+               for t in required), "never two ranks on one node"
+    preferred = aff["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["podAffinityTerm"]["topologyKey"] == "topology.kubernetes.io/zone"
+               and selector_matches(t["podAffinityTerm"]["labelSelector"], labels) for t in preferred)
+    assert tmpl["spec"]["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in tmpl["spec"]["tolerations"])
+
+
+def test_prod_ppo_ranks_share_the_checkpoints_and_fetch_their_own_inputs(rendered):
+    """Every rank writes into the checkpoint directory (rank 0 the model and optimiser, each
+    rank its RNG state) and reads it on --resume: one ReadWriteMany PVC, mounted read-write.
+    The inputs each pod fetches go to a pod-local volume, so no two pods write the same file."""
+    docs = rendered["prod"]
+    job = one(docs, "Job", "tribune-ppo")
+    spec = job["spec"]["template"]["spec"]
+    c = main_container(job)
+    _, args = ppo_parts(c, env_of(c, docs))
+    mount, vol = _mount_of(c, spec, flag(args, "--output"))
+    assert not mount.get("readOnly")
+    pvc = one(docs, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "pods on different nodes mount it"
+    (fetch,) = [ic for ic in spec["initContainers"] if ic["image"].startswith("rclone/rclone:")]
+    assert fetch["args"][0] == "copy"
+    _, target = _mount_of(fetch, spec, fetch["args"][2])
+    assert "emptyDir" in target, "inputs on a pod-local volume"
+    assert not any(v["name"] == vol["name"] for ic in spec["initContainers"] for v in ic.get("volumeMounts", [])), \
+        "no init container writes to the shared volume"
+    for f in ("--policy", "--prompts", "--eval-prompts"):
+        _, v = _mount_of(c, spec, flag(args, f))
+        assert v["name"] == target["name"], f"{f}: read from what fetch-inputs wrote"
 
 
 def test_images_pinned_by_tag(rendered):
@@ -332,7 +487,10 @@ def test_images_pinned_by_tag(rendered):
         for base in re.findall(r"^FROM (\S+)", text, re.M):
             base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
             assert re.search(r":\d[\w.-]*$", base) and "latest" not in base, f"{df.name}: base {base} not pinned"
-        assert re.search(r"^ARG TORCH_SPEC=torch==[\d.]+$", text, re.M), f"{df.name}: pin torch"
+        if df.name == "gateway.Dockerfile":     # the gateway image ships no torch at all
+            assert "TORCH_SPEC" not in text and "! python -c \"import torch\"" in text, df.name
+        else:
+            assert re.search(r"^ARG TORCH_SPEC=torch==[\d.]+$", text, re.M), f"{df.name}: pin torch"
 
 
 def test_pdbs_protect_every_deployment_without_blocking_drains(rendered):
@@ -437,6 +595,97 @@ def test_network_policies_only_trainer_and_gateway_reach_triton(rendered, overla
     job = {**job, "spec": {**job["spec"], "containers": [{"name": "x", "ports": [{"name": "any", "containerPort": 1}]}]}}
     for src in (stranger, pod["tribune-gateway"]):
         assert not ingress_allowed(docs, job, src, "any"), "nothing reaches the trainer"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_only_the_ranks_reach_each_other(rendered, overlay):
+    """Between the trainer's pods: the rendezvous port and any other port (NCCL, the process
+    group's store), where the Job runs several pods; from nobody else, and nothing at all on one node."""
+    docs = rendered[overlay]
+    ns = namespace(docs)
+    tmpl = {o["metadata"]["name"]: t for o, t in pod_templates(docs)}
+    job = one(docs, "Job", "tribune-ppo")
+    ppo = job["spec"]["template"]
+    peer = Pod(dict(ppo["metadata"]["labels"]), ns)
+    others = [Pod({"app": "something-else"}, ns), Pod(dict(ppo["metadata"]["labels"]), "other-namespace"),
+              Pod({"app.kubernetes.io/name": "prometheus"}, "monitoring"),
+              *(Pod(tmpl[n]["metadata"]["labels"], ns) for n in ("tribune-gateway", *TRITON_MODELS.values()))]
+    # NCCL picks its ports at run time: a port the pod does not declare stands for them
+    nccl = {**ppo, "spec": {**ppo["spec"], "containers": [{"name": "x", "ports": [{"name": "nccl", "containerPort": 45123}]}]}}
+    if job["spec"].get("parallelism", 1) > 1:
+        ns_launch, _ = _launch_ns(main_container(job), env_of(main_container(job), docs))
+        _, rdzv = container_port(ppo["spec"], int(ns_launch.main_process_port))
+        assert ingress_allowed(docs, ppo, peer, rdzv["name"]), "rank 0's rendezvous port"
+        assert ingress_allowed(docs, nccl, peer, "nccl"), "NCCL between the ranks"
+        for src in others:
+            assert not ingress_allowed(docs, ppo, src, rdzv["name"]), src
+    else:
+        assert not ingress_allowed(docs, nccl, peer, "nccl"), "one pod: nothing reaches the trainer"
+    for src in others:
+        assert not ingress_allowed(docs, nccl, src, "nccl"), src
+
+
+def test_multinode_checks_catch_broken_wiring(rendered):
+    """The multi-node checks above fail on each of these mistakes."""
+    def job(docs):
+        return one(docs, "Job", "tribune-ppo")
+
+    def ppo_args(docs):
+        return main_container(job(docs))["args"]
+
+    def set_env(docs, name, value):
+        next(e for e in main_container(job(docs))["env"] if e["name"] == name)["value"] = value
+
+    def replace_arg(docs, prefix, old, new):
+        args = ppo_args(docs)
+        i = next(i for i, a in enumerate(args) if a.startswith(prefix))
+        assert old in args[i]
+        args[i] = args[i].replace(old, new)
+
+    def ppo_policy(docs):
+        return one(docs, "NetworkPolicy", "tribune-ppo-peers")
+
+    checks = {
+        "NUM_PROCESSES != nodes x GPUs": (lambda d: set_env(d, "NUM_PROCESSES", "4"),
+                                          test_prod_ppo_is_an_indexed_job_across_nodes),
+        "NUM_MACHINES != parallelism": (lambda d: job(d)["spec"].update(parallelism=3, completions=3),
+                                        test_prod_ppo_is_an_indexed_job_across_nodes),
+        "completions != parallelism": (lambda d: job(d)["spec"].update(completions=3),
+                                       test_prod_ppo_is_an_indexed_job_across_nodes),
+        "a fixed machine rank": (lambda d: replace_arg(d, "--machine_rank", "$(JOB_COMPLETION_INDEX)", "0"),
+                                 test_prod_ppo_is_an_indexed_job_across_nodes),
+        "main process not pod 0": (lambda d: replace_arg(d, "--main_process_ip", "tribune-ppo-0.", "tribune-ppo-1."),
+                                   test_prod_ppo_is_an_indexed_job_across_nodes),
+        "subdomain without its Service": (lambda d: job(d)["spec"]["template"]["spec"].update(subdomain="elsewhere"),
+                                          test_prod_ppo_is_an_indexed_job_across_nodes),
+        "DNS only once Ready": (lambda d: one(d, "Service", "tribune-ppo")["spec"].update(publishNotReadyAddresses=False),
+                                test_prod_ppo_is_an_indexed_job_across_nodes),
+        "static rendezvous": (lambda d: replace_arg(d, "--rdzv_backend", "c10d", "static"),
+                              test_prod_ppo_is_an_indexed_job_across_nodes),
+        "ranks may share a node": (lambda d: job(d)["spec"]["template"]["spec"]["affinity"].pop("podAntiAffinity"),
+                                   test_prod_ppo_ranks_on_different_nodes_in_one_zone),
+        "checkpoints on ReadWriteOnce": (lambda d: one(d, "PersistentVolumeClaim", "tribune-ppo-workspace")["spec"]
+                                         .update(accessModes=["ReadWriteOnce"]),
+                                         test_prod_ppo_ranks_share_the_checkpoints_and_fetch_their_own_inputs),
+        "inputs on the shared volume": (lambda d: next(m for m in job(d)["spec"]["template"]["spec"]["initContainers"][0]
+                                                       ["volumeMounts"] if m["mountPath"] == "/inputs")
+                                        .update(name="workspace"),
+                                        test_prod_ppo_ranks_share_the_checkpoints_and_fetch_their_own_inputs),
+        "ranks cannot reach each other": (lambda d: d.remove(ppo_policy(d)),
+                                          lambda r: test_network_policies_let_only_the_ranks_reach_each_other(r, "prod")),
+        "ranks reachable from anywhere": (lambda d: ppo_policy(d)["spec"]["ingress"][0]["from"][0]
+                                          .update(namespaceSelector={}),
+                                          lambda r: test_network_policies_let_only_the_ranks_reach_each_other(r, "prod")),
+    }
+    test_prod_ppo_is_an_indexed_job_across_nodes(rendered)     # the unbroken manifests pass
+    for what, (mutate, check) in checks.items():
+        docs = copy.deepcopy(rendered["prod"])
+        mutate(docs)
+        try:
+            check({**rendered, "prod": docs})
+        except (AssertionError, KeyError):
+            continue
+        pytest.fail(f"the multi-node checks pass although: {what}")
 
 
 # ================================================================ tribune-init

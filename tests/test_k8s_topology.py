@@ -246,3 +246,122 @@ def test_deployment_topology_runs_on_loopback(rendered, repo_dir, sft_dir, task_
             _stop(p)
     for p in procs[:2]:
         assert p.popen.returncode in (0, 128 + signal.SIGTERM), f"{p.name} did not stop cleanly:\n{p.log()}"
+
+
+# ================================================================ multi-node PPO: the rendezvous on loopback
+
+RANK_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    e = os.environ
+    info = {k: e[k] for k in ("RANK", "WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT", "MASTER_PORT")}
+    print("START " + json.dumps(info), flush=True)
+    deadline = time.time() + 120
+    while not os.path.exists(sys.argv[1]) and time.time() < deadline:   # train until told to finish
+        t = torch.ones(1); dist.all_reduce(t); time.sleep(0.2)
+    t = torch.ones(1); dist.all_reduce(t)
+    dist.barrier()
+    print("DONE " + json.dumps({**info, "sum": t.item()}), flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it (torchrun starts its workers in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(entry))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_prod_ppo_ranks_rejoin_after_a_machine_dies(rendered, tmp_path):
+    """The prod Job's `accelerate launch` arguments and torch environment, one launcher per
+    completion index on loopback (rank 0's pod name → 127.0.0.1, a free port, one CPU process
+    per machine, gloo, a small script in place of the trainer): the machines rendezvous through
+    rank 0's c10d store; when machine 1 is killed mid-run (its node went away) and a replacement
+    is started (the Job's new pod for that index), machine 0's ranks restart and every rank
+    finishes together in a new round. Not covered: pod DNS, NCCL, GPUs."""
+    from tests.servers import free_port
+
+    docs = rendered["prod"]
+    job = one(docs, "Job", "tribune-ppo")
+    c = main_container(job)
+    nodes = job["spec"]["parallelism"]
+    port = free_port()
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    finish = tmp_path / "finish"
+    venv_bin = Path(sys.executable).parent
+
+    def launch(index: int, name: str) -> Proc:
+        env = env_of(c, docs, index=index)
+        launch_args, _ = ppo_parts(c, env)
+        args = []
+        for a in launch_args:
+            k, eq, v = a.partition("=")
+            v = {"--main_process_ip": "127.0.0.1", "--main_process_port": str(port),
+                 "--num_processes": str(nodes)}.get(k, v)
+            args.append(f"{k}{eq}{v}")
+        assert f"--machine_rank={index}" in args
+        proc_env = {**os.environ, **{k: v for k, v in env.items() if k.startswith(("TORCH", "NCCL"))},
+                    "PATH": str(venv_bin) + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1",
+                    "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen([str(venv_bin / "accelerate"), "launch", *args, str(script), str(finish)], env=proc_env,
+                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        proc = Proc(name, popen, [], {})
+        threading.Thread(target=lambda: [proc.lines.append(l) for l in popen.stdout], daemon=True).start()
+        return proc
+
+    def events(proc: Proc, kind: str) -> list[dict]:
+        return [json.loads(l.split(" ", 1)[1]) for l in list(proc.lines) if l.startswith(kind + " ")]
+
+    procs = [launch(i, f"machine {i}") for i in range(nodes)]
+    try:
+        deadline = time.time() + 180
+        while sum(len(events(p, "START")) for p in procs) < nodes and time.time() < deadline:
+            for p in procs:
+                assert p.popen.poll() is None, f"{p.name} exited:\n{p.log()}"
+            time.sleep(0.5)
+        first = [e for p in procs for e in events(p, "START")]
+        assert sorted(int(e["RANK"]) for e in first) == list(range(nodes)), first
+        assert {e["WORLD_SIZE"] for e in first} == {str(nodes)}
+        time.sleep(2)                              # a few steps together
+        _kill_tree(procs[1].popen.pid)             # machine 1's node goes away
+        procs[1].popen.wait(30)
+        time.sleep(2)
+        finish.touch()                             # the next round runs to the end
+        replacement = launch(1, "machine 1 (replacement)")
+        procs.append(replacement)
+        for p in (procs[0], replacement, *procs[2:-1]):
+            try:
+                rc = p.popen.wait(180)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{p.name} did not finish after the replacement joined:\n{p.log()}")
+            assert rc == 0, f"{p.name} failed:\n{p.log()}"
+    finally:
+        for p in procs:
+            if p.popen.poll() is None:
+                _kill_tree(p.popen.pid)
+    done = [e for p in (procs[0], replacement, *procs[2:-1]) for e in events(p, "DONE")]
+    assert sorted(int(e["RANK"]) for e in done) == list(range(nodes)), done
+    assert all(e["sum"] == nodes for e in done), done
+    survivor = events(procs[0], "DONE")
+    assert survivor and int(survivor[0]["TORCHELASTIC_RESTART_COUNT"]) >= 1, "machine 0's ranks restarted"
+    assert len({e["MASTER_PORT"] for e in done}) == 1 and done[0]["MASTER_PORT"] != first[0]["MASTER_PORT"], \
+        "the new round has its own process-group store"

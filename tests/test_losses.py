@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from trainer.losses import (bradley_terry_loss, gather_last, last_token_index, pairwise_accuracy,
-                            position_ids_from_mask, ranking_to_pairs, token_logprobs)
+from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
+from trainer.sequences import gather_last, last_token_index, position_ids_from_mask, token_logprobs
 
 
 def _sigmoid(x: float) -> float:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, last_json, tribune
+from tests.conftest import JUDGE, REPO, last_json, tribune
 from tests.servers import start_serve
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def ppo_args(served_url, sft_dir, rm_dir, task_dir, out, *extra):
     return ["ppo", "--policy", sft_dir, "--prompts", task_dir / "prompts_train.jsonl",
             "--eval-prompts", task_dir / "prompts_eval.jsonl", "--reward-url", served_url,
-            "--reference-url", served_url, "--output", out, "--value-init", rm_dir, *map(str, extra)]
+            "--reference-url", served_url, "--output", out, "--value-init", rm_dir, *JUDGE, *map(str, extra)]
 
 
 def _rows(out):

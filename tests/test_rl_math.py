@@ -159,7 +159,7 @@ def test_policy_logprobs_line_up_with_the_reference_contract_columns():
 
     from trainer.data import pad_left
     from trainer.modeling import sequence_logprobs
-    from trainer.rollout import response_logprobs_and_entropy
+    from trainer.modeling import response_logprobs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -172,7 +172,7 @@ def test_policy_logprobs_line_up_with_the_reference_contract_columns():
     qr = torch.cat([p_ids, torch.tensor(responses)], 1)
     mask = torch.cat([p_mask, resp_mask], 1)
     with torch.no_grad():
-        ours, _ = response_logprobs_and_entropy(model, qr, mask, P, temperature=0.7)
+        ours, _ = response_logprobs(model, qr, mask, P, temperature=0.7)
         contract = sequence_logprobs(model, qr, mask, temperature=0.7)[:, P - 1:]
     torch.testing.assert_close(ours * resp_mask, contract, atol=1e-5, rtol=0)
     assert (contract[1, 2] == 0) and contract[1, 1] != 0

@@ -18,15 +18,15 @@ pytestmark = pytest.mark.slow
 
 
 def _fingerprint(repo_dir):
-    from trainer.modeling import load_tokenizer
+    from services.common.text import load_tokenizer
 
     return tokenizer_fingerprint(load_tokenizer(repo_dir / "tokenizer"))
 
 
 def _batch(task_dir, n, side, seed=0):
     """n mixed-length prompt+response sequences from the task, padded on `side`."""
-    from trainer.data import encode_pair, pad_left, pad_right
-    from trainer.modeling import load_tokenizer
+    from services.common.text import encode_pair, load_tokenizer
+    from trainer.data import pad_left, pad_right
 
     tok = load_tokenizer(task_dir / "tokenizer")
     rows = [json.loads(l) for l in (task_dir / "sft.jsonl").read_text().splitlines()]
@@ -59,7 +59,7 @@ def test_export_writes_a_repository_stock_triton_loads(repo_dir):
     manifest = json.loads((repo_dir / "tribune.json").read_text())
     assert manifest["contract_version"] == 1
     assert manifest["tokenizer"]["fingerprint"] == _fingerprint(repo_dir)
-    assert manifest["reward_normalization"]["std"] > 0
+    assert manifest["served"]["reward_std"] > 0
     assert set(manifest["sources"]) == {"reward", "reference"}
     for rel, digest in manifest["files"].items():
         assert sha256_file(repo_dir / rel) == digest
@@ -107,7 +107,7 @@ def test_served_scores_equal_pytorch_for_both_padding_sides(served, repo_dir, ta
         alone = scorer.logprobs(np.array([seqs[0]]), np.ones((1, len(seqs[0])), dtype=np.int64))
         padded = scorer.logprobs(ids.numpy(), mask.numpy())[0]
         np.testing.assert_allclose(padded[-alone.shape[1]:], alone[0], atol=1e-5)
-        np.testing.assert_allclose(scorer.normalise(np.array([scorer.facts["reward_mean"]])), [0.0])
+        np.testing.assert_allclose(scorer.facts.normalise(np.array([scorer.facts.reward_mean])), [0.0])
 
 
 def test_concurrent_clients_get_their_own_results_in_order(served, repo_dir, task_dir):
@@ -138,7 +138,7 @@ def test_concurrent_clients_get_their_own_results_in_order(served, repo_dir, tas
 
 
 def test_wrong_tokenizer_is_refused_at_connect(served, repo_dir):
-    from trainer.modeling import load_tokenizer
+    from services.common.text import load_tokenizer
 
     other = load_tokenizer(repo_dir / "tokenizer")
     other.add_tokens(["zebra"])
@@ -239,9 +239,9 @@ def test_score_command_writes_raw_and_normalised_rewards(served, repo_dir, tmp_p
     assert summary["scored"] == 3 and summary["errors"] == 1
     got = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["id"] for r in got] == [1, 2, 3, 4] and "error" in got[3]
-    facts = json.loads((repo_dir / "tribune.json").read_text())["reward_normalization"]
+    facts = json.loads((repo_dir / "tribune.json").read_text())["served"]
     for r in got[:3]:
-        assert r["reward_normalized"] == pytest.approx((r["reward"] - facts["mean"]) / facts["std"], abs=1e-5)
+        assert r["reward_normalized"] == pytest.approx((r["reward"] - facts["reward_mean"]) / facts["reward_std"], abs=1e-5)
     assert got[0]["reward"] > got[1]["reward"]     # a colour is not a fruit
     again = tmp_path / "again.jsonl"
     tribune("score", "--url", served.url, "--input", inp, "--output", again, "--tokenizer", repo_dir / "tokenizer")

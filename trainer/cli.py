@@ -1,7 +1,9 @@
 """`tribune`: the one console script. Each subcommand is a config dataclass + a function.
 
-Each subcommand's config dataclass is its option list and its --help text.
-User errors (bad flags, bad files, refused connections) print one line and exit 2.
+Each subcommand's config dataclass is its option list and its --help text. The command
+line is lazy: only the chosen subcommand's modules are imported, so `tribune gateway`
+and `tribune score --help` load no torch. User errors (bad flags, bad files, refused
+connections) print one line and exit 2.
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
-from trainer.config import add_config_arguments, config_from_args
-from trainer.errors import UserError
+from services.common.config import add_config_arguments, config_from_args
+from services.common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,48 +31,74 @@ COMMANDS: list[Command] = [
     Command("train-rm", "train a Bradley-Terry reward model from the SFT model",
             "trainer.reward:RewardConfig", "trainer.reward:run_train_rm"),
     Command("export", "export the reward model and reference policy to a Triton model repository",
-            "services.export:ExportConfig", "services.export:run_export"),
+            "trainer.export:ExportConfig", "trainer.export:run_export"),
     Command("serve", "serve a model repository with the embedded Triton server (PyTriton + ONNX Runtime)",
             "services.serve:ServeConfig", "services.serve:run_serve"),
     Command("score", "score a JSONL of prompt/response pairs through the reward service",
             "services.score:ScoreConfig", "services.score:run_score"),
-    Command("ppo", "PPO against remote reward and reference services", "trainer.ppo:PPOConfig",
+    Command("ppo", "PPO against remote reward and reference services", "trainer.ppo_config:PPOConfig",
             "trainer.ppo:run_ppo"),
     Command("gateway", "the gRPC text API (tribune.v1.RewardService) in front of Triton",
             "services.gateway_core:GatewayConfig", "services.gateway:run_gateway"),
     Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo"),
 ]
+TASK_MAKE = Command("make", "write a task (tokenizer, tiny base model, data)", "trainer.task.make:TaskConfig",
+                    "trainer.cli:task_make")
+TASK_LIST = Command("list", "the tasks of the suite, one per line (name first)", "", "trainer.cli:task_list")
+
+
+def task_make(cfg, out: str) -> dict:
+    from pathlib import Path
+
+    from trainer.task.make import make_task
+
+    return make_task(cfg, Path(out))
+
+
+def task_list() -> None:
+    from trainer.task.registry import task_list_lines
+
+    print("\n".join(task_list_lines()))
+
+
 def _load(ref: str):
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> list[str]:
+    """The command words in argv (e.g. ["task", "make"]), found without parsing options."""
+    words = [a for a in argv if not a.startswith("-")]
+    names = {c.name for c in COMMANDS} | {"task"}
+    if not words or words[0] not in names:
+        return []
+    return words[:2] if words[0] == "task" else words[:1]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Given ``argv``, only the subcommand it names gets its options (and imports
+    its config); without, every subcommand does (for tools that inspect the whole CLI)."""
+    chosen = _chosen(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="tribune", description="RLHF with reward models and reference "
                                      "policies served through Triton, and a PPO trainer that uses them.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    task = sub.add_parser("task", help="the bundled synthetic task")
+    task = sub.add_parser("task", help="the task suite: list the tasks, or make one")
     task_sub = task.add_subparsers(dest="task_command", required=True, metavar="ACTION")
-    make = task_sub.add_parser("make", help="write the bundled task (tokenizer, tiny base model, data)")
-    make.add_argument("out", help="output directory")
-    add_config_arguments(make, _load("trainer.task.make:TaskConfig"))
-    make.set_defaults(_config="trainer.task.make:TaskConfig", _run=_run_task_make)
+    for cmd in (TASK_MAKE, TASK_LIST):
+        p = task_sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if chosen in (None, ["task", cmd.name]) and cmd.config:
+            p.add_argument("out", help="output directory")
+            add_config_arguments(p, _load(cmd.config))
+        p.set_defaults(_config=cmd.config, _run=cmd.run)
 
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        add_config_arguments(p, _load(cmd.config))
+        if chosen in (None, [cmd.name]):
+            add_config_arguments(p, _load(cmd.config))
         p.set_defaults(_config=cmd.config, _run=cmd.run)
     return parser
-
-
-def _run_task_make(cfg, args) -> dict:
-    from pathlib import Path
-
-    from trainer.task.make import make_task
-
-    return make_task(cfg, Path(args.out))
 
 
 def setup_logging(verbose: bool) -> None:
@@ -82,15 +109,19 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     setup_logging(args.verbose)
     try:
-        cfg = config_from_args(_load(args._config), args)
-        run: Callable = args._run if callable(args._run) else _load(args._run)
-        result = run(cfg, args) if run is _run_task_make else run(cfg)
+        run = _load(args._run)
+        if not args._config:
+            result = run()
+        else:
+            cfg = config_from_args(_load(args._config), args)
+            result = run(cfg, args.out) if hasattr(args, "out") else run(cfg)
     except UserError as e:
         print(f"tribune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """`tribune demo`: the whole pipeline on the bundled task, wired in one place.
 
 Each stage's output directory is the next stage's input; the stage configs are the same
-dataclasses the individual commands use, so ``--config`` YAML can tune any of them.
+dataclasses the individual commands use, and ``DemoConfig`` holds each stage's options as
+a mapping (YAML ``sft: {epochs: 3}`` or ``--sft epochs=3``), validated against that stage's
+config, so every option of every stage can be set here.
 """
 from __future__ import annotations
 
@@ -10,16 +12,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from services.export import ExportConfig, run_export
+from services.common.config import build_config, field
+from services.common.errors import UserError
 from services.launcher import free_port, start_serve
-from trainer.config import field
-from trainer.ppo import PPOConfig, run_ppo
+from trainer.export import ExportConfig, run_export
+from trainer.ppo import run_ppo
+from trainer.ppo_config import PPOConfig
 from trainer.reward import RewardConfig, run_train_rm
 from trainer.sft import SFTConfig, run_sft
 from trainer.task.make import TaskConfig, make_task
 
 log = logging.getLogger("tribune")
+
+_PLACEHOLDER_URL = "127.0.0.1:1"   # replaced by the served address once `tribune serve` runs
 
 
 @dataclass(kw_only=True)
@@ -27,35 +34,53 @@ class DemoConfig:
     """The bundled-task pipeline: task make → sft → train-rm → export → serve → ppo."""
     output: Path = field(Path("runs/demo"), help="directory for every stage's output")
     seed: int = field(0, help="seed of the task and of every stage")
-    sft_epochs: float = field(3.0, help="SFT passes over the demonstrations")
-    rm_epochs: float = field(4.0, help="reward-model passes over the preference rows")
-    ppo_iterations: int = field(60, help="PPO iterations against the served models")
-    ppo_learning_rate: float = field(1e-4, help="PPO policy learning rate")
-    kl_coef: float = field(0.1, help="β of the KL penalty in PPO")
     max_steps: int | None = field(None, help="cap on optimiser steps of each training stage (for smoke runs)")
+    task: dict[str, Any] = field({}, help="options of `tribune task make`")
+    sft: dict[str, Any] = field({"epochs": 3.0, "learning_rate": 3e-3}, help="options of `tribune sft`")
+    rm: dict[str, Any] = field({"epochs": 4.0, "learning_rate": 1e-3}, help="options of `tribune train-rm`")
+    export: dict[str, Any] = field({"instance_kind": "KIND_GPU"}, help="options of `tribune export`")
+    ppo: dict[str, Any] = field({"iterations": 60, "learning_rate": 1e-4, "kl_coef": 0.1, "scoring_chunk": 32},
+                                help="options of `tribune ppo`")
+
+    def __post_init__(self) -> None:
+        stage_configs(self)       # every stage's options are checked before anything runs
 
 
-def stage_configs(cfg: DemoConfig) -> tuple[TaskConfig, SFTConfig, RewardConfig, ExportConfig]:
+@dataclass(frozen=True)
+class Stages:
+    task: TaskConfig
+    sft: SFTConfig
+    rm: RewardConfig
+    export: ExportConfig
+    ppo: PPOConfig
+
+
+def stage_configs(cfg: DemoConfig, reward_url: str = _PLACEHOLDER_URL) -> Stages:
     """The one place where a stage's output becomes the next stage's input."""
     out = Path(cfg.output)
-    task = TaskConfig(seed=cfg.seed)
-    sft = SFTConfig(model=out / "task" / "base", train=out / "task" / "sft.jsonl", output=out / "sft",
-                    seed=cfg.seed, epochs=cfg.sft_epochs, max_steps=cfg.max_steps, learning_rate=3e-3)
-    rm = RewardConfig(model=out / "sft", train=out / "task" / "prefs_train.jsonl",
-                      eval=out / "task" / "prefs_eval.jsonl", output=out / "rm", seed=cfg.seed,
-                      epochs=cfg.rm_epochs, max_steps=cfg.max_steps, learning_rate=1e-3)
-    export = ExportConfig(reward=out / "rm", reference=out / "sft", output=out / "repository", overwrite=True,
-                          instance_kind="KIND_GPU")
-    return task, sft, rm, export
+    t = out / "task"
+    common = {"seed": cfg.seed, **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}
 
+    def build(cls, wired: dict, overrides: dict):
+        try:
+            return build_config(cls, {**wired, **overrides})
+        except UserError as e:
+            raise ValueError(f"{cls.__name__}: {e}") from None
 
-def ppo_config(cfg: DemoConfig, url: str) -> PPOConfig:
-    out = Path(cfg.output)
-    return PPOConfig(policy=out / "sft", prompts=out / "task" / "prompts_train.jsonl",
-                     eval_prompts=out / "task" / "prompts_eval.jsonl", reward_url=url, reference_url=url,
-                     output=out / "ppo", value_init=out / "rm", seed=cfg.seed, iterations=cfg.ppo_iterations,
-                     max_steps=cfg.max_steps, learning_rate=cfg.ppo_learning_rate, kl_coef=cfg.kl_coef,
-                     scoring_chunk=32, gold_every=max(1, cfg.ppo_iterations // 6))
+    task = build(TaskConfig, {"seed": cfg.seed}, cfg.task)
+    judge = {"judge": task.spec.judge}      # the task's gold judge, plugged in like any other
+    sft = build(SFTConfig, {"model": t / "base", "train": t / "sft.jsonl", "output": out / "sft", **judge, **common},
+                cfg.sft)
+    rm = build(RewardConfig, {"model": out / "sft", "train": t / "prefs_train.jsonl", "eval": t / "prefs_eval.jsonl",
+                              "output": out / "rm", **judge, **common}, cfg.rm)
+    export = build(ExportConfig, {"reward": out / "rm", "reference": out / "sft", "output": out / "repository",
+                                  "overwrite": True}, cfg.export)
+    iterations = int(cfg.ppo.get("iterations", 60))
+    ppo = build(PPOConfig, {"policy": out / "sft", "prompts": t / "prompts_train.jsonl",
+                            "eval_prompts": t / "prompts_eval.jsonl", "reward_url": reward_url,
+                            "reference_url": reward_url, "output": out / "ppo", "value_init": out / "rm",
+                            "gold_every": max(1, iterations // 6), **judge, **common}, cfg.ppo)
+    return Stages(task, sft, rm, export, ppo)
 
 
 def gateway_score_call(target: str) -> dict:
@@ -80,7 +105,8 @@ def gateway_score_call(target: str) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    task_cfg, sft_cfg, rm_cfg, export_cfg = stage_configs(cfg)
+    stages = stage_configs(cfg)
+    task_cfg, sft_cfg, rm_cfg, export_cfg = stages.task, stages.sft, stages.rm, stages.export
     t0 = time.perf_counter()
     log.info("1/6 task make → %s", Path(cfg.output) / "task")
     task = make_task(task_cfg, Path(cfg.output) / "task")
@@ -95,7 +121,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with start_serve(export_cfg.output, "--with-gateway", "--gateway-port", str(gateway_port),
                      "--gateway-metrics-port", "0") as server:
         log.info("6/6 ppo against %s", server.url)
-        ppo = run_ppo(ppo_config(cfg, server.url))
+        ppo = run_ppo(stage_configs(cfg, server.url).ppo)
         score_call = gateway_score_call(f"127.0.0.1:{gateway_port}")
     report = {
         "demonstrator_gold_score": task["demonstrator_gold_score"],

@@ -13,8 +13,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from trainer.errors import UserError
-from trainer.losses import gather_last, position_ids_from_mask, token_logprobs
+from services.common.errors import UserError
+from services.common.text import encode_prompt
+from trainer.data import pad_left
+from trainer.sequences import gather_last, position_ids_from_mask, token_logprobs
 
 
 def check_model_dir(path: Path) -> Path:
@@ -24,25 +26,6 @@ def check_model_dir(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
     return path
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a Hugging Face model directory (not found)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: no usable tokenizer ({e})") from None
-    if tok.eos_token_id is None:
-        raise UserError(f"the tokenizer in {path} has no EOS token")
-    if tok.pad_token_id is None:
-        # Common for decoder-only models; EOS as pad is safe because masks, not pad ids,
-        # decide which positions count everywhere in Tribune.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -87,27 +70,67 @@ def reward_head(model: nn.Module) -> nn.Module:
     raise UserError(f"{type(model).__name__} has no scalar head named score/classifier")
 
 
-def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward at the last position whose mask is 1, any padding side. (B, T) -> (B,)
+def scalar_head_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head at every position, positions from the mask. (B, T) -> (B, T) float32
 
-    Runs the backbone with mask-derived positions and applies the head to every position
-    (cheap: the head is one linear layer), then gathers the last real token.
+    The one scalar-head forward: rewards (its value at the last real token), PPO's value
+    model (its value at every response position) and the exported reward graph use it.
+    The head is one linear layer, so applying it to every position costs little.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-    values = reward_head(model)(hidden).squeeze(-1)                         # (B, T)
-    return gather_last(values.float(), attention_mask)
+    return reward_head(model)(hidden).squeeze(-1).float()                     # (B, T)
+
+
+def score_sequences(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward at the last position whose mask is 1, any padding side. (B, T) -> (B,)"""
+    return gather_last(scalar_head_values(model, input_ids, attention_mask), attention_mask)
+
+
+class ValueModel(nn.Module):
+    """A scalar-head model giving V at every position; one forward call (through DDP). (B, T) -> (B, T)"""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return scalar_head_values(self.model, input_ids, attention_mask)
+
+
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits with positions from the mask. (B, T) -> (B, T, V)"""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """log π(token t | <t) for t ≥ 1; 0 where token t or t−1 is padding. (B, T) -> (B, T−1)
 
-    The same columns the `reference` service returns (see services.contract).
+    The columns the `reference` service returns (see services.contract): a row's first
+    real token has no context, so its column is 0, exactly as for the row unpadded.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    return token_logprobs(logits, input_ids, temperature) * (attention_mask[:, 1:] * attention_mask[:, :-1])
+    logp = token_logprobs(causal_logits(model, input_ids, attention_mask), input_ids, temperature)
+    keep = attention_mask[:, 1:] * attention_mask[:, :-1]
+    return logp * keep.to(logp.dtype)
+
+
+def response_logprobs(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, P: int,
+                      temperature: float, with_entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response tokens) (B, R) with logits / temperature, and optionally the entropy (B, R).
+
+    The same kernel as ``sequence_logprobs``, on the columns from P − 1 on: the logits at
+    position P − 1 predict the first response token.
+    """
+    logits = causal_logits(model, query_responses, attention_mask)[:, P - 1:]          # (B, R+1, V)
+    logp = token_logprobs(logits, query_responses[:, P - 1:], temperature)             # (B, R)
+    if not with_entropy:
+        return logp, None
+    from trainer.rl_math import entropy_from_logits
+
+    return logp, entropy_from_logits(logits[:, :-1].float() / temperature)
 
 
 @torch.no_grad()
@@ -119,8 +142,6 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_t
     Returns (query_responses (B, P+R), mask (B, P+R), P). Response tokens after the first
     EOS are padding and masked out. Sampling uses ``generator`` so runs are reproducible.
     """
-    from trainer.data import pad_left
-
     model.eval()
     ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id)                 # (B, P)
     device = next(model.parameters()).device
@@ -169,8 +190,6 @@ class Samples:
 def sample_responses(model: nn.Module, tokenizer, prompts: list[str], *, max_prompt_length: int,
                      max_new_tokens: int, seed: int, temperature: float = 1.0, chunk: int = 64) -> Iterator[Samples]:
     """Samples one response per prompt, ``chunk`` prompts at a time, reproducibly (``seed``)."""
-    from trainer.data import encode_prompt
-
     g = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), chunk):
         part = prompts[i:i + chunk]

@@ -1,109 +1,137 @@
 """Stage 3, `tribune ppo`: PPO against the remote reward and reference services.
 
-The trainer holds only the policy πθ (from πSFT) and a value model; rewards and
-reference log-probs come from Triton through ``services.client.TritonScorer``. The
-objective is E[r(x, y) − β·KL(πθ ‖ π_ref)] with the KL as a per-token penalty and the
-reward model's (normalised) score at the last response token (Ziegler et al. 2019).
+The trainer holds only the policy πθ (from πSFT) and a value model; rewards and reference
+log-probs come from Triton through ``services.client.TritonScorer``. The run itself (resume,
+logs, checkpoints, final save) is the shared ``trainer.run.Run``; one iteration is
+``trainer.ppo_step.ppo_iteration``.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
-from services.client import ClientConfig
-from trainer.config import field
+from services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
+from services.common.errors import UserError
+from services.common.jsonl import SkipCounter
+from services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError
+from services.judge import load_judge
+from services.repository import tokenizer_fingerprint
+from trainer.checkpoints import latest_checkpoint
+from trainer.data import load_prompts
+from trainer.modeling import ValueModel, load_causal_lm, load_reward_model
+from trainer.ppo_config import PPOConfig
+from trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
+from trainer.ppo_step import Learner, ppo_iteration
+from trainer.rl_math import AdaptiveKLController
+from trainer.run import Run
 
 log = logging.getLogger("tribune")
 
 
-@dataclass(kw_only=True)
-class PPOConfig:
-    """PPO against remote scorers (Triton: models `reward` and `reference`)."""
-    policy: Path = field(help="SFT model directory: the initial policy (and its tokenizer)")
-    prompts: Path = field(help="JSONL of {prompt}")
-    reward_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reward`")
-    reference_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reference`")
-    output: Path = field(help="directory for the trained policy, metrics, plot and checkpoints")
-    value_init: Path | None = field(None, help="initialise the value model from this directory, e.g. the reward "
-                                    "model (N+ details); default: the policy's weights with a fresh head")
-    eval_prompts: Path | None = field(None, help="held-out JSONL of {prompt} for the gold score (bundled task)")
-    seed: int = field(0, help="seed of prompt order, sampling and minibatches")
-    max_steps: int | None = field(None, help="cap on PPO iterations")
-    iterations: int = field(100, help="PPO iterations (rollout batch → updates)")
-    rollout_batch_size: int = field(64, help="prompts per iteration, summed over processes")
-    mini_batch_size: int = field(16, help="rollouts per optimiser step")
-    gradient_accumulation_steps: int = field(1, help="minibatches accumulated per optimiser step")
-    ppo_epochs: int = field(4, help="passes over each rollout batch")
-    learning_rate: float = field(1e-4, help="policy learning rate (AdamW)")
-    value_learning_rate: float | None = field(None, help="value-model learning rate (default: learning_rate)")
-    max_grad_norm: float = field(1.0, help="gradient clipping norm, per model")
-    cliprange: float = field(0.2, help="PPO ratio clip ε")
-    cliprange_value: float = field(0.2, help="value clip")
-    vf_coef: float = field(0.5, help="weight of the value loss (the value model has its own optimiser)")
-    gamma: float = field(1.0, help="discount γ")
-    lam: float = field(0.95, help="GAE λ")
-    whiten_advantages: bool = field(True, help="normalise advantages per batch")
-    kl_coef: float = field(0.1, help="initial β of the KL penalty")
-    kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator in the reward")
-    adaptive_kl: bool = field(False, help="adapt β towards --target-kl (Ziegler et al.); else β is fixed")
-    target_kl: float = field(6.0, help="KL target (nats per sequence) of the adaptive controller")
-    kl_horizon: int = field(10000, help="horizon of the adaptive controller, in rollouts")
-    normalize_reward: bool = field(True, help="(r − mean) / std with the statistics in tribune.json")
-    reward_clip: float | None = field(None, help="clip normalised rewards to ±this")
-    missing_eos_penalty: float = field(-1.0, help="added to the score of a response that never emits EOS")
-    temperature: float = field(1.0, help="sampling temperature; also sent to `reference` and used for πθ's log-probs")
-    max_new_tokens: int = field(16, help="longest response")
-    max_prompt_length: int = field(48, help="prompt tokens kept (cut from the left)")
-    scoring_chunk: int = field(32, help="rollouts per scoring request chunk (overlapped with generation)")
-    overlap_scoring: bool = field(True, help="score one chunk while generating the next")
-    gold_every: int = field(10, help="every N iterations, the bundled task's gold score on --eval-prompts")
-    gold_eval_size: int = field(200, help="held-out prompts used for the gold score")
-    log_every: int = field(1, help="log metrics every N iterations")
-    checkpoint_every: int = field(20, help="save a resumable checkpoint every N iterations")
-    keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
-    resume: bool = field(False, help="continue from the newest checkpoint in --output")
-    timeout_s: float = field(60.0, help="deadline of each scoring request")
-    retry_budget_s: float = field(60.0, help="time spent retrying an unavailable scorer before stopping")
-    auth_token: str | None = field(None, help="bearer token for the scoring services")
-    ssl: bool = field(False, help="TLS to the scoring services")
-    root_certificates: Path | None = field(None, help="CA certificate (PEM) for TLS")
+class RemoteScorers:
+    """The `reward` and `reference` services (possibly on different servers) behind one ``Scorer``."""
 
-    def __post_init__(self) -> None:
-        positives = ("iterations", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs", "max_new_tokens", "scoring_chunk", "gold_every", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "gold_eval_size")
-        for name in positives:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ValueError("gamma and lam must be in [0, 1]")
-        if self.kl_coef < 0:
-            raise ValueError("kl_coef must be non-negative")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("max_steps must be at least 1")
+    def __init__(self, cfg: PPOConfig, fingerprint: str):
+        self.reward = TritonScorer(cfg.client.at(cfg.reward_url), fingerprint, models=(REWARD_MODEL,))
+        self.reference = TritonScorer(cfg.client.at(cfg.reference_url), fingerprint, models=(REFERENCE_MODEL,))
+        self.facts = self.reward.facts
 
-    @property
-    def total_iterations(self) -> int:
-        return min(self.iterations, self.max_steps) if self.max_steps else self.iterations
+    def score_async(self, ids, mask):
+        return self.reward.score_async(ids, mask)
 
-    def client(self, url: str) -> ClientConfig:
-        return ClientConfig(url=url, timeout_s=self.timeout_s, retry_budget_s=self.retry_budget_s,
-                            chunk_size=None, auth_token=self.auth_token, ssl=self.ssl,
-                            root_certificates=self.root_certificates, max_in_flight=4)
+    def score(self, ids, mask):
+        return self.reward.score(ids, mask)
+
+    def logprobs_async(self, ids, mask, temperature):
+        return self.reference.logprobs_async(ids, mask, temperature)
+
+    def close(self) -> None:
+        self.reward.close()
+        self.reference.close()
+
+
+def _connect(cfg: PPOConfig, fingerprint: str) -> RemoteScorers:
+    try:
+        return RemoteScorers(cfg, fingerprint)
+    except (ContractError, ScorerUnavailable) as e:
+        raise UserError(f"cannot use the scoring services: {e}") from None
+
+
+def make_learner(cfg: PPOConfig, acc, tokenizer) -> Learner:
+    """Policy and value model with their optimisers and schedulers, prepared by accelerate."""
+    policy = load_causal_lm(cfg.policy)
+    value = ValueModel(load_reward_model(cfg.value_init or cfg.policy))
+    steps = cfg.total_iterations * cfg.optimizer_steps_per_iteration()
+    opt_p, sched_p = cfg.optim.build(policy.parameters(), steps)
+    opt_v, sched_v = cfg.optim.build(value.parameters(), steps, learning_rate=cfg.value_learning_rate)
+    policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
+    for sched in (sched_p, sched_v):    # stepped once per optimiser step on every rank (not wrapped)
+        acc.register_for_checkpointing(sched)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
+    return Learner(acc, policy, value, opt_p, opt_v, sched_p, sched_v, kl_ctl, tokenizer)
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
-    from trainer.ppo_loop import train
-
     t0 = time.perf_counter()
-    metrics = train(cfg)
-    metrics["time/total_s"] = round(time.perf_counter() - t0, 2)
-    return metrics
+    run = Run(cfg, cfg.policy, desc="ppo", unit="iteration")
+    acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
+    skipped = SkipCounter()
+    prompts = load_prompts(cfg.prompts, skipped)
+    eval_prompts = load_prompts(cfg.eval_prompts, SkipCounter())[:cfg.gold_eval_size] if cfg.eval_prompts else []
+    world = acc.num_processes
+    if cfg.rollout_batch_size % world or cfg.mini_batch_size % world:
+        raise UserError(f"rollout_batch_size and mini_batch_size must be multiples of the {world} processes")
+    scorers = _connect(cfg, tokenizer_fingerprint(tokenizer))
+    log.info("ppo: %d prompts (skipped %s); reward model %s; %d process(es)", len(prompts), skipped.summary(),
+             scorers.facts.reward_model_id, world)
+    learner = make_learner(cfg, acc, tokenizer)
+    hacking = HackingDetector()
+    state = run.begin()
+    if state:
+        learner.kl_ctl.load_state_dict(state["kl_controller"])
+        hacking.history = [tuple(h) for h in state.get("gold_history", [])]
 
+    def evaluate_gold(step: int) -> dict:
+        if judge is None or not eval_prompts or not run.is_main:
+            return {}
+        m = gold_and_proxy(acc.unwrap_model(learner.policy), tokenizer, judge, scorers, eval_prompts,
+                           max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=cfg.seed + 1)
+        m["gold/hacking_warning"] = float(hacking.observe(step, m["gold/proxy_score"], m["gold/score"]))
+        return m
+
+    steps = cfg.total_iterations
+
+    def step(it: int) -> dict:
+        row = ppo_iteration(cfg, learner, scorers, prompts, it)
+        done = it + 1
+        if run.due(done, steps, cfg.gold_every):
+            row.update(evaluate_gold(done))
+        return row if run.due(done, steps, cfg.log_every) or "gold/score" in row else {}
+
+    baseline: dict = {}
+    try:
+        if run.start == 0:
+            first = evaluate_gold(0)
+            if first:
+                run.log(0, first)
+                baseline = {"sft/" + k.split("/", 1)[1]: v for k, v in first.items() if k != "gold/hacking_warning"}
+        last = run.loop(steps, step, state=lambda: {"kl_controller": learner.kl_ctl.state_dict(),
+                                                    "gold_history": hacking.history},
+                        postfix=lambda r: {"score": f"{r['objective/scores']:.3f}", "kl": f"{r['objective/kl']:.2f}"})
+    except (ScorerUnavailable, ScorerRequestError, ScorerServerError) as e:
+        ckpt = latest_checkpoint(run.out)
+        raise UserError(f"{e}. The iteration in progress was not applied; last checkpoint: "
+                        f"{ckpt or 'none yet'}; run the same command with --resume once the service is back") from None
+    finally:
+        scorers.close()
+
+    final = {**baseline, **{k: v for k, v in last.items() if not isinstance(v, list)}}
+    if run.is_main:
+        run.metrics_log.close()
+        plot = plot_metrics(run.metrics_log.path, run.out / "ppo.png")
+        final["plot"] = str(plot) if plot else None
+    policy = acc.unwrap_model(learner.policy)
+    final = run.finish(policy, final, extra={"value_model": acc.unwrap_model(learner.value).model})
+    final["time/total_s"] = round(time.perf_counter() - t0, 2)
+    return final

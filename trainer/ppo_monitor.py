@@ -1,7 +1,7 @@
-"""Monitoring PPO: the bundled task's gold score, reward-hacking warnings, the final plot.
+"""Monitoring PPO: the gold score, reward-hacking warnings, the final plot.
 
-The gold judge is never used for training: it is evaluated on held-out prompts every N
-iterations, next to the proxy (the served reward model) on the same responses. When the
+The gold judge (``--judge`` / ``--judge-url``) is never used for training: it is evaluated
+on held-out prompts every N iterations, next to the proxy (the served reward model) on the same responses. When the
 proxy rises while gold falls between two evaluations, the policy is exploiting the reward
 model (over-optimisation; Gao et al. 2022) and a warning says so.
 """
@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
+from services.judge import Judge
 from trainer.modeling import sample_responses
-from trainer.task.judge import gold_score
 
 log = logging.getLogger("tribune")
 
 
 @torch.no_grad()
-def gold_and_proxy(policy, tokenizer, scorer, prompts: list[str], *, max_prompt_length: int, max_new_tokens: int,
-                   temperature: float, seed: int, chunk: int = 64) -> dict[str, float]:
+def gold_and_proxy(policy, tokenizer, judge: Judge, scorer, prompts: list[str], *, max_prompt_length: int,
+                   max_new_tokens: int, temperature: float, seed: int, chunk: int = 64) -> dict[str, float]:
     """Mean gold score and mean proxy reward (raw) of sampled responses to held-out prompts."""
     golds, proxies, lengths = [], [], []
     for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=max_prompt_length,
                               max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, chunk=chunk):
-        golds += [gold_score(p, t) for p, t in zip(s.prompts, s.texts)]
+        golds += judge.score(s.prompts, s.texts)
         lengths += [len(t.split()) for t in s.texts]
         proxies += scorer.score(s.query_responses.cpu().numpy(), s.mask.cpu().numpy()).tolist()
     n = len(golds)

@@ -12,25 +12,35 @@ rejected alike, and pairs index into the resulting rewards.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-from trainer.config import field
-from trainer.data import PreferenceGroup, SkipCounter, Truncation, encode_pair, load_preference_groups, pad_right
-from trainer.loop import TrainingConfig, run_training, save_final, start_run, write_json
+from services.common.config import field, group
+from services.common.jsonl import SkipCounter, write_json
+from services.common.text import Truncation, encode_pair
+from services.judge import Judge, JudgeConfig, load_judge
+from trainer.data import PreferenceGroup, load_preference_groups, pad_right
 from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
 from trainer.modeling import load_causal_lm, load_reward_model, sample_responses, score_sequences
-from trainer.task.judge import gold_score, is_task_prompt
+from trainer.run import Run, TrainingConfig, train_supervised
 
 log = logging.getLogger("tribune")
 
+# The one home of a reward model's statistics: mean and std of its rewards on πSFT samples
+# (PPO's normalisation), next to the saved model. `tribune export` serves them.
 REWARD_STATS_FILE = "reward_stats.json"
+
+
+def read_reward_stats(rm_dir: Path) -> dict | None:
+    """The statistics a Tribune reward model was saved with; None for a model from elsewhere."""
+    path = Path(rm_dir) / REWARD_STATS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @dataclass(kw_only=True)
@@ -39,14 +49,11 @@ class RewardConfig(TrainingConfig):
     model: Path = field(help="SFT model directory the reward model starts from")
     train: Path = field(help="JSONL of {prompt, chosen, rejected} or {prompt, ranking}")
     eval: Path = field(help="held-out preference JSONL in the same format")
-    learning_rate: float = field(1e-3, help="peak learning rate of AdamW")
-    batch_size: int = field(32, help="preference rows (pairs or rankings) per optimiser step")
     max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
     max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
     margin_scale: float = field(1.0, help="multiplies a pair's optional 'margin' field in the loss")
     center_rewards_coefficient: float = field(0.0, help="weight of TRL's reward-centering term mean((r_w+r_l)^2)")
-    gold_judge: Literal["auto", "bundled", "none"] = field(
-        "auto", help="accuracy against the bundled task's gold ordering: auto = when every eval prompt is a task prompt")
+    gold: JudgeConfig = group(JudgeConfig(), help="gold judge: accuracy against its ordering of the eval pairs")
     stats_samples: int = field(256, help="responses sampled from the SFT policy for the reward mean/std")
     stats_max_new_tokens: int = field(16, help="maximum length of those sampled responses")
 
@@ -111,7 +118,7 @@ def pair_rewards(scorer: nn.Module, batch: PairBatch, device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardConfig, device,
-                use_gold: bool) -> dict[str, float]:
+                judge: Judge | None) -> dict[str, float]:
     """Pairwise accuracy, mean margin and loss on held-out pairs; gold-ordering accuracy."""
     rc, rr, mg, gold_hits, gold_pairs = [], [], [], 0, 0
     for i in range(0, len(groups), 64):
@@ -119,10 +126,11 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
         batch = collate_groups(tokenizer, chunk, cfg.max_prompt_length, cfg.max_length)
         c, r = pair_rewards(scorer, batch, device)
         rc.append(c.cpu()), rr.append(r.cpu()), mg.append(batch.margin)
-        if use_gold:
-            k = 0
+        if judge is not None:
+            flat = judge.score([g.prompt for g in chunk for _ in g.responses], [r for g in chunk for r in g.responses])
+            k, start = 0, 0
             for g in chunk:
-                golds = [gold_score(g.prompt, resp) for resp in g.responses]
+                golds, start = flat[start:start + len(g.responses)], start + len(g.responses)
                 for a, b in ranking_to_pairs(len(g.responses)):
                     if golds[a] != golds[b]:
                         gold_pairs += 1
@@ -136,7 +144,7 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
         "eval_margin": float((c - r).mean()),
         "eval_pairs": int(c.numel()),
     }
-    if use_gold and gold_pairs:
+    if judge is not None and gold_pairs:
         metrics["eval_gold_accuracy"] = gold_hits / gold_pairs
     return metrics
 
@@ -157,7 +165,8 @@ def reward_stats_on_sft_samples(rm, sft_dir: Path, tokenizer, prompts: list[str]
 
 
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
-    acc, out, tokenizer = start_run(cfg.seed, cfg.output, cfg.model)
+    run = Run(cfg, cfg.model, desc="train-rm")
+    acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
     skipped = SkipCounter()
     train = load_preference_groups(cfg.train, skipped)
     eval_skipped = SkipCounter()
@@ -168,7 +177,6 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     log.info("train-rm: %d train rows (%d pairs), %d eval rows; skipped train: %s; skipped eval: %s; "
              "truncated prompts: %d, responses: %d", len(train), n_pairs, len(evals), skipped.summary(),
              eval_skipped.summary(), trunc.prompts, trunc.responses)
-    use_gold = cfg.gold_judge == "bundled" or (cfg.gold_judge == "auto" and all(is_task_prompt(g.prompt) for g in evals))
 
     scorer = RewardScorer(load_reward_model(cfg.model, dropout=cfg.dropout))
 
@@ -180,17 +188,14 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                   cfg.center_rewards_coefficient, batch.weight.to(acc.device))
         return loss, {"accuracy": float(pairwise_accuracy(c, r)), "margin": float((c - r).mean().detach())}
 
-    scorer, metrics = run_training(acc, cfg, scorer, len(train), loss_on,
-                                   lambda m: evaluate_rm(m, tokenizer, evals, cfg, acc.device, use_gold),
-                                   desc="train-rm")
+    scorer, metrics = train_supervised(run, cfg, scorer, len(train), loss_on,
+                                       lambda m: evaluate_rm(m, tokenizer, evals, cfg, acc.device, judge))
     rm = scorer.model
     prompts = [g.prompt for g in train[:cfg.stats_samples]]
     stats = reward_stats_on_sft_samples(rm, cfg.model, tokenizer, prompts, cfg, acc.device)
-    rm.config.tribune_reward_mean = stats["mean"]
-    rm.config.tribune_reward_std = stats["std"]
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"], "train_rows": len(train),
                     "train_pairs": n_pairs, "skipped_rows": skipped.total + eval_skipped.total})
-    save_final(acc, rm, tokenizer, out, metrics)
-    if acc.is_main_process:
-        write_json(out / REWARD_STATS_FILE, stats)
+    metrics = run.finish(rm, metrics)
+    if run.is_main:
+        write_json(run.out / REWARD_STATS_FILE, stats)
     return metrics

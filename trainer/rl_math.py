@@ -1,4 +1,4 @@
-"""PPO maths for RLHF as pure functions of tensors (imports only torch).
+"""PPO maths for RLHF as pure functions of tensors (imports only torch and the sequence helpers).
 
 Shapes: B batch, R response tokens. ``mask`` (B, R) is 1 on real response tokens (up to
 and including the first EOS) and 0 after. References: Ziegler et al. 2019 (per-token KL,
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from trainer.sequences import last_token_index
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,18 +47,13 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: Li
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
-def last_token_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real response token (0 for an empty row). (B, R) -> (B,)"""
-    return (mask.long().sum(-1) - 1).clamp(min=0)
-
-
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards: −β·KL on every response token, the score added at the last one.
 
     scores (B,), kl (B, R), mask (B, R) -> (B, R). (Ziegler et al. 2019)
     """
     rewards = -beta * kl * mask
-    idx = last_token_positions(mask)
+    idx = last_token_index(mask)
     return rewards.scatter_add(1, idx[:, None], scores[:, None].to(rewards.dtype))
 
 

@@ -8,65 +8,82 @@ own log-probs, so the contract's log-prob columns line up with the response toke
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from trainer.data import encode_prompt
-from trainer.losses import position_ids_from_mask
-from trainer.modeling import generate, reward_head
+from services.common.text import encode_prompt
+from services.contract import ServedFacts
+from trainer.modeling import generate
+
+
+class Scorer(Protocol):
+    """What PPO needs from the scoring services (``trainer.ppo.RemoteScorers`` over Triton)."""
+    facts: ServedFacts
+
+    def score_async(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Future:
+        """Future of raw rewards (B,) for (B, T) ids and mask."""
+
+    def logprobs_async(self, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float) -> Future:
+        """Future of reference log-probs (B, T−1), the contract's columns."""
 
 
 @dataclass
 class Rollout:
-    """One PPO batch. Shapes: B rollouts, P prompt tokens (left-padded), R response tokens.
+    """One PPO batch, carried through the phases of an iteration (OpenRLHF's ``Experience``).
 
-    query_responses (B, P+R) token ids; attention_mask (B, P+R); response_mask (B, R) 1 up to
-    and including the first EOS; logprobs, ref_logprobs, values (B, R) at response tokens;
-    scores (B,) raw reward-model scores; eos (B,) whether the response ended with EOS.
+    Shapes: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded).
+    1. generate: query_responses (B, P+R), attention_mask (B, P+R), P, eos (B,) whether the
+       response ended with EOS; the policy's logprobs and values (B, R);
+    2. score remotely: scores (B,) raw reward-model scores; ref_logprobs (B, R);
+    3. KL-shaped rewards: kl (B, R) per-token estimate, rewards (B, R);
+    4. advantages, returns (B, R).
+    Fields of later phases are None until their phase has run. ``rollout[idx]`` is the
+    minibatch of rows ``idx``.
     """
     query_responses: torch.Tensor
     attention_mask: torch.Tensor
-    response_mask: torch.Tensor
     P: int
-    scores: torch.Tensor
-    ref_logprobs: torch.Tensor
     eos: torch.Tensor
     logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """(B, R) float: 1 on response tokens up to and including the first EOS."""
+        return self.attention_mask[:, self.P:].float()
 
     @property
     def responses(self) -> torch.Tensor:
         return self.query_responses[:, self.P:]
+
+    def _map(self, fn) -> "Rollout":
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def __getitem__(self, idx: torch.Tensor) -> "Rollout":
+        return self._map(lambda t: t[idx])
+
+    def to(self, device) -> "Rollout":
+        return self._map(lambda t: t.to(device))
 
 
 @dataclass
 class RolloutTimes:
     generation_s: float = 0.0
     scoring_wait_s: float = 0.0
-
-
-def response_logprobs_and_entropy(policy: nn.Module, qr: torch.Tensor, mask: torch.Tensor, P: int,
-                                  temperature: float, with_entropy: bool = False):
-    """log π(response tokens) (B, R) with logits / temperature, and optionally the entropy (B, R)."""
-    logits = policy(input_ids=qr, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=False).logits                                  # (B, P+R, V)
-    logits = logits[:, P - 1:-1] / temperature                              # (B, R, V): predicts response
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, qr[:, P:, None]).squeeze(-1)   # (B, R)
-    if not with_entropy:
-        return logp, None
-    from trainer.rl_math import entropy_from_logits
-
-    return logp, entropy_from_logits(logits)
-
-
-def response_values(value_model: nn.Module, qr: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
-    """V(state before each response token) from a scalar-head model. (B, P+R) -> (B, R)"""
-    hidden = value_model.base_model(input_ids=qr, attention_mask=mask,
-                                    position_ids=position_ids_from_mask(mask)).last_hidden_state
-    return reward_head(value_model)(hidden).squeeze(-1)[:, P - 1:-1].float()
 
 
 def _pad_to(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
@@ -77,35 +94,31 @@ def _pad_to(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
 class PendingRollout:
     """Generated rollouts whose remote scores are still in flight.
 
-    The trainer computes the policy's own log-probs and values on ``query_responses``
-    while the services work, then calls ``wait()``.
+    The trainer computes the policy's own log-probs and values on ``rollout`` while the
+    services work, then calls ``wait()``, which fills in scores and ref_logprobs.
     """
-    query_responses: torch.Tensor
-    attention_mask: torch.Tensor
-    P: int
-    eos: torch.Tensor
-    chunks: list                      # (rows, P_chunk, R_chunk, score future, reference future)
+    rollout: Rollout
+    chunks: list                      # (P_chunk, R_chunk, score future, reference future)
     times: RolloutTimes
-
-    @property
-    def response_mask(self) -> torch.Tensor:
-        return self.attention_mask[:, self.P:]
 
     def wait(self) -> Rollout:
         t0 = time.perf_counter()
-        R = self.query_responses.shape[1] - self.P
+        b = self.rollout
+        R = b.query_responses.shape[1] - b.P
         scores, refs = [], []
-        for _, p, r, score_f, ref_f in self.chunks:
+        for p, r, score_f, ref_f in self.chunks:
             ref = torch.from_numpy(ref_f.result())[:, p - 1:]              # (b, r): the response columns
             refs.append(_pad_to(ref, 0, R - r, 0.0))
             scores.append(torch.from_numpy(score_f.result()))
         self.times.scoring_wait_s += time.perf_counter() - t0
-        return Rollout(self.query_responses, self.attention_mask, self.response_mask, self.P,
-                       torch.cat(scores).float(), torch.cat(refs).float(), self.eos)
+        device = b.query_responses.device
+        b.scores = torch.cat(scores).float().to(device)                               # (B,)
+        b.ref_logprobs = torch.cat(refs).float().to(device) * b.response_mask         # (B, R)
+        return b
 
 
 @torch.no_grad()
-def start_rollouts(policy: nn.Module, tokenizer, scorer, prompts: list[str], *, chunk_size: int,
+def start_rollouts(policy: nn.Module, tokenizer, scorer: Scorer, prompts: list[str], *, chunk_size: int,
                    max_prompt_length: int, max_new_tokens: int, temperature: float, overlap: bool,
                    generator: torch.Generator) -> PendingRollout:
     """Generates responses chunk by chunk, sending each chunk to the services as soon as it exists.
@@ -136,7 +149,7 @@ def start_rollouts(policy: nn.Module, tokenizer, scorer, prompts: list[str], *, 
         r = qr.shape[1] - p
         qrs.append(_pad_to(qr, P - p, R - r, tokenizer.pad_token_id))
         masks.append(_pad_to(mask, P - p, R - r, 0))
-        chunks.append((qr.shape[0], p, r, score_f, ref_f))
+        chunks.append((p, r, score_f, ref_f))
     qr, mask = torch.cat(qrs), torch.cat(masks)
     eos = ((qr[:, P:] == tokenizer.eos_token_id) & mask[:, P:].bool()).any(-1)
-    return PendingRollout(qr, mask, P, eos, chunks, times)
+    return PendingRollout(Rollout(qr, mask, P, eos), chunks, times)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import field
-from trainer.data import SkipCounter, Truncation, encode_pair, load_sft_rows, pad_right
-from trainer.loop import TrainingConfig, run_training, save_final, start_run
-from trainer.losses import position_ids_from_mask
-from trainer.modeling import load_causal_lm, sample_responses
-from trainer.task.judge import gold_score, is_task_prompt
+from services.common.config import field, group
+from services.common.jsonl import SkipCounter
+from services.common.text import Truncation, encode_pair
+from services.judge import Judge, JudgeConfig, load_judge
+from trainer.data import load_sft_rows, pad_right
+from trainer.modeling import causal_logits, load_causal_lm, sample_responses
+from trainer.run import Run, TrainingConfig, train_supervised
 
 log = logging.getLogger("tribune")
 
@@ -27,11 +28,12 @@ class SFTConfig(TrainingConfig):
     """Supervised fine-tuning."""
     model: Path = field(help="local Hugging Face model directory to start from")
     train: Path = field(help="JSONL of {prompt, response} or {messages}")
-    eval: Path | None = field(None, help="held-out JSONL in the same format (default: 5%% of --train)")
+    eval: Path | None = field(None, help="held-out JSONL in the same format (default: 5% of --train)")
     max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
     max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
     eval_fraction: float = field(0.05, help="share of --train held out when --eval is not given")
-    gold_eval_prompts: int = field(200, help="held-out prompts sampled for the bundled task's gold score")
+    gold: JudgeConfig = group(JudgeConfig(), help="gold judge for evaluation")
+    gold_eval_prompts: int = field(200, help="held-out prompts sampled for the gold score (with a judge)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,26 +57,26 @@ def sft_batch(tokenizer, rows: list[tuple[str, str]], cfg: SFTConfig, trunc: Tru
 
 def response_nll(model, ids, mask, labels) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens. (B, T) inputs -> ()"""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                   use_cache=False).logits                                  # (B, T, V)
+    logits = causal_logits(model, ids, mask)                                # (B, T, V)
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                              labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
-def gold_eval(model, tokenizer, prompts: list[str], max_prompt_length: int, max_new_tokens: int,
+def gold_eval(model, tokenizer, judge: Judge, prompts: list[str], max_prompt_length: int, max_new_tokens: int,
               seed: int, batch_size: int = 64) -> dict[str, float]:
-    """Mean gold score of sampled responses (temperature 1) on bundled-task prompts."""
+    """Mean gold score of sampled responses (temperature 1) to held-out prompts."""
     scores, lengths = [], []
     for s in sample_responses(model, tokenizer, prompts, max_prompt_length=max_prompt_length,
                               max_new_tokens=max_new_tokens, seed=seed, chunk=batch_size):
-        scores += [gold_score(p, t) for p, t in zip(s.prompts, s.texts)]
+        scores += judge.score(s.prompts, s.texts)
         lengths += [len(t.split()) for t in s.texts]
     return {"gold_score": sum(scores) / len(scores), "gold_response_words": sum(lengths) / len(lengths)}
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
-    acc, out, tokenizer = start_run(cfg.seed, cfg.output, cfg.model)
+    run = Run(cfg, cfg.model, desc="sft")
+    acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
     skipped = SkipCounter()
     rows = load_sft_rows(cfg.train, tokenizer, skipped)
     if cfg.eval is not None:
@@ -96,7 +98,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
         ids, mask, labels = sft_batch(tokenizer, [rows[i] for i in idx], cfg)
         return response_nll(module, ids.to(acc.device), mask.to(acc.device), labels.to(acc.device)), {}
 
-    task_prompts = [p for p, _ in eval_rows if is_task_prompt(p)][:cfg.gold_eval_prompts]
+    gold_prompts = [p for p, _ in eval_rows][:cfg.gold_eval_prompts]
 
     def evaluate(module) -> dict[str, float]:
         losses = []
@@ -106,13 +108,12 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
                 losses.append(float(response_nll(module, ids.to(acc.device), mask.to(acc.device),
                                                  labels.to(acc.device))))
         metrics = {"eval_loss": sum(losses) / len(losses)}
-        if task_prompts and len(task_prompts) == min(len(eval_rows), cfg.gold_eval_prompts):
-            metrics.update(gold_eval(module, tokenizer, task_prompts, cfg.max_prompt_length,
+        if judge is not None:
+            metrics.update(gold_eval(module, tokenizer, judge, gold_prompts, cfg.max_prompt_length,
                                      cfg.max_length - cfg.max_prompt_length, cfg.seed))
         return metrics
 
-    model, metrics = run_training(acc, cfg, model, len(rows), loss_on, evaluate, desc="sft")
+    model, metrics = train_supervised(run, cfg, model, len(rows), loss_on, evaluate)
     metrics.update({"train_rows": len(rows), "skipped_rows": skipped.total,
                     "truncated_prompts": trunc.prompts, "truncated_responses": trunc.responses})
-    save_final(acc, model, tokenizer, out, metrics)
-    return metrics
+    return run.finish(model, metrics)

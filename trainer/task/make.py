@@ -1,119 +1,98 @@
-"""`tribune task make OUT`: writes the bundled task, byte-identical for the same seed.
+"""`tribune task make OUT [--task NAME]`: writes one suite task, byte-identical for the same seed.
 
-Outputs: ``tokenizer/`` (word-level fast tokenizer built offline, distinct pad and EOS),
-``base/`` (a tiny Llama created from a config), ``sft.jsonl``, ``prefs_train.jsonl``,
-``prefs_eval.jsonl``, ``prompts_train.jsonl``, ``prompts_eval.jsonl`` and ``task.json``
-(what was made, with which settings).
+Outputs: ``tokenizer/`` (word-level fast tokenizer built offline, distinct pad and EOS, no
+BOS), ``base/`` (a tiny model of the task's architecture created from a config),
+``sft.jsonl``, ``prefs_train.jsonl``, ``prefs_eval.jsonl``, ``prompts_train.jsonl``,
+``prompts_eval.jsonl`` and ``task.json`` (what was made, with which settings, and the
+task's gold judge as ``module:function``).
 
-Demonstrations come from a *noisy demonstrator* that answers perfectly only part of the
-time, so πSFT leaves headroom on the gold score. Preference labels are drawn from a
+Demonstrations come from the task's *noisy demonstrator* that answers perfectly only part
+of the time, so πSFT leaves headroom on the gold score. Preference labels are drawn from a
 Bradley–Terry model on the gold scores, P(a ≻ b) = σ((g_a − g_b) / τ), i.e. raters who
 sometimes disagree; k-way rankings are drawn from the Plackett–Luce model, its
-generalisation to k items.
+generalisation to k items. Nothing here is specific to one task: a task is a
+``trainer.task.spec.TaskSpec`` in ``trainer.task.registry.TASKS``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from trainer.config import field
-from trainer.task.judge import CATEGORIES, NUMBERS, gold_score, vocabulary
+from services.common.config import field
+from trainer.task.bundled import FLAWS, SFT_FLAWS, demonstrate, sample_prompt  # noqa: F401 (public names)
+from trainer.task.judge import gold_score
+from trainer.task.registry import DEFAULT_TASK, get_task
+from trainer.task.spec import BaseModelSpec, TaskSpec
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
 @dataclass
 class TaskConfig:
-    """Sizes and noise of the bundled task."""
+    """Which suite task to write, its sizes and noise; unset values take the task's defaults."""
+    task: str = field(DEFAULT_TASK, help="suite task to write (`tribune task list` shows them)")
     seed: int = field(0, help="seed of every random choice; same seed gives byte-identical files")
     sft_size: int = field(4000, help="demonstrations in sft.jsonl")
     prefs_train_size: int = field(8000, help="preference rows in prefs_train.jsonl")
     prefs_eval_size: int = field(600, help="preference rows in prefs_eval.jsonl")
     prompts_train_size: int = field(2000, help="prompts in prompts_train.jsonl")
     prompts_eval_size: int = field(200, help="prompts in prompts_eval.jsonl")
-    p_correct: float = field(0.45, help="how often the noisy demonstrator answers perfectly")
+    p_correct: float | None = field(None, help="how often the noisy demonstrator answers perfectly "
+                                               "(unset: the task's default, 0.45 for the bundled task)")
     ranking_fraction: float = field(0.2, help="share of preference rows that are 3- or 4-way rankings")
-    rater_temperature: float = field(0.1, help="τ of the Bradley–Terry raters; larger means noisier labels")
-    hidden_size: int = field(128, help="width of the tiny base model")
-    num_layers: int = field(3, help="transformer layers of the tiny base model")
-    num_heads: int = field(4, help="attention heads of the tiny base model")
+    rater_temperature: float | None = field(None, help="τ of the Bradley–Terry raters; larger means noisier "
+                                                       "labels (unset: the task's default, 0.1 for the bundled task)")
+    hidden_size: int | None = field(None, help="width of the tiny base model (unset: the task's default)")
+    num_layers: int | None = field(None, help="transformer layers of the tiny base model (unset: the task's default)")
+    num_heads: int | None = field(None, help="attention heads of the tiny base model (unset: the task's default)")
     max_positions: int = field(64, help="maximum sequence length of the tiny base model")
 
     def __post_init__(self) -> None:
+        spec = get_task(self.task)          # ValueError listing the task names
         for name in ("sft_size", "prefs_train_size", "prefs_eval_size", "prompts_train_size", "prompts_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if not 0.0 <= self.p_correct <= 1.0:
+        if self.p_correct is not None and not 0.0 <= self.p_correct <= 1.0:
             raise ValueError("p_correct must be in [0, 1]")
         if not 0.0 <= self.ranking_fraction <= 1.0:
             raise ValueError("ranking_fraction must be in [0, 1]")
-        if self.rater_temperature <= 0:
+        if self.rater_temperature is not None and self.rater_temperature <= 0:
             raise ValueError("rater_temperature must be positive")
+        for name in ("hidden_size", "num_layers", "num_heads", "max_positions"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        width = self.hidden_size or spec.model.hidden_size
+        heads = self.num_heads or spec.model.num_heads
+        if width % heads:
+            raise ValueError(f"hidden_size ({width}) must be a multiple of num_heads ({heads})")
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.task)
+
+    def resolved(self) -> "TaskConfig":
+        """A copy with every unset value replaced by the task's default."""
+        spec, m = self.spec, self.spec.model
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return dataclasses.replace(
+            self, p_correct=pick(self.p_correct, spec.p_correct),
+            rater_temperature=pick(self.rater_temperature, spec.rater_temperature),
+            hidden_size=pick(self.hidden_size, m.hidden_size), num_layers=pick(self.num_layers, m.num_layers),
+            num_heads=pick(self.num_heads, m.num_heads))
 
 
-# ---------------------------------------------------------------- prompts and answers
+# ---------------------------------------------------------------- preference data
 
-def sample_prompt(rng: random.Random) -> str:
-    if rng.random() < 0.7:
-        n = rng.randint(2, 5)
-        return f"name {NUMBERS[n - 1]} {rng.choice(sorted(CATEGORIES))}"
-    a = rng.randint(0, 6)
-    b = rng.randint(a + 1, min(a + 4, len(NUMBERS) - 1))
-    return f"count from {NUMBERS[a]} to {NUMBERS[b]}"
-
-
-def _pool(prompt: str) -> tuple[list[str], list[str]]:
-    """(the words a perfect answer draws from, in order for counting; foreign words)."""
-    words = prompt.split()
-    if words[0] == "name":
-        members = list(CATEGORIES[words[2]])
-        foreign = [w for c, ws in CATEGORIES.items() if c != words[2] for w in ws]
-        return members, foreign
-    a, b = NUMBERS.index(words[2]), NUMBERS.index(words[4])
-    return list(NUMBERS[a:b + 1]), [w for w in NUMBERS if w not in NUMBERS[a:b + 1]]
-
-
-FLAWS = {"short": 0.35, "foreign": 0.3, "repeat": 0.1, "long": 0.25}
-# Demonstrations never repeat a word: πSFT starts with (almost) no repetition, so a policy
-# only finds it by moving away from πSFT, which the KL penalty prices.
-SFT_FLAWS = {k: v for k, v in FLAWS.items() if k != "repeat"}
-
-
-def demonstrate(prompt: str, rng: random.Random, p_correct: float, flaws: dict[str, float] = FLAWS) -> str:
-    """The noisy demonstrator: a perfect answer with probability p_correct, else one flaw.
-
-    Flaws: too short (most common), a foreign word, one word too many, a repeat. Repeats
-    are the rarest flaw in the preference data on purpose: the reward model sees few of
-    them and learns little about them, which is the blind spot an over-optimised policy
-    finds (repetition: the proxy rises while the gold score falls).
-    """
-    members, foreign = _pool(prompt)
-    counting = prompt.startswith("count")
-    n = len(members) if counting else ("two three four five".split().index(prompt.split()[1]) + 2)
-    answer = list(members) if counting else rng.sample(members, n)
-    if rng.random() < p_correct:
-        return " ".join(answer)
-    flaw = rng.choices(list(flaws), weights=list(flaws.values()))[0]
-    if flaw == "short":
-        answer = answer[: max(1, n - rng.randint(1, 2))]
-    elif flaw == "foreign":
-        answer[rng.randrange(n)] = rng.choice(foreign)
-    elif flaw == "repeat":
-        i = rng.randrange(n)
-        answer[min(n - 1, i + 1) if i + 1 < n else i - 1] = answer[i]
-    else:
-        extra = [w for w in (members if not counting else foreign) if w not in answer]
-        answer.append(rng.choice(extra) if extra else answer[-1])
-    return " ".join(answer)
-
-
-def _distinct_candidates(prompt: str, k: int, rng: random.Random, p_correct: float) -> list[str] | None:
+def _distinct_candidates(spec: TaskSpec, prompt: str, k: int, rng: random.Random,
+                         p_correct: float) -> list[str] | None:
     seen: list[str] = []
     for _ in range(50):
-        c = demonstrate(prompt, rng, p_correct)
+        c = spec.demonstrate(prompt, rng, p_correct, spec.flaws)
         if c not in seen:
             seen.append(c)
         if len(seen) == k:
@@ -121,26 +100,29 @@ def _distinct_candidates(prompt: str, k: int, rng: random.Random, p_correct: flo
     return None
 
 
-def rater_ranking(prompt: str, candidates: list[str], rng: random.Random, tau: float) -> list[str]:
+def rater_ranking(prompt: str, candidates: list[str], rng: random.Random, tau: float,
+                  judge: Callable[[str, str], float] = gold_score) -> list[str]:
     """Plackett–Luce draw on exp(gold / τ): for two candidates this is Bradley–Terry."""
     pool = list(candidates)
     ranking = []
     while pool:
-        weights = [math.exp(gold_score(prompt, c) / tau) for c in pool]
+        weights = [math.exp(judge(prompt, c) / tau) for c in pool]
         pick = rng.choices(range(len(pool)), weights=weights)[0]
         ranking.append(pool.pop(pick))
     return ranking
 
 
 def preference_rows(cfg: TaskConfig, size: int, rng: random.Random) -> list[dict]:
+    cfg = cfg.resolved()
+    spec = cfg.spec
     rows = []
     while len(rows) < size:
-        prompt = sample_prompt(rng)
+        prompt = spec.sample_prompt(rng)
         k = rng.choice([3, 4]) if rng.random() < cfg.ranking_fraction else 2
-        cands = _distinct_candidates(prompt, k, rng, cfg.p_correct)
+        cands = _distinct_candidates(spec, prompt, k, rng, cfg.p_correct)
         if cands is None:
             continue
-        ranking = rater_ranking(prompt, cands, rng, cfg.rater_temperature)
+        ranking = rater_ranking(prompt, cands, rng, cfg.rater_temperature, spec.gold_score)
         if k == 2:
             rows.append({"prompt": prompt, "chosen": ranking[0], "rejected": ranking[1]})
         else:
@@ -150,12 +132,20 @@ def preference_rows(cfg: TaskConfig, size: int, rng: random.Random) -> list[dict
 
 # ---------------------------------------------------------------- tokenizer and model
 
-def build_tokenizer(out: Path):
-    """A word-level fast tokenizer, built offline, saved in Hugging Face format."""
+def build_tokenizer(out: Path, vocabulary: list[str] | None = None):
+    """A word-level fast tokenizer, built offline, saved in Hugging Face format.
+
+    Ids: 0 ``<pad>``, 1 ``<eos>``, 2 ``<unk>``, then the task's words; no BOS. It is saved
+    as the generic ``TokenizersBackend`` class, which ``AutoTokenizer`` keeps for the
+    architectures used here (llama, gpt2, qwen3). It would *not* for e.g. qwen2, whose
+    model type transformers 5 maps to ``Qwen2Tokenizer`` regardless of the saved class.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK] + vocabulary())}
+    if vocabulary is None:
+        vocabulary = get_task(DEFAULT_TASK).vocabulary()
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK] + list(vocabulary))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -165,19 +155,43 @@ def build_tokenizer(out: Path):
     return tok
 
 
-def build_base_model(cfg: TaskConfig, tokenizer, out: Path) -> int:
-    """A tiny Llama from a config (random weights, seeded); returns its parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _model_config(arch: str, m: BaseModelSpec, cfg: TaskConfig, tokenizer):
+    """The transformers config of a tiny base model (pad and EOS from the tokenizer, no BOS)."""
+    width, layers, heads = cfg.hidden_size, cfg.num_layers, cfg.num_heads
+    kv = m.num_kv_heads if m.num_kv_heads and heads % m.num_kv_heads == 0 else heads
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=m.tie_embeddings)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
 
+        return LlamaForCausalLM, LlamaConfig(
+            hidden_size=width, intermediate_size=width * m.mlp_ratio, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=cfg.max_positions, **common)
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel, GPT2Config(
+            n_embd=width, n_layer=layers, n_head=heads, n_inner=width * m.mlp_ratio, n_positions=cfg.max_positions,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM, Qwen3Config(
+            hidden_size=width, intermediate_size=width * m.mlp_ratio, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=width // heads,
+            max_position_embeddings=cfg.max_positions, **common)
+    raise ValueError(f"unknown base-model architecture {arch!r}")
+
+
+def build_base_model(cfg: TaskConfig, tokenizer, out: Path) -> int:
+    """A tiny model of the task's architecture (random weights, seeded); returns its parameter count."""
+    import torch
+
+    cfg = cfg.resolved()
+    m = cfg.spec.model
     torch.manual_seed(cfg.seed)
-    mcfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(mcfg)
+    model_cls, mcfg = _model_config(m.arch, m, cfg, tokenizer)
+    model = model_cls(mcfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
@@ -188,33 +202,39 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_task(cfg: TaskConfig, out: Path) -> dict:
-    """Writes every file of the bundled task into ``out``; returns a summary."""
+    """Writes every file of the task ``cfg.task`` into ``out``; returns a summary."""
+    cfg = cfg.resolved()
+    spec = cfg.spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    tok = build_tokenizer(out / "tokenizer")
+    tok = build_tokenizer(out / "tokenizer", spec.vocabulary())
     n_params = build_base_model(cfg, tok, out / "base")
 
-    sft = [{"prompt": p, "response": demonstrate(p, rng, cfg.p_correct, SFT_FLAWS)}
-           for p in (sample_prompt(rng) for _ in range(cfg.sft_size))]
+    sft = [{"prompt": p, "response": spec.demonstrate(p, rng, cfg.p_correct, spec.sft_flaws)}
+           for p in (spec.sample_prompt(rng) for _ in range(cfg.sft_size))]
     files = {
         "sft.jsonl": sft,
         "prefs_train.jsonl": preference_rows(cfg, cfg.prefs_train_size, rng),
         "prefs_eval.jsonl": preference_rows(cfg, cfg.prefs_eval_size, rng),
-        "prompts_train.jsonl": [{"prompt": sample_prompt(rng)} for _ in range(cfg.prompts_train_size)],
-        "prompts_eval.jsonl": [{"prompt": sample_prompt(rng)} for _ in range(cfg.prompts_eval_size)],
+        "prompts_train.jsonl": [{"prompt": spec.sample_prompt(rng)} for _ in range(cfg.prompts_train_size)],
+        "prompts_eval.jsonl": [{"prompt": spec.sample_prompt(rng)} for _ in range(cfg.prompts_eval_size)],
     }
     for name, rows in files.items():
         _write_jsonl(out / name, rows)
-    demo_gold = sum(gold_score(r["prompt"], r["response"]) for r in sft) / len(sft)
+    demo_gold = sum(spec.gold_score(r["prompt"], r["response"]) for r in sft) / len(sft)
     summary = {
-        "task": "tribune-bundled-v1",
+        "task": spec.task_id,
+        "task_name": spec.name,
+        "description": spec.description,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "files": {name: len(rows) for name, rows in files.items()},
+        "base_architecture": spec.model.arch,
         "base_parameters": n_params,
         "vocab_size": len(tok),
         "demonstrator_gold_score": round(demo_gold, 6),
-        "gold_judge": "trainer.gold_score(prompt, response)",
+        "gold_judge": spec.judge,
+        "exploit": spec.exploit,
     }
     (out / "task.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

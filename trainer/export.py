@@ -26,12 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.contract import CONTRACT_VERSION, MANIFEST_FILE, MANIFEST_SPEC, REFERENCE, REWARD, TOKENIZER_DIR
+from services.common.config import field
+from services.common.errors import UserError
+from services.common.text import load_tokenizer
+from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, INPUT_IDS, LOGPROBS, MANIFEST_FILE, MANIFEST_SPEC,
+                               REFERENCE, REWARD, REWARDS, TEMPERATURE, TOKENIZER_DIR, ModelSpec, ServedFacts)
 from services.repository import (TritonSettings, contract_parameters, manifest_model_config, manifest_onnx,
                                  model_config, sha256_file, tokenizer_fingerprint, write_config, write_manifest)
-from trainer.config import field
-from trainer.errors import UserError
-from trainer.losses import gather_last, position_ids_from_mask, token_logprobs
+from trainer.modeling import load_causal_lm, load_reward_model, scalar_head_values, sequence_logprobs
+from trainer.reward import read_reward_stats
+from trainer.sequences import gather_last
 
 log = logging.getLogger("tribune")
 
@@ -55,6 +59,8 @@ class ExportConfig:
     warmup_length: int = field(32, help="sequence length of the warm-up request")
     opset: int = field(17, help="ONNX opset")
     parity_tolerance: float | None = field(None, help="max |ORT − PyTorch| allowed (default 1e-4 fp32, 5e-2 fp16)")
+    max_prompt_length: int | None = field(None, help="prompt tokens text clients keep (default: the reward model's "
+                                          "training setting; 3/4 of the maximum for a model trained elsewhere)")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -76,33 +82,22 @@ class RewardGraph(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        from trainer.modeling import reward_head
-
-        self.backbone = model.base_model
-        self.head = reward_head(model)
+        self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-        values = self.head(hidden).squeeze(-1).float()                               # (B, T)
-        return gather_last(values, attention_mask)[:, None]                          # (B, 1)
+        values = scalar_head_values(self.model, input_ids, attention_mask)          # (B, T)
+        return gather_last(values, attention_mask)[:, None]                         # (B, 1)
 
 
 class ReferenceGraph(nn.Module):
-    """(input_ids, attention_mask (B, T), temperature (B, 1)) → logprobs (B, T−1)."""
+    """(input_ids, attention_mask (B, T), temperature (B, 1)) → logprobs (B, T−1), the contract's columns."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, temperature):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-        logp = token_logprobs(logits, input_ids, temperature.float())                 # (B, T−1)
-        # a token counts when it and its predecessor are real: a row's first token has no
-        # context, so its column is 0, exactly as for the same row without padding
-        keep = attention_mask[:, 1:] * attention_mask[:, :-1]
-        return logp * keep.to(logp.dtype)
+        return sequence_logprobs(self.model, input_ids, attention_mask, temperature.float())
 
 
 def parity_batch(vocab_size: int, low: int, max_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -119,17 +114,16 @@ def parity_batch(vocab_size: int, low: int, max_len: int, seed: int = 0) -> tupl
     return ids, mask
 
 
-def _export_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[str], output: str, opset: int,
-                 output_axes: dict[int, str]) -> None:
+def _export_onnx(module: nn.Module, args: tuple, path: Path, spec: ModelSpec, output_axes: dict[int, str],
+                 opset: int) -> None:
     import warnings
 
-    dyn = {n: {0: "batch", 1: "sequence"} for n in input_names if n != "temperature"}
-    if "temperature" in input_names:
-        dyn["temperature"] = {0: "batch"}
+    dyn = {t.name: ({0: "batch"} if t is TEMPERATURE else {0: "batch", 1: "sequence"}) for t in spec.inputs}
+    (output,) = spec.output_names
     dyn[output] = output_axes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=[output],
+        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=[output],
                           dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
@@ -145,10 +139,10 @@ def export_reward(model, path: Path, cfg: ExportConfig, vocab_size: int, low: in
     graph = RewardGraph(model).eval()
     ids, mask = parity_batch(vocab_size, low, max_len)
     targs = (torch.from_numpy(ids), torch.from_numpy(mask))
-    _export_onnx(graph, targs, path, ["input_ids", "attention_mask"], "rewards", cfg.opset, {0: "batch"})
+    _export_onnx(graph, targs, path, REWARD, {0: "batch"}, cfg.opset)
     with torch.no_grad():
         ref = graph(*targs).float().numpy()
-    got = _ort_session(path).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    got = _ort_session(path).run([REWARDS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})[0]
     return float(np.abs(got - ref).max())
 
 
@@ -157,37 +151,43 @@ def export_reference(model, path: Path, cfg: ExportConfig, vocab_size: int, low:
     ids, mask = parity_batch(vocab_size, low, max_len)
     temp = np.full((ids.shape[0], 1), 0.7, dtype=np.float32)
     targs = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(temp))
-    _export_onnx(graph, targs, path, ["input_ids", "attention_mask", "temperature"], "logprobs", cfg.opset,
-                 {0: "batch", 1: "sequence_minus_one"})
+    _export_onnx(graph, targs, path, REFERENCE, {0: "batch", 1: "sequence_minus_one"}, cfg.opset)
     with torch.no_grad():
         ref = graph(*targs).float().numpy()
-    got = _ort_session(path).run(None, {"input_ids": ids, "attention_mask": mask, "temperature": temp})[0]
+    got = _ort_session(path).run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask,
+                                                    TEMPERATURE.name: temp})[0]
     return float(np.abs(got - ref).max())
 
 
-def served_facts(fingerprint: str, stats: dict, max_len: int, vocab: int, max_batch: int, sources: dict) -> dict:
+def _reward_stats(rm_dir: Path) -> dict:
+    stats = read_reward_stats(rm_dir)
+    if stats is None:
+        log.warning("%s has no reward statistics; normalisation will be the identity (mean 0, std 1)", rm_dir)
+        return {"mean": 0.0, "std": 1.0}
+    return stats
+
+
+def _truncation(rm_dir: Path, max_len: int, max_prompt_length: int | None) -> tuple[int, int]:
+    """(max_length, max_prompt_length) the reward model was trained with, served to text clients."""
+    resolved = Path(rm_dir) / "config.resolved.json"
+    trained = json.loads(resolved.read_text()) if resolved.is_file() else {}
+    length = min(int(trained.get("max_length", max_len)), max_len)
+    prompt = max_prompt_length or trained.get("max_prompt_length") or (3 * length) // 4
+    return length, int(prompt)
+
+
+def served_facts(fingerprint: str, stats: dict, max_len: int, vocab: int, cfg: ExportConfig,
+                 sources: dict) -> ServedFacts:
     """What the `tribune_manifest` model answers: everything a remote client must check."""
     import hashlib
 
     weights = json.dumps(sources["reward"]["weights_sha256"], sort_keys=True).encode()
-    return {"contract_version": CONTRACT_VERSION, "tokenizer_fingerprint": fingerprint,
-            "reward_mean": float(stats["mean"]), "reward_std": float(stats["std"]),
-            "max_sequence_length": max_len, "vocab_size": vocab, "max_batch_size": max_batch,
-            "reward_model_id": "rm-" + hashlib.sha256(weights).hexdigest()[:16],
-            "reward_model_source": sources["reward"]["path"]}
-
-
-def _reward_stats(rm_dir: Path) -> dict:
-    from trainer.reward import REWARD_STATS_FILE
-
-    path = Path(rm_dir) / REWARD_STATS_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    config = json.loads((Path(rm_dir) / "config.json").read_text())
-    if "tribune_reward_mean" in config:
-        return {"mean": config["tribune_reward_mean"], "std": config["tribune_reward_std"]}
-    log.warning("%s has no reward statistics; normalisation will be the identity (mean 0, std 1)", rm_dir)
-    return {"mean": 0.0, "std": 1.0, "source": "none"}
+    length, prompt = _truncation(cfg.reward, max_len, cfg.max_prompt_length)
+    return ServedFacts(contract_version=CONTRACT_VERSION, tokenizer_fingerprint=fingerprint,
+                       reward_mean=float(stats["mean"]), reward_std=float(stats["std"]),
+                       max_sequence_length=max_len, vocab_size=vocab, max_batch_size=cfg.max_batch_size,
+                       reward_model_id="rm-" + hashlib.sha256(weights).hexdigest()[:16],
+                       max_length=length, max_prompt_length=prompt, reward_model_source=sources["reward"]["path"])
 
 
 def _source(path: Path) -> dict:
@@ -197,8 +197,6 @@ def _source(path: Path) -> dict:
 
 
 def run_export(cfg: ExportConfig) -> dict:
-    from trainer.modeling import load_causal_lm, load_reward_model, load_tokenizer
-
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -216,7 +214,9 @@ def run_export(cfg: ExportConfig) -> dict:
     low = max(tok.all_special_ids, default=-1) + 1
     low = low if low < vocab else 0          # e.g. GPT-2: its only special id is the last one
     stats = _reward_stats(cfg.reward)
-    params = contract_parameters(fp, float(stats["mean"]), float(stats["std"]), max_len, vocab)
+    sources = {"reward": _source(cfg.reward), "reference": _source(cfg.reference)}
+    facts = served_facts(fp, stats, max_len, vocab, cfg, sources)
+    params = contract_parameters(facts)
     settings = TritonSettings(cfg.max_batch_size, cfg.queue_delay_us, cfg.max_queue_size, cfg.instance_count,
                               cfg.instance_kind, cfg.accelerator, cfg.dtype == "fp16", cfg.warmup,
                               min(cfg.warmup_length, max_len))
@@ -242,18 +242,15 @@ def run_export(cfg: ExportConfig) -> dict:
                 if spec is REFERENCE:
                     np.ones(1, dtype=np.float32).tofile(warm / "temperature_one")
         tok.save_pretrained(tmp / TOKENIZER_DIR)
-        sources = {"reward": _source(cfg.reward), "reference": _source(cfg.reference)}
-        facts = served_facts(fp, stats, max_len, vocab, cfg.max_batch_size, sources)
         (tmp / MANIFEST_SPEC.name / "1").mkdir(parents=True)
         (tmp / MANIFEST_SPEC.name / "1" / "model.onnx").write_bytes(manifest_onnx(facts, tmp / TOKENIZER_DIR))
         write_config(tmp / MANIFEST_SPEC.name / "config.pbtxt", manifest_model_config())
         manifest = write_manifest(tmp, {
             "contract_version": CONTRACT_VERSION,
             "tokenizer": {"fingerprint": fp, "dir": TOKENIZER_DIR},
-            "reward_normalization": {"mean": float(stats["mean"]), "std": float(stats["std"]),
-                                     **{k: v for k, v in stats.items() if k not in ("mean", "std")}},
             "sources": sources,
-            "served": facts,
+            "served": facts.to_dict(),
+            "reward_statistics_source": {k: v for k, v in stats.items() if k not in ("mean", "std")},
             "export": {"dtype": cfg.dtype, "opset": cfg.opset, "parity_max_abs_diff": parity,
                        "max_sequence_length": max_len, "vocab_size": vocab,
                        "max_batch_size": cfg.max_batch_size},

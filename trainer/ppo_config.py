@@ -1,0 +1,89 @@
+"""`tribune ppo`'s options: PPO against the remote reward and reference services.
+
+The objective is E[r(x, y) − β·KL(πθ ‖ π_ref)] with the KL as a per-token penalty and the
+reward model's (normalised) score at the last response token (Ziegler et al. 2019).
+Shared groups are composed, not copied: the run fields (``RunConfig``), the optimiser,
+the scoring-service client options and the gold judge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from services.client import ClientOptions
+from services.common.config import field, group
+from services.judge import JudgeConfig
+from trainer.run import OptimizerConfig, RunConfig, default
+
+
+@dataclass(kw_only=True)
+class PPOConfig(RunConfig):
+    """PPO against remote scorers (Triton: models `reward` and `reference`)."""
+    policy: Path = field(help="SFT model directory: the initial policy (and its tokenizer)")
+    prompts: Path = field(help="JSONL of {prompt}")
+    reward_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reward`")
+    reference_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reference`")
+    value_init: Path | None = field(None, help="initialise the value model from this directory, e.g. the reward "
+                                    "model (N+ details); default: the policy's weights with a fresh head")
+    eval_prompts: Path | None = field(None, help="held-out JSONL of {prompt} for the gold score (with a judge)")
+    log_every: int = default(RunConfig, "log_every", 1)
+    checkpoint_every: int = default(RunConfig, "checkpoint_every", 20)
+    iterations: int = field(100, help="PPO iterations (rollout batch → updates)")
+    rollout_batch_size: int = field(64, help="prompts per iteration, summed over processes")
+    mini_batch_size: int = field(16, help="rollouts per optimiser step")
+    gradient_accumulation_steps: int = field(1, help="minibatches accumulated per optimiser step")
+    ppo_epochs: int = field(4, help="passes over each rollout batch")
+    optim: OptimizerConfig = group(OptimizerConfig(learning_rate=1e-4, weight_decay=0.01, adam_eps=1e-5,
+                                                   warmup_ratio=0.0, lr_scheduler="constant"),
+                                   help="optimisers of the policy and the value model")
+    value_learning_rate: float | None = field(None, help="value-model learning rate (default: learning_rate)")
+    cliprange: float = field(0.2, help="PPO ratio clip ε")
+    cliprange_value: float = field(0.2, help="value clip")
+    vf_coef: float = field(0.5, help="weight of the value loss (the value model has its own optimiser)")
+    gamma: float = field(1.0, help="discount γ")
+    lam: float = field(0.95, help="GAE λ")
+    whiten_advantages: bool = field(True, help="normalise advantages per batch")
+    kl_coef: float = field(0.1, help="initial β of the KL penalty")
+    kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator in the reward")
+    adaptive_kl: bool = field(False, help="adapt β towards --target-kl (Ziegler et al.); else β is fixed")
+    target_kl: float = field(6.0, help="KL target (nats per sequence) of the adaptive controller")
+    kl_horizon: int = field(10000, help="horizon of the adaptive controller, in rollouts")
+    normalize_reward: bool = field(True, help="(r − mean) / std with the statistics in tribune.json")
+    reward_clip: float | None = field(None, help="clip normalised rewards to ±this")
+    missing_eos_penalty: float = field(-1.0, help="added to the score of a response that never emits EOS")
+    temperature: float = field(1.0, help="sampling temperature; also sent to `reference` and used for πθ's log-probs")
+    max_new_tokens: int = field(16, help="longest response")
+    max_prompt_length: int = field(48, help="prompt tokens kept (cut from the left)")
+    scoring_chunk: int = field(32, help="rollouts per scoring request chunk (overlapped with generation)")
+    overlap_scoring: bool = field(True, help="score one chunk while generating the next")
+    gold: JudgeConfig = group(JudgeConfig(), help="gold judge of the held-out monitor (never used for training)")
+    gold_every: int = field(10, help="every N iterations, the gold score on --eval-prompts (with a judge)")
+    gold_eval_size: int = field(200, help="held-out prompts used for the gold score")
+    client: ClientOptions = group(ClientOptions(timeout_s=60.0, retry_budget_s=60.0),
+                                  help="the scoring services' connections")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positives = ("iterations", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                     "ppo_epochs", "max_new_tokens", "scoring_chunk", "gold_every", "gold_eval_size")
+        for name in positives:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("gamma and lam must be in [0, 1]")
+        if self.kl_coef < 0:
+            raise ValueError("kl_coef must be non-negative")
+
+    @property
+    def total_iterations(self) -> int:
+        return min(self.iterations, self.max_steps) if self.max_steps else self.iterations
+
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimiser steps each iteration takes (epochs × minibatches / accumulation, rounded up)."""
+        minibatches = self.ppo_epochs * (self.rollout_batch_size // self.mini_batch_size)
+        return -(-minibatches // self.gradient_accumulation_steps)

@@ -1,0 +1,129 @@
+"""One PPO iteration, top-down in numbered phases (CleanRL style).
+
+``b`` is the whole (per-rank) rollout batch, ``mb`` one minibatch, both ``Rollout``s.
+Nothing is updated before phase 5, so an iteration interrupted earlier (a scorer outage)
+leaves the models as they were.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.modeling import response_logprobs
+from trainer.ppo_config import PPOConfig
+from trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty, masked_mean,
+                             ppo_policy_loss, shaped_rewards, value_loss, whiten)
+from trainer.rollout import Scorer, start_rollouts
+from trainer.run import global_batch_indices, shard
+
+
+@dataclass
+class Learner:
+    """What PPO trains: the policy and value model (prepared by accelerate), their optimisers
+    and schedulers, and the KL controller."""
+    acc: Any
+    policy: torch.nn.Module
+    value: torch.nn.Module
+    opt_policy: torch.optim.Optimizer
+    opt_value: torch.optim.Optimizer
+    sched_policy: Any
+    sched_value: Any
+    kl_ctl: AdaptiveKLController
+    tokenizer: Any
+
+
+def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: list[str], it: int) -> dict[str, float]:
+    """One PPO iteration on this rank's share of the prompts; returns its metrics (means over ranks)."""
+    acc, policy, value = learner.acc, learner.policy, learner.value
+    t_start = time.perf_counter()
+    device = acc.device
+    rank_prompts = [prompts[i] for i in shard(global_batch_indices(len(prompts), cfg.rollout_batch_size, it, cfg.seed),
+                                              acc.process_index, acc.num_processes)]
+
+    # 1. generate: chunks go to the services as soon as they exist (overlapped scoring)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + it * 31 + acc.process_index)
+    pending = start_rollouts(acc.unwrap_model(policy), learner.tokenizer, scorer, rank_prompts,
+                             chunk_size=cfg.scoring_chunk, max_prompt_length=cfg.max_prompt_length,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             overlap=cfg.overlap_scoring, generator=g)
+    b = pending.rollout = pending.rollout.to(device)
+    mask, P = b.response_mask, b.P                                                   # (B, R)
+    with torch.no_grad():   # the policy's own log-probs and values, while the services still work
+        b.logprobs = response_logprobs(acc.unwrap_model(policy), b.query_responses, b.attention_mask, P,
+                                       cfg.temperature)[0] * mask                    # (B, R)
+        b.values = acc.unwrap_model(value)(b.query_responses, b.attention_mask)[:, P - 1:-1] * mask   # (B, R)
+
+    # 2. score remotely: raw rewards (B,) and reference log-probs of the response tokens (B, R)
+    pending.wait()
+
+    # 3. KL-shaped rewards: per-token −β·KL, the normalised score at the last token (Ziegler et al. 2019)
+    scores = scorer.facts.normalise(b.scores) if cfg.normalize_reward else b.scores.clone()   # (B,)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    scores = scores + cfg.missing_eos_penalty * (~b.eos).float()
+    b.kl = kl_penalty(b.logprobs, b.ref_logprobs, cfg.kl_estimator) * mask          # (B, R)
+    beta = learner.kl_ctl.value
+    b.rewards = shaped_rewards(scores, b.kl, mask, beta)                              # (B, R)
+
+    # 4. advantages: GAE over response tokens, whitened per batch
+    b.advantages, b.returns = compute_gae(b.rewards, b.values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        b.advantages = whiten(b.advantages, mask)
+
+    # 5. epochs × minibatches; gradients accumulate over --gradient-accumulation-steps minibatches
+    t_train = time.perf_counter()
+    B = b.query_responses.shape[0]
+    mb_size = cfg.mini_batch_size // acc.num_processes
+    g = torch.Generator().manual_seed(cfg.seed * 104729 + it)
+    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approxkl", "entropy")}
+    models = ((policy, learner.opt_policy, learner.sched_policy), (value, learner.opt_value, learner.sched_value))
+    policy.train(), value.train()
+    for _, opt, _ in models:
+        opt.zero_grad(set_to_none=True)
+    n_minibatches = cfg.ppo_epochs * -(-B // mb_size)
+    accum = 0
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(B, generator=g).split(mb_size):
+            mb = b[idx.to(device)]
+            mb_mask = mb.response_mask
+            new_logp, entropy = response_logprobs(policy, mb.query_responses, mb.attention_mask, P, cfg.temperature,
+                                                  with_entropy=True)
+            pg_loss, pg_stats = ppo_policy_loss(new_logp, mb.logprobs, mb.advantages, mb_mask, cfg.cliprange)
+            new_values = value(mb.query_responses, mb.attention_mask)[:, P - 1:-1]
+            vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb_mask, cfg.cliprange_value)
+            acc.backward(pg_loss / cfg.gradient_accumulation_steps)
+            acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
+            accum += 1
+            if accum % cfg.gradient_accumulation_steps == 0 or accum == n_minibatches:   # never carry gradients over
+                for model, opt, sched in models:
+                    acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+            for k, v in (("pg", pg_loss), ("vf", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
+                         ("vf_clipfrac", vf_clipfrac), ("approxkl", pg_stats["approxkl"]),
+                         ("entropy", masked_mean(entropy, mb_mask))):
+                stats[k].append(float(v.detach()))
+    policy.eval(), value.eval()
+    train_s = time.perf_counter() - t_train
+
+    # 6. log (means over ranks) and adapt β
+    seq_kl = b.kl.sum(-1)                                                             # (B,)
+    local = {
+        "objective/scores": b.scores.mean(), "objective/scores_normalized": scores.mean(),
+        "objective/kl": seq_kl.mean(), "objective/non_score_reward": (-beta * seq_kl).mean(),
+        "objective/rlhf_reward": (scores - beta * seq_kl).mean(),
+        "response/length": mask.sum(-1).mean(), "response/eos_rate": b.eos.float().mean(),
+        "val/explained_variance": explained_variance(b.values, b.returns, mask),
+    }
+    row = {k: float(acc.reduce(v.detach().float().reshape(1), "mean")) for k, v in local.items()}
+    row.update({f"losses/{k}" if k in ("pg", "vf", "clipfrac", "vf_clipfrac") else f"policy/{k}":
+                sum(v) / len(v) for k, v in stats.items()})
+    row.update({"objective/kl_coef": beta, "time/generation": pending.times.generation_s,
+                "time/scoring_wait": pending.times.scoring_wait_s, "time/training": train_s,
+                "time/step": time.perf_counter() - t_start})
+    learner.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)
+    return row

@@ -1,0 +1,313 @@
+"""The run skeleton every training stage uses: SFT, reward-model training and PPO.
+
+A ``Run`` owns what every stage does alike: accelerate set-up, seeds, the output
+directory and tokenizer, ``--resume`` from the newest checkpoint, ``config.resolved.json``,
+``metrics.jsonl`` + TensorBoard, the progress bar, periodic and signal checkpoints, and the
+final ``save_pretrained`` + ``metrics.json`` with the ranks' weight check. A stage supplies
+one function per step (``Run.loop``); ``train_supervised`` is that function for the two
+stages that minimise a loss over a data set.
+
+Batches are drawn from a seeded permutation per epoch, so the data position is a pure
+function of the optimiser step: resuming from step N replays nothing and skips nothing,
+and every rank of ``accelerate launch --num_processes K`` takes a disjoint slice of the
+same global batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from services.common.config import field, group, to_dict
+from services.common.errors import UserError
+from services.common.jsonl import write_json
+from services.common.text import load_tokenizer
+from trainer.checkpoints import StopRequested, check_ranks_agree, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("tribune")
+
+
+def default(cls: type, name: str, value: Any) -> Any:
+    """Field ``name`` of config ``cls`` with another default and the same help, for a subclass."""
+    f = cls.__dataclass_fields__[name]
+    return field(value, help=f.metadata["help"], secret=f.metadata.get("secret", False))
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule."""
+    learning_rate: float = field(1e-3, help="peak learning rate of AdamW")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    adam_eps: float = field(1e-8, help="AdamW epsilon")
+    warmup_ratio: float = field(0.05, help="share of optimiser steps with linear warm-up")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field("cosine", help="learning-rate schedule after warm-up")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm (per model)")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.weight_decay < 0 or self.adam_eps <= 0 or self.max_grad_norm <= 0:
+            raise ValueError("weight_decay must be >= 0, adam_eps and max_grad_norm positive")
+
+    def build(self, params, total_steps: int, learning_rate: float | None = None):
+        """(AdamW, scheduler) for ``total_steps`` optimiser steps."""
+        from transformers import get_scheduler
+
+        opt = torch.optim.AdamW(params, lr=learning_rate or self.learning_rate, weight_decay=self.weight_decay,
+                                eps=self.adam_eps)
+        name = "constant_with_warmup" if self.lr_scheduler == "constant" else self.lr_scheduler
+        sched = get_scheduler(name, opt, num_warmup_steps=int(self.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+        return opt, sched
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Fields every run has."""
+    output: Path = field(help="directory for the trained model, metrics.json, logs and checkpoints")
+    seed: int = field(0, help="seed for data order, initialisation and sampling")
+    max_steps: int | None = field(None, help="cap on optimiser steps (ppo: on PPO iterations)")
+    log_every: int = field(10, help="log metrics every N steps")
+    checkpoint_every: int = field(100, help="save a resumable checkpoint every N steps")
+    keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
+    resume: bool = field(False, help="continue from the newest checkpoint in --output")
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig(RunConfig):
+    """Fields of the stages that minimise a loss over a data set (SFT, reward model)."""
+    epochs: float = field(1.0, help="passes over the training data")
+    batch_size: int = field(32, help="examples per optimiser step, summed over processes")
+    optim: OptimizerConfig = group(OptimizerConfig(), help="optimiser")
+    dropout: bool = field(False, help="keep the model's dropout on (off by default)")
+    eval_every: int | None = field(None, help="evaluate every N steps (default: only at the end)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.epochs <= 0:
+            raise ValueError("epochs must be positive")
+
+    def total_steps(self, n_examples: int) -> int:
+        steps = math.ceil(self.epochs * max(n_examples // self.batch_size, 1))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator():
+    """One Accelerator per run. Without CUDA, ranks started by a launcher (torchrun or
+    ``accelerate launch --multi_gpu --num_processes N``) join one gloo process group on CPU."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------- batches
+
+def global_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimiser step ``step`` (0-based); epochs are seeded permutations."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    chunk = perm[offset * batch_size:(offset + 1) * batch_size]
+    return chunk if chunk else perm[:batch_size]
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's slice of a global batch (contiguous, sizes differ by at most one)."""
+    n = len(indices)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return list(indices[lo:hi])
+
+
+# ---------------------------------------------------------------- logs
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and TensorBoard, on the main process."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(out) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """On resume, drop rows past the checkpoint so no step appears twice."""
+        if not (self.enabled and self.path.exists()):
+            return
+        rows = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        self.path.write_text("".join(r + "\n" for r in rows))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------- the skeleton
+
+class Run:
+    """One training run; see the module docstring. ``unit`` names a step in messages."""
+
+    def __init__(self, cfg: RunConfig, model_dir: Path, desc: str, unit: str = "step"):
+        self.cfg, self.desc, self.unit = cfg, desc, unit
+        self.acc = make_accelerator()
+        seed_everything(cfg.seed)
+        self.out = Path(cfg.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.start = 0
+        self.metrics_log: MetricsLog | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    def begin(self) -> dict[str, Any]:
+        """Call after ``acc.prepare``: resumes (with --resume) and opens the logs; returns the stage's state."""
+        state: dict[str, Any] = {}
+        if self.cfg.resume:
+            self.start, state = load_checkpoint(self.acc, self.out)
+        self.metrics_log = MetricsLog(self.out, self.is_main)
+        if self.is_main:
+            self.metrics_log.truncate(self.start)
+            write_json(self.out / "config.resolved.json", to_dict(self.cfg))
+        return state
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        self.metrics_log.write(step, row)
+
+    def due(self, done: int, total: int, every: int | None) -> bool:
+        """Whether something that runs every ``every`` steps (and at the end) runs after step ``done``."""
+        return bool(every) and (done % every == 0 or done == total)
+
+    def loop(self, total: int, step: Callable[[int], dict[str, Any] | None], *,
+             state: Callable[[], dict[str, Any]] = dict,
+             postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None) -> dict[str, Any]:
+        """Runs ``step(i)`` for i in [start, total); logs the rows it returns; checkpoints every
+        --checkpoint-every steps and after a signal (then stops with a --resume hint).
+        Returns the last value of every metric."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.start, desc=self.desc, disable=not self.is_main, dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        try:
+            with StopRequested() as stop:
+                for i in range(self.start, total):
+                    row = step(i)
+                    done = i + 1
+                    if row:
+                        self.log(done, row)
+                        last.update(row)
+                        if postfix:
+                            bar.set_postfix(postfix(row))
+                    bar.update(1)
+                    if done % self.cfg.checkpoint_every == 0 and done != total:
+                        save_checkpoint(self.acc, self.out, done, state(), self.cfg.keep_checkpoints)
+                    if done != total and stop.agreed(self.acc):
+                        path = save_checkpoint(self.acc, self.out, done, state(), self.cfg.keep_checkpoints)
+                        raise UserError(f"stopped by a signal after {self.unit} {done}/{total}; checkpoint {path}; "
+                                        "run the same command with --resume to continue")
+        finally:
+            bar.close()
+        return last
+
+    def finish(self, model, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """save_pretrained (model + tokenizer, and ``extra`` models in sub-directories) and
+        metrics.json from the main process, after checking that every rank holds the same weights."""
+        metrics = {**metrics, "rank_weight_sha256": check_ranks_agree(self.acc, model)}
+        if self.is_main:
+            model.save_pretrained(self.out)
+            self.tokenizer.save_pretrained(self.out)
+            for sub, m in (extra or {}).items():
+                m.save_pretrained(self.out / sub)
+            write_json(self.out / "metrics.json", metrics)
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        self.acc.wait_for_everyone()
+        return metrics
+
+
+def train_supervised(run: Run, cfg: TrainingConfig, model, n_examples: int,
+                     loss_on: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, float]]],
+                     evaluate: Callable[[Any], dict[str, float]]):
+    """Optimiser steps over a data set until the budget; returns (trained module, final eval metrics).
+
+    ``loss_on(module, indices)`` computes this rank's loss on its examples of the global
+    batch, calling the prepared (possibly DDP-wrapped) module so gradients are averaged
+    across ranks; ``evaluate(module)`` gets the unwrapped module.
+    """
+    acc = run.acc
+    steps = cfg.total_steps(n_examples)
+    optimizer, scheduler = cfg.optim.build(model.parameters(), steps)
+    # every rank runs every global step, so the scheduler must step once per step: accelerate's
+    # wrapper would step it once per process; it is registered for checkpoints instead
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    run.begin()
+    t0 = time.perf_counter()
+    model.train()
+
+    def step(i: int) -> dict[str, Any] | None:
+        idx = shard(global_batch_indices(n_examples, cfg.batch_size, i, cfg.seed), acc.process_index,
+                    acc.num_processes)
+        loss, stats = loss_on(model, idx)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        done, row = i + 1, {}
+        if run.due(done, steps, cfg.log_every):
+            row = {"train/loss": float(acc.reduce(loss.detach(), "mean")), "train/grad_norm": float(grad_norm),
+                   "train/lr": scheduler.get_last_lr()[0], "time/elapsed_s": time.perf_counter() - t0,
+                   **{f"train/{k}": v for k, v in stats.items()}}
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
+            model.eval()
+            row.update(evaluate(acc.unwrap_model(model)))
+            model.train()
+        return row
+
+    run.loop(steps, step, postfix=lambda r: {"loss": f"{r['train/loss']:.4f}"} if "train/loss" in r else {})
+    model.eval()
+    final = evaluate(acc.unwrap_model(model))
+    run.log(steps, final)
+    acc.wait_for_everyone()
+    return acc.unwrap_model(model), final
+
