@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench proto clean
+.PHONY: install demo test eval bench proto clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the whole pipeline, default settings, on every task of the suite (runs/evaluate/evaluation.json + .png)
+eval: $(STAMP)
+	$(VENV)/bin/tribune evaluate --output runs/evaluate
 
 BENCHES := rm_training serving ppo_step gateway_load
 

@@ -4,8 +4,9 @@
 Triton serving an exported repository, or `tribune serve`):
 
 * at connect it waits for the models to be ready, reads the `tribune_manifest` model,
-  checks the contract version, the tensor metadata of every model it will call, and
-  that the server's tokenizer fingerprint equals the caller's; it refuses otherwise;
+  checks the contract version, the tensor metadata of every model it will call (an
+  ensemble's `reward` with its member_rewards [K], K from the manifest), and that the
+  server's tokenizer fingerprint equals the caller's; it refuses otherwise;
 * a large batch is split into chunks of at most the server's max batch size, each chunk
   is trimmed to the columns that hold tokens, several chunks are in flight at once, and
   results are reassembled in order;
@@ -32,9 +33,9 @@ from typing import Literal
 import numpy as np
 
 from services.common.config import field
-from services.contract import (ATTENTION_MASK, INPUT_IDS, LOGPROBS, MANIFEST, MANIFEST_SPEC, MODELS, PROBE,
-                               REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_FILES, ContractError,
-                               ServedFacts, check_metadata)
+from services.contract import (ATTENTION_MASK, INPUT_IDS, LOGPROBS, MANIFEST, MANIFEST_SPEC, MEMBER_REWARDS_NAME,
+                               PROBE, REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_FILES,
+                               ContractError, ServedFacts, check_metadata)
 
 log = logging.getLogger("tribune")
 
@@ -180,7 +181,8 @@ class TritonScorer:
         except ContractError as e:
             raise ContractError(f"{self.cfg.url}: {e}") from None
         for name in self.models:
-            check_metadata(MODELS[name], self._client().get_model_metadata(name, headers=self._headers, as_json=True))
+            check_metadata(facts.model_spec(name),
+                           self._client().get_model_metadata(name, headers=self._headers, as_json=True))
         if expected_fingerprint is not None and facts.tokenizer_fingerprint != expected_fingerprint:
             raise ContractError(
                 f"tokenizer mismatch: {self.cfg.url} serves models trained with tokenizer "
@@ -198,7 +200,7 @@ class TritonScorer:
 
         probe = grpcclient.InferInput(PROBE.name, [1], PROBE.dtype)
         probe.set_data_from_numpy(np.zeros(1, dtype=np.int64))
-        value = self._call(MANIFEST_SPEC.name, [probe], name, outputs=[grpcclient.InferRequestedOutput(name)])[0]
+        value = self._call(MANIFEST_SPEC.name, [probe], (name,))[0][0]
         return value.decode() if isinstance(value, bytes) else value
 
     def fetch_tokenizer(self, dest: Path) -> Path:
@@ -234,17 +236,21 @@ class TritonScorer:
         return status in RETRYABLE or any(h in text for h in LOADING_HINTS) or (
             status is None and ("UNAVAILABLE" in text or "failed to connect" in text.lower()))
 
-    def _call(self, model: str, inputs: list, output: str, timeout_s: float | None = None,
-              outputs: list | None = None) -> np.ndarray:
+    def _call(self, model: str, inputs: list, outputs: tuple[str, ...], timeout_s: float | None = None
+              ) -> list[np.ndarray]:
+        """The named outputs of one request (only those are asked for), retried as described above."""
+        import tritonclient.grpc as grpcclient
+
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         budget_end = time.monotonic() + self.cfg.retry_budget_s
         backoff = self.cfg.initial_backoff_s
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = self._client().infer(model, inputs, headers=self._headers, outputs=outputs,
+                result = self._client().infer(model, inputs, headers=self._headers, outputs=requested,
                                               client_timeout=timeout_s or self.cfg.timeout_s)
-                return result.as_numpy(output)
+                return [result.as_numpy(name) for name in outputs]
             except Exception as e:
                 if not self._retryable(e):
                     error = ScorerRequestError if self._is_bad_request(e) else ScorerServerError
@@ -273,7 +279,9 @@ class TritonScorer:
         return ids, mask
 
     def _chunk(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,
-               timeout_s: float | None = None) -> np.ndarray:
+               timeout_s: float | None = None, members: bool = False) -> np.ndarray:
+        """One request: rewards (b,), or with ``members`` [rewards | member scores] (b, 1 + K);
+        or reference log-probs (b, T−1)."""
         import tritonclient.grpc as grpcclient
 
         lo, hi = _trim(mask)
@@ -285,16 +293,22 @@ class TritonScorer:
             x = grpcclient.InferInput(spec.name, list(value.shape), spec.dtype)
             x.set_data_from_numpy(np.ascontiguousarray(value, dtype=spec.numpy_dtype))
             inputs.append(x)
+        if model == REWARD_MODEL and not members:
+            return self._call(model, inputs, (REWARDS.name,), timeout_s)[0][:, 0]          # (b,)
         if model == REWARD_MODEL:
-            return self._call(model, inputs, REWARDS.name, timeout_s)[:, 0]          # (b,)
-        out = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.float32)         # (b, T−1)
-        out[:, lo:hi] = self._call(model, inputs, LOGPROBS.name, timeout_s)
+            if self.facts.ensemble_size == 1:      # a single reward model is its own only member
+                (rewards,) = self._call(model, inputs, (REWARDS.name,), timeout_s)       # (b, 1)
+                return np.concatenate([rewards, rewards], 1)                             # (b, 2)
+            rewards, scores = self._call(model, inputs, (REWARDS.name, MEMBER_REWARDS_NAME), timeout_s)
+            return np.concatenate([rewards, scores], 1)                                  # (b, 1 + K)
+        out = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.float32)              # (b, T−1)
+        out[:, lo:hi] = self._call(model, inputs, (LOGPROBS.name,), timeout_s)[0]
         return out
 
     def _map(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,
-             timeout_s: float | None = None) -> list[Future]:
+             timeout_s: float | None = None, members: bool = False) -> list[Future]:
         return [self._pool.submit(self._chunk, model, ids[i:i + self.max_batch], mask[i:i + self.max_batch],
-                                  temperature, timeout_s)
+                                  temperature, timeout_s, members)
                 for i in range(0, ids.shape[0], self.max_batch)]
 
     def score_async(self, input_ids, attention_mask, timeout_s: float | None = None) -> Future:
@@ -304,6 +318,21 @@ class TritonScorer:
         """
         ids, mask = self._check(input_ids, attention_mask)
         return _gather(self._map(REWARD_MODEL, ids, mask, None, timeout_s))
+
+    def score_with_members_async(self, input_ids, attention_mask, timeout_s: float | None = None) -> Future:
+        """Future of (rewards (B,), the members' raw scores (B, K)) from the same requests.
+
+        K is ``facts.ensemble_size``; for K = 1 the member scores are the rewards, as (B, 1).
+        Chunked, retried and in order like ``score_async``. Standardise member scores with
+        ``facts.standardise_members`` before comparing members (``facts.member_spread``).
+        """
+        ids, mask = self._check(input_ids, attention_mask)
+        both = _gather(self._map(REWARD_MODEL, ids, mask, None, timeout_s, members=True))    # (B, 1 + K)
+        return _then(both, lambda a: (np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1:])))
+
+    def score_members_async(self, input_ids, attention_mask, timeout_s: float | None = None) -> Future:
+        """Future of the members' raw scores (B, K) (K = 1: the rewards as one column); see above."""
+        return _then(self.score_with_members_async(input_ids, attention_mask, timeout_s), lambda rm: rm[1])
 
     def logprobs_async(self, input_ids, attention_mask, temperature: float = 1.0) -> Future:
         """Future of reference log-probs (B, T−1): column t−1 is token t, 0 where masked."""
@@ -333,6 +362,25 @@ class TritonScorer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _then(future: Future, fn) -> Future:
+    """A future of ``fn(result)``; errors (and cancellation, as ScorerUnavailable) pass through."""
+    done: Future = Future()
+
+    def _finished(f: Future) -> None:
+        if f.cancelled():
+            done.set_exception(ScorerUnavailable("the scorer was closed while a request was in flight"))
+        elif f.exception() is not None:
+            done.set_exception(f.exception())
+        else:
+            try:
+                done.set_result(fn(f.result()))
+            except Exception as e:  # a bug in fn must reach the caller, not vanish in a callback
+                done.set_exception(e)
+
+    future.add_done_callback(_finished)
+    return done
 
 
 def _gather(parts: list[Future]) -> Future:

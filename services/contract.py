@@ -5,7 +5,12 @@ a change here is a change everywhere (and a contract-version bump). Dims exclude
 batch dimension: both models are batched (max_batch_size > 0).
 
 ``reward``:    input_ids INT64 [-1], attention_mask INT64 [-1] → rewards FP32 [1],
-               the raw score at the last position whose mask is 1.
+               the raw score at the last position whose mask is 1. A repository of an
+               ensemble of K reward models (``ServedFacts.ensemble_size`` K > 1) serves
+               ``rewards`` as the members' mean and adds member_rewards FP32 [K], the
+               members' raw scores (B, K). An added output, not a changed one: v1 clients
+               ask for ``rewards`` only and see what they always saw (a single reward
+               model has no member_rewards, so its repository is exactly v1 as before).
 ``reference``: input_ids INT64 [-1], attention_mask INT64 [-1], temperature FP32 [1]
                → logprobs FP32 [-1] of shape (B, T−1): column t−1 holds
                log π_ref(input_ids[t] | input_ids[<t]) with logits / temperature,
@@ -75,6 +80,7 @@ INPUT_IDS = TensorSpec("input_ids", "INT64", (-1,))
 ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1,))
 TEMPERATURE = TensorSpec("temperature", "FP32", (1,))
 REWARDS = TensorSpec("rewards", "FP32", (1,))
+MEMBER_REWARDS_NAME = "member_rewards"
 LOGPROBS = TensorSpec("logprobs", "FP32", (-1,))
 
 PROBE = TensorSpec("probe", "INT64", (1,))
@@ -86,7 +92,25 @@ TOKENIZER_FILES = TensorSpec("tokenizer_files", "BYTES", (1,))
 REWARD = ModelSpec(REWARD_MODEL, (INPUT_IDS, ATTENTION_MASK), (REWARDS,))
 MANIFEST_SPEC = ModelSpec(MANIFEST_MODEL, (PROBE,), (MANIFEST, TOKENIZER_FILES))
 REFERENCE = ModelSpec(REFERENCE_MODEL, (INPUT_IDS, ATTENTION_MASK, TEMPERATURE), (LOGPROBS,))
+# the single-reward-model contract; an ensemble's `reward` is ``reward_spec(K)``
 MODELS: dict[str, ModelSpec] = {REWARD.name: REWARD, REFERENCE.name: REFERENCE}
+
+
+def member_rewards_spec(ensemble_size: int) -> TensorSpec:
+    """member_rewards FP32 [K]: the K members' raw scores, (B, K) with the batch dim.
+
+    K is fixed per repository (Triton configs need a fixed dim to say what a column means).
+    """
+    return TensorSpec(MEMBER_REWARDS_NAME, "FP32", (int(ensemble_size),))
+
+
+def reward_spec(ensemble_size: int = 1) -> ModelSpec:
+    """The `reward` model of a repository of K reward models: REWARD itself for K = 1."""
+    if ensemble_size < 1:
+        raise ValueError("ensemble_size must be at least 1")
+    if ensemble_size == 1:
+        return REWARD
+    return ModelSpec(REWARD_MODEL, REWARD.inputs, (REWARDS, member_rewards_spec(ensemble_size)))
 
 
 class ContractError(Exception):
@@ -98,10 +122,16 @@ class ServedFacts:
     """What a served repository tells its clients: ``tribune.json["served"]``, answered by the
     `tribune_manifest` model. The one home of the reward statistics of a repository.
 
-    ``reward_mean``/``reward_std``: rewards of responses sampled from πSFT (normalisation);
+    ``reward_mean``/``reward_std``: statistics of the served ``rewards`` on responses sampled
+    from πSFT (normalisation); for an ensemble, of the members' mean (see the export for
+    whether they were measured or derived from the members' own);
     ``max_length``/``max_prompt_length``: the truncation the reward model was trained with
     (prompt + response + EOS tokens; prompt tokens kept, cut from the left), so text
-    clients encode exactly as training did.
+    clients encode exactly as training did;
+    ``ensemble_size``: K, the reward models behind `reward` (K > 1 serves member_rewards);
+    ``member_reward_mean``/``member_reward_std``: each member's own statistics on SFT
+    samples, (K,): members differ by offset and scale, so disagreement is only meaningful
+    on scores standardised with them. For K = 1 they are (reward_mean,), (reward_std,).
     """
     contract_version: int
     tokenizer_fingerprint: str
@@ -114,6 +144,26 @@ class ServedFacts:
     max_length: int
     max_prompt_length: int
     reward_model_source: str = ""
+    ensemble_size: int = 1
+    member_reward_mean: tuple[float, ...] = ()
+    member_reward_std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ensemble_size", int(self.ensemble_size))
+        # a single reward model is its own only member; repositories exported before
+        # ensembles carry no member statistics
+        if self.ensemble_size == 1 and not self.member_reward_mean and not self.member_reward_std:
+            object.__setattr__(self, "member_reward_mean", (float(self.reward_mean),))
+            object.__setattr__(self, "member_reward_std", (float(self.reward_std),))
+        object.__setattr__(self, "member_reward_mean", tuple(float(m) for m in self.member_reward_mean))
+        object.__setattr__(self, "member_reward_std", tuple(float(s) for s in self.member_reward_std))
+        if self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be at least 1, got {self.ensemble_size}")
+        if not len(self.member_reward_mean) == len(self.member_reward_std) == self.ensemble_size:
+            raise ValueError(f"member_reward_mean and member_reward_std need ensemble_size = {self.ensemble_size} "
+                             f"entries, got {len(self.member_reward_mean)} and {len(self.member_reward_std)}")
+        if not all(s > 0 for s in self.member_reward_std):
+            raise ValueError("member_reward_std must be positive")
 
     @classmethod
     def parse(cls, data: dict | str | bytes) -> "ServedFacts":
@@ -156,11 +206,40 @@ class ServedFacts:
         """
         return (rewards - self.reward_mean) / self.reward_std
 
+    def model_spec(self, name: str) -> ModelSpec:
+        """The contract of model ``name`` as this repository serves it (``reward_spec(K)`` for `reward`)."""
+        return reward_spec(self.ensemble_size) if name == REWARD_MODEL else MODELS[name]
+
+    def standardise_members(self, scores):
+        """Each member's raw scores standardised with its own SFT-sample statistics.
+
+        ``scores`` of shape (B, K), any array type (numpy, torch), returned as the same type:
+        column k is (scores[:, k] − member_reward_mean[k]) / member_reward_std[k].
+        """
+        if scores.shape[-1] != self.ensemble_size:
+            raise ContractError(f"member scores have {scores.shape[-1]} columns, the ensemble has {self.ensemble_size}")
+        if hasattr(scores, "new_tensor"):       # torch, without importing it here
+            mean, std = scores.new_tensor(self.member_reward_mean), scores.new_tensor(self.member_reward_std)
+        else:
+            mean, std = np.asarray(self.member_reward_mean), np.asarray(self.member_reward_std)
+        return (scores - mean) / std
+
+    def member_spread(self, scores):
+        """The members' disagreement per row: std over the K members (population, so 0 for K = 1)
+        of the standardised scores. (B, K) raw member scores -> (B,), any array type.
+
+        Never computed on raw scores: members differ by offset and scale, not only by opinion.
+        """
+        z = self.standardise_members(scores)                                 # (B, K)
+        return (((z - z.mean(-1)[..., None]) ** 2).mean(-1)) ** 0.5            # (B,)
+
 
 def check_metadata(spec: ModelSpec, metadata: dict) -> None:
     """Compares Triton model metadata (as a dict, from get_model_metadata) with the contract.
 
     Triton reports batched dims with a leading -1; that dim is dropped before comparing.
+    Tensors the server has beyond the spec's are allowed (how v1 clients that know only
+    ``rewards`` keep working with an ensemble's `reward`, which adds member_rewards).
     """
     batched = spec.name != MANIFEST_MODEL
 

@@ -23,7 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from services.common.errors import UserError
 from services.contract import ContractError
 from services.gateway_core import (Backend, DeadlineExceeded, GatewayConfig, GatewayError, InvalidInput, Item,
-                                   MicroBatcher, NotReady, Overloaded, Tokenisation, Unauthenticated, model_info)
+                                   MicroBatcher, NotReady, Overloaded, Scores, Tokenisation, Unauthenticated,
+                                   model_info)
 from tribune.v1 import reward_pb2, reward_pb2_grpc
 
 log = logging.getLogger("tribune.gateway")
@@ -189,29 +190,30 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, cfg: GatewayConfig, tok: Tokenisation, backend: Backend, batcher: MicroBatcher):
         self.cfg, self.tok, self.backend, self.batcher = cfg, tok, backend, batcher
 
-    async def _score(self, items: list[Item], context, field_name: str):
+    async def _score(self, items: list[Item], context, field_name: str) -> Scores:
         self.tok.validate(items, field_name)
         facts = self.backend.facts
         seqs = [self.tok.encode(item, facts) for item in items]
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        rewards = await self.batcher.score(seqs, deadline)
-        facts = self.backend.facts     # the server that answered (it may have been replaced meanwhile)
-        return rewards.tolist(), facts.normalise(rewards).tolist(), facts.reward_model_id
+        return await self.batcher.score(seqs, deadline)    # with the facts of the server that answered
 
     async def Score(self, request, context, rid=None):
-        rewards, norm, model_id = await self._score(_items(request.items), context, "items")
-        return reward_pb2.ScoreResponse(rewards=rewards, normalized_rewards=norm, model_id=model_id,
+        s = await self._score(_items(request.items), context, "items")
+        return reward_pb2.ScoreResponse(rewards=s.rewards.tolist(), normalized_rewards=s.normalized.tolist(),
+                                        ensemble_spread=s.spread.tolist(), model_id=s.facts.reward_model_id,
                                         request_id=request.request_id or rid or "")
 
     async def ScoreBestOfN(self, request, context, rid=None):
         if not request.prompt:
             raise InvalidInput("prompt is required")
         items = [Item(request.prompt, c) for c in request.candidates]
-        rewards, norm, model_id = await self._score(items, context, "candidates")
+        s = await self._score(items, context, "candidates")
+        rewards = s.rewards.tolist()
         ranking = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))
-        return reward_pb2.BestOfNResponse(rewards=rewards, normalized_rewards=norm, best_index=ranking[0],
-                                          ranking=ranking, model_id=model_id,
+        return reward_pb2.BestOfNResponse(rewards=rewards, normalized_rewards=s.normalized.tolist(),
+                                          ensemble_spread=s.spread.tolist(), best_index=ranking[0],
+                                          ranking=ranking, model_id=s.facts.reward_model_id,
                                           request_id=request.request_id or rid or "")
 
     async def ScoreStream(self, request_iterator, context, rid=None):

@@ -188,6 +188,25 @@ class Backend:
             self.scorer.close()
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One request's items as scored by one server: raw rewards (n,), the members' raw
+    scores (n, K), and that server's facts (their statistics belong to its models)."""
+    rewards: np.ndarray
+    members: np.ndarray
+    facts: ServedFacts
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """(reward − mean) / std of the served rewards on SFT samples. (n,)"""
+        return self.facts.normalise(self.rewards)
+
+    @property
+    def spread(self) -> np.ndarray:
+        """The members' disagreement: std over members of the standardised scores (0 for K = 1). (n,)"""
+        return self.facts.member_spread(self.members)
+
+
 @dataclass
 class _Pending:
     seqs: list[list[int]]
@@ -216,7 +235,7 @@ class MicroBatcher:
         if self._task:
             self._task.cancel()
 
-    async def score(self, seqs: list[list[int]], deadline_s: float | None) -> np.ndarray:
+    async def score(self, seqs: list[list[int]], deadline_s: float | None) -> Scores:
         if not self.backend.ready:
             raise NotReady(f"the reward model is not available: {self.backend.last_error}")
         if self.queued_items + len(seqs) > self.cfg.max_queue_items:
@@ -274,7 +293,7 @@ class MicroBatcher:
             if scorer is None or not self.backend.ready:
                 raise NotReady(f"the reward model is not available: {self.backend.last_error}")
             ids, mask = pad(seqs, self.pad_id, left=True)
-            rewards = await asyncio.wrap_future(scorer.score_async(ids, mask, timeout_s=timeout))
+            rewards, members = await asyncio.wrap_future(scorer.score_with_members_async(ids, mask, timeout_s=timeout))
         except ScorerTimeout as e:
             self._fail(batch, DeadlineExceeded(f"Triton did not answer in time: {e}"))
             return
@@ -292,7 +311,8 @@ class MicroBatcher:
         start = 0
         for p in batch:
             if not p.future.done():
-                p.future.set_result(rewards[start:start + len(p.seqs)])
+                end = start + len(p.seqs)
+                p.future.set_result(Scores(rewards[start:end], members[start:end], scorer.facts))
             start += len(p.seqs)
 
     @staticmethod
@@ -307,5 +327,5 @@ def model_info(backend: Backend, cfg: GatewayConfig) -> dict:
     return {"model_id": f.reward_model_id, "contract_version": f.contract_version,
             "tokenizer_fingerprint": f.tokenizer_fingerprint, "reward_mean": f.reward_mean,
             "reward_std": f.reward_std, "max_sequence_length": f.max_sequence_length,
-            "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes}
+            "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes, "ensemble_size": f.ensemble_size}
 

@@ -2,7 +2,8 @@
 
 Layout (a standard Triton repository that stock Triton loads unchanged)::
 
-    REPO/tribune.json                 manifest: contract, tokenizer, reward stats, sha256s
+    REPO/tribune.json                 manifest: contract, tokenizer, reward stats (per ensemble
+                                      member too), sources, sha256s
     REPO/tokenizer/                   the tokenizer both models were trained with
     REPO/reward/config.pbtxt          REPO/reward/1/model.onnx
     REPO/reference/config.pbtxt       REPO/reference/1/model.onnx
@@ -21,7 +22,7 @@ from pathlib import Path
 from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, MANIFEST, MANIFEST_FILE, MANIFEST_SPEC, MODELS,
                                PARAM_CONTRACT_VERSION, PARAM_MAX_SEQUENCE_LENGTH, PARAM_TOKENIZER_FINGERPRINT,
                                PARAM_VOCAB_SIZE, PROBE, TEMPERATURE, TOKENIZER_DIR, TOKENIZER_FILES, ContractError,
-                               ServedFacts)
+                               ModelSpec, ServedFacts)
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,11 @@ class TritonSettings:
     warmup_length: int
 
 
-def model_config(name: str, s: TritonSettings, parameters: dict[str, str]):
-    """The ModelConfig protobuf for model ``name`` of the contract."""
+def model_config(spec: ModelSpec, s: TritonSettings, parameters: dict[str, str]):
+    """The ModelConfig protobuf for a contract model (``ServedFacts.model_spec(name)``)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    spec = MODELS[name]
-    cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=s.max_batch_size)
+    cfg = mc.ModelConfig(name=spec.name, platform="onnxruntime_onnx", max_batch_size=s.max_batch_size)
     for t in spec.inputs:
         cfg.input.add(name=t.name, data_type=getattr(mc, "TYPE_" + t.dtype), dims=list(t.dims))
     for t in spec.outputs:
@@ -206,10 +206,17 @@ def verify_repository(repo: Path) -> dict:
     problems += [f"{f}: not in the manifest" for f in actual if f not in expected]
     if problems:
         raise ContractError(f"repository {repo} does not match its manifest: " + "; ".join(problems[:10]))
+    facts = ServedFacts.parse(manifest.get("served", {}))
     for name in [*MODELS, MANIFEST_SPEC.name]:
         cfg = read_config(Path(repo) / name / "config.pbtxt")
         if cfg.name != name:
             raise ContractError(f"{repo}/{name}/config.pbtxt names model {cfg.name!r}")
+        if name in MODELS:   # e.g. an ensemble's member_rewards [K] with the manifest's K
+            want = [(t.name, list(t.dims)) for t in facts.model_spec(name).outputs]
+            got = [(o.name, list(o.dims)) for o in cfg.output]
+            if got != want:
+                raise ContractError(f"{repo}/{name}/config.pbtxt has outputs {got}, the manifest "
+                                    f"(ensemble_size {facts.ensemble_size}) says {want}")
     if not (Path(repo) / TOKENIZER_DIR).is_dir():
         raise ContractError(f"{repo} has no {TOKENIZER_DIR}/")
     return manifest

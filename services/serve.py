@@ -24,8 +24,8 @@ import numpy as np
 
 from services.common.config import field
 from services.common.errors import UserError
-from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, PROBE, REFERENCE, REWARD, TEMPERATURE,
-                               ContractError, ModelSpec, ServedFacts)
+from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, PROBE, REFERENCE, REWARD_MODEL,
+                               TEMPERATURE, ContractError, ModelSpec, ServedFacts)
 from services.repository import read_config, verify_repository
 from services.runtime import ensure_libpython_on_loader_path, execution_providers
 
@@ -97,7 +97,10 @@ class OnnxModel:
         opts.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=execution_providers())
         self.spec, self.vocab_size, self.max_len = spec, vocab_size, max_len
-        self.output = spec.outputs[0].name
+        self.outputs = spec.output_names           # an ensemble's reward: rewards and member_rewards
+        missing = set(self.outputs) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise ContractError(f"{onnx_path} has no output {', '.join(sorted(missing))}")
 
     def __call__(self, requests):
         """Triton hands over the requests of one dynamic batch; we run them as one ORT call."""
@@ -120,13 +123,16 @@ class OnnxModel:
                     x = np.pad(x, ((0, 0), (T - L, 0)))
                 parts.append(x)
             feeds[t.name] = np.concatenate(parts, 0)
-        out = self.session.run([self.output], feeds)[0]
+        outs = self.session.run(self.outputs, feeds)
         responses, start = [], 0
         for n, L in zip(sizes, lengths):
-            chunk = out[start:start + n]
-            if self.spec is REFERENCE:
-                chunk = chunk[:, T - L:]              # drop the columns of our own left padding
-            responses.append({self.output: np.ascontiguousarray(chunk, dtype=np.float32)})
+            response = {}
+            for name, out in zip(self.outputs, outs):
+                chunk = out[start:start + n]
+                if self.spec is REFERENCE:
+                    chunk = chunk[:, T - L:]          # drop the columns of our own left padding
+                response[name] = np.ascontiguousarray(chunk, dtype=np.float32)
+            responses.append(response)
             start += n
         return responses
 
@@ -159,7 +165,9 @@ def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
                 config=ModelConfig(batching=False), strict=False)
     vocab, max_len = manifest.facts.vocab_size, manifest.facts.max_sequence_length
     limits = {}
-    for spec in (REWARD, REFERENCE):
+    # the repository's own specs: an ensemble's reward adds member_rewards [K] (verify_repository
+    # has checked that config.pbtxt agrees with the manifest's K)
+    for spec in (manifest.facts.model_spec(REWARD_MODEL), REFERENCE):
         pb = read_config(repo / spec.name / "config.pbtxt")
         fns = [OnnxModel(spec, repo / spec.name / "1" / "model.onnx", vocab, max_len, cfg.intra_op_threads)
                for _ in range(cfg.instances)]
@@ -192,6 +200,7 @@ def run_serve(cfg: ServeConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
+    ensemble = int(manifest["served"].get("ensemble_size", 1))
     with Triton(config=tconfig) as triton:
         limits = bind_repository(triton, repo, cfg)
         triton.run()
@@ -208,6 +217,7 @@ def run_serve(cfg: ServeConfig) -> None:
               f"{', '.join(f'{m} (max batch {b})' for m, b in limits.items())}; gRPC {cfg.host}:{cfg.grpc_port}, "
               f"HTTP {cfg.host}:{cfg.http_port}, metrics {cfg.host}:{cfg.metrics_port}; "
               f"reward model {manifest['served']['reward_model_id']}"
+              + (f" (ensemble of {ensemble})" if ensemble > 1 else "")
               + (f"; gateway {cfg.host}:{cfg.gateway_port}" if gateway else ""), flush=True)
         while not stop.wait(0.5):
             if not triton.is_alive():

@@ -57,6 +57,46 @@ def rm_dir(task_dir, sft_dir, tmp_path_factory) -> Path:
     return out
 
 
+def make_ensemble(rm_dir: Path, out: Path, k: int = 3) -> Path:
+    """An ensemble directory in train-rm's layout (ensemble.json, member-i/, the shared tokenizer),
+    from one trained reward model: member i > 0 has every weight perturbed and its head rescaled,
+    so the members differ in scale and opinion; its reward_stats.json is moved by the scale and
+    an offset (plausible, not measured).
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    names = [f"member-{i}" for i in range(k)]
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(names):
+        member = out / name
+        shutil.copytree(rm_dir, member, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+        weights = load_file(member / "model.safetensors")
+        scale = 1.0 + 0.5 * i
+        if i > 0:
+            for name, w in weights.items():
+                noise = (0.3 if name == "score.weight" else 0.02) * w.std() * torch.randn(w.shape, generator=g)
+                weights[name] = ((scale if name == "score.weight" else 1.0) * w + noise).contiguous()
+        save_file(weights, member / "model.safetensors", metadata={"format": "pt"})
+        stats = json.loads((member / "reward_stats.json").read_text())
+        stats.update(mean=stats["mean"] * scale + 0.25 * i, std=stats["std"] * scale)
+        (member / "reward_stats.json").write_text(json.dumps(stats))
+    for f in rm_dir.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    shutil.copy(rm_dir / "metrics.json", out / "metrics.json")
+    (out / "ensemble.json").write_text(json.dumps({"ensemble_size": k, "members": names}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ensemble_rm_dir(rm_dir, tmp_path_factory) -> Path:
+    """Three reward models in train-rm --ensemble's layout, made from the session's one."""
+    return make_ensemble(rm_dir, tmp_path_factory.mktemp("ensemble") / "rm", k=3)
+
+
 @pytest.fixture(scope="session")
 def repo_dir(rm_dir, sft_dir, tmp_path_factory) -> Path:
     """An exported model repository with a small max batch size, so batches get split."""

@@ -99,6 +99,7 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
         np.testing.assert_allclose(reply.normalized_rewards, (direct - facts.reward_mean) / facts.reward_std,
                                    atol=1e-4)
         assert reply.model_id == facts.reward_model_id and ("x-request-id", "req-42") in call.trailing_metadata()
+        assert list(reply.ensemble_spread) == [0.0] * len(_items())        # one reward model: no disagreement
         best = stub.ScoreBestOfN(pb.BestOfNRequest(prompt="name two fruits", candidates=["fig red", "fig kiwi"]))
         assert best.best_index == int(np.argmax(best.rewards)) and sorted(best.ranking) == [0, 1]
         streamed = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r)])
@@ -106,6 +107,7 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
         np.testing.assert_allclose([s.rewards[0] for s in streamed], direct, atol=1e-5)
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
         assert info.tokenizer_fingerprint == facts.tokenizer_fingerprint and info.max_items > 0
+        assert info.ensemble_size == 1
 
 
 def test_a_client_with_only_server_reflection_finds_and_calls_score(gateway):

@@ -10,23 +10,29 @@ import numpy as np
 import pytest
 
 from services.client import ScorerUnavailable
+from services.contract import ServedFacts
 from services.gateway_core import DeadlineExceeded, GatewayConfig, MicroBatcher, NotReady, Overloaded
 
 
 class FakeScorer:
-    """``score_async`` of TritonScorer: reward = sum of the real token ids; records every call."""
+    """``score_with_members_async`` of TritonScorer: one member, reward = sum of the real token ids;
+    records every call."""
+    facts = ServedFacts(contract_version=1, tokenizer_fingerprint="f", reward_mean=0.0, reward_std=1.0,
+                        max_sequence_length=64, vocab_size=100, max_batch_size=8, reward_model_id="rm-x",
+                        max_length=64, max_prompt_length=48)
 
     def __init__(self, fail_with: Exception | None = None):
         self.calls: list[int] = []
         self.fail_with = fail_with
 
-    def score_async(self, ids: np.ndarray, mask: np.ndarray, timeout_s=None) -> Future:
+    def score_with_members_async(self, ids: np.ndarray, mask: np.ndarray, timeout_s=None) -> Future:
         self.calls.append(ids.shape[0])
         f = Future()
         if self.fail_with:
             f.set_exception(self.fail_with)
         else:
-            f.set_result((ids * mask).sum(-1).astype(np.float32))
+            rewards = (ids * mask).sum(-1).astype(np.float32)
+            f.set_result((rewards, rewards[:, None]))
         return f
 
 
@@ -58,7 +64,8 @@ def test_concurrent_requests_are_merged_and_answered_in_order():
 
     requests, replies, sizes = _run(main())
     for seqs, got in zip(requests, replies):
-        np.testing.assert_array_equal(got, [sum(s) for s in seqs])
+        np.testing.assert_array_equal(got.rewards, [sum(s) for s in seqs])
+        np.testing.assert_array_equal(got.spread, np.zeros(len(seqs)))
     assert len(scorer.calls) < len(requests) and sum(scorer.calls) == sum(len(r) for r in requests)
     assert sum(sizes) == sum(len(r) for r in requests)
 
@@ -72,7 +79,7 @@ def test_queue_limit_deadlines_and_outages():
         with pytest.raises(Overloaded):
             await batcher.score([[1], [2]], None)
         late = asyncio.ensure_future(batcher.score([[5]], time.monotonic() - 1))   # already past its deadline
-        assert list(await first) == [1, 2]
+        assert list((await first).rewards) == [1, 2]
         with pytest.raises(DeadlineExceeded):
             await late
         await batcher.stop()

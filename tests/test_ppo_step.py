@@ -7,6 +7,7 @@ can be checked in seconds; the end-to-end PPO tests in test_ppo.py use real Trit
 from concurrent.futures import Future
 
 import numpy as np
+import pytest
 import torch
 
 from services.contract import ServedFacts
@@ -16,11 +17,13 @@ from trainer.modeling import load_causal_lm, sequence_logprobs
 class LocalScorers:
     """The ``trainer.rollout.Scorer`` protocol over a reward function and a local reference model."""
 
-    def __init__(self, reference, reward_fn):
+    def __init__(self, reference, reward_fn, members: int = 1):
         self.reference, self.reward_fn = reference.eval(), reward_fn
         self.facts = ServedFacts(contract_version=1, tokenizer_fingerprint="local", reward_mean=0.0, reward_std=1.0,
                                  max_sequence_length=64, vocab_size=reference.config.vocab_size, max_batch_size=64,
-                                 reward_model_id="rm-local", max_length=64, max_prompt_length=48)
+                                 reward_model_id="rm-local", max_length=64, max_prompt_length=48,
+                                 ensemble_size=members, member_reward_mean=(0.0,) * members,
+                                 member_reward_std=(1.0,) * members)
         self.calls = 0
 
     @staticmethod
@@ -29,9 +32,10 @@ class LocalScorers:
         f.set_result(value)
         return f
 
-    def score_async(self, ids: np.ndarray, mask: np.ndarray) -> Future:
+    def score_members_async(self, ids: np.ndarray, mask: np.ndarray) -> Future:
         self.calls += 1
-        return self._done(self.reward_fn(ids, mask).astype(np.float32))
+        scores = np.asarray(self.reward_fn(ids, mask), dtype=np.float32)
+        return self._done(scores if scores.ndim == 2 else scores[:, None])            # (B, K)
 
     def logprobs_async(self, ids: np.ndarray, mask: np.ndarray, temperature: float) -> Future:
         with torch.no_grad():
@@ -91,3 +95,24 @@ def test_iterations_follow_the_reward(task_dir, tmp_path):
     prompts = _prompts(task_dir)
     lengths = [ppo_iteration(cfg, learner, scorer, prompts, it)["response/length"] for it in range(8)]
     assert np.mean(lengths[-2:]) < np.mean(lengths[:2]) - 0.5, lengths
+
+
+def test_ensemble_members_penalise_disagreement(task_dir, tmp_path):
+    """Two members that disagree on long responses: the uncertainty penalty and the worst case
+    score a batch lower than the members' mean, and the disagreement is logged."""
+    from trainer.ppo_step import ppo_iteration
+
+    def members(ids, mask):
+        n = mask.sum(-1).astype(float)
+        return np.stack([n, -n], 1)                  # they agree on nothing but the sign
+
+    rows = {}
+    for mode in ("mean", "uncertainty", "worst"):
+        cfg, learner = _learner(task_dir, tmp_path / mode, ensemble_reward=mode, normalize_reward=True,
+                                missing_eos_penalty=0.0)
+        scorer = LocalScorers(load_causal_lm(task_dir / "base"), members, members=2)
+        rows[mode] = ppo_iteration(cfg, learner, scorer, _prompts(task_dir), it=0)
+    assert rows["mean"]["objective/ensemble_disagreement"] > 1
+    assert rows["mean"]["objective/scores_normalized"] == pytest.approx(0.0, abs=1e-6)    # n and −n cancel
+    assert rows["uncertainty"]["objective/scores_normalized"] < -1
+    assert rows["worst"]["objective/scores_normalized"] < -1

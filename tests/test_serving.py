@@ -54,10 +54,12 @@ def test_export_writes_a_repository_stock_triton_loads(repo_dir):
             if w.input_data_file:
                 assert (repo_dir / name / "warmup" / w.input_data_file).is_file()
         assert (repo_dir / name / "1" / "model.onnx").is_file()
-    out = read_config(repo_dir / "reward" / "config.pbtxt").output[0]
+    (out,) = read_config(repo_dir / "reward" / "config.pbtxt").output     # one reward model: no member_rewards
     assert out.name == "rewards" and list(out.dims) == [1] and out.data_type == mc.TYPE_FP32
     manifest = json.loads((repo_dir / "tribune.json").read_text())
     assert manifest["contract_version"] == 1
+    served = manifest["served"]
+    assert served["ensemble_size"] == 1 and served["member_reward_mean"] == [served["reward_mean"]]
     assert manifest["tokenizer"]["fingerprint"] == _fingerprint(repo_dir)
     assert manifest["served"]["reward_std"] > 0
     assert set(manifest["sources"]) == {"reward", "reference"}
@@ -108,6 +110,11 @@ def test_served_scores_equal_pytorch_for_both_padding_sides(served, repo_dir, ta
         padded = scorer.logprobs(ids.numpy(), mask.numpy())[0]
         np.testing.assert_allclose(padded[-alone.shape[1]:], alone[0], atol=1e-5)
         np.testing.assert_allclose(scorer.facts.normalise(np.array([scorer.facts.reward_mean])), [0.0])
+        # a single reward model is its own only member; the server has no member_rewards output
+        np.testing.assert_array_equal(scorer.score_members_async(ids.numpy(), mask.numpy()).result(),
+                                      scorer.score(ids.numpy(), mask.numpy())[:, None])
+        meta = scorer._client().get_model_metadata("reward", as_json=True)
+        assert [o["name"] for o in meta["outputs"]] == ["rewards"]
 
 
 def test_concurrent_clients_get_their_own_results_in_order(served, repo_dir, task_dir):

@@ -41,6 +41,8 @@ COMMANDS: list[Command] = [
     Command("gateway", "the gRPC text API (tribune.v1.RewardService) in front of Triton",
             "services.gateway_core:GatewayConfig", "services.gateway:run_gateway"),
     Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo"),
+    Command("evaluate", "the whole pipeline with default settings on every suite task: a JSON table and a PNG",
+            "trainer.evaluate:EvaluateConfig", "trainer.evaluate:run_evaluate"),
 ]
 TASK_MAKE = Command("make", "write a task (tokenizer, tiny base model, data)", "trainer.task.make:TaskConfig",
                     "trainer.cli:task_make")

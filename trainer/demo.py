@@ -1,9 +1,8 @@
-"""`tribune demo`: the whole pipeline on the bundled task, wired in one place.
+"""`tribune demo`: the whole pipeline on the bundled task (``trainer.pipeline``), then one call of
+the text gateway as another system would make it, and a short summary.
 
-Each stage's output directory is the next stage's input; the stage configs are the same
-dataclasses the individual commands use, and ``DemoConfig`` holds each stage's options as
-a mapping (YAML ``sft: {epochs: 3}`` or ``--sft epochs=3``), validated against that stage's
-config, so every option of every stage can be set here.
+``--sft``, ``--rm``, ``--export``, ``--ppo`` (or the same keys in YAML) set any option of
+any stage.
 """
 from __future__ import annotations
 
@@ -12,21 +11,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from services.common.config import build_config, field
-from services.common.errors import UserError
-from services.launcher import free_port, start_serve
-from trainer.export import ExportConfig, run_export
-from trainer.ppo import run_ppo
-from trainer.ppo_config import PPOConfig
-from trainer.reward import RewardConfig, run_train_rm
-from trainer.sft import SFTConfig, run_sft
-from trainer.task.make import TaskConfig, make_task
+from services.common.config import field, group
+from services.launcher import free_port
+from trainer.pipeline import StageOptions, run_pipeline, stage_configs
 
 log = logging.getLogger("tribune")
-
-_PLACEHOLDER_URL = "127.0.0.1:1"   # replaced by the served address once `tribune serve` runs
 
 
 @dataclass(kw_only=True)
@@ -35,52 +25,10 @@ class DemoConfig:
     output: Path = field(Path("runs/demo"), help="directory for every stage's output")
     seed: int = field(0, help="seed of the task and of every stage")
     max_steps: int | None = field(None, help="cap on optimiser steps of each training stage (for smoke runs)")
-    task: dict[str, Any] = field({}, help="options of `tribune task make`")
-    sft: dict[str, Any] = field({"epochs": 3.0, "learning_rate": 3e-3}, help="options of `tribune sft`")
-    rm: dict[str, Any] = field({"epochs": 4.0, "learning_rate": 1e-3}, help="options of `tribune train-rm`")
-    export: dict[str, Any] = field({"instance_kind": "KIND_GPU"}, help="options of `tribune export`")
-    ppo: dict[str, Any] = field({"iterations": 60, "learning_rate": 1e-4, "kl_coef": 0.1, "scoring_chunk": 32},
-                                help="options of `tribune ppo`")
+    stages: StageOptions = group(StageOptions(), help="each stage's options")
 
     def __post_init__(self) -> None:
-        stage_configs(self)       # every stage's options are checked before anything runs
-
-
-@dataclass(frozen=True)
-class Stages:
-    task: TaskConfig
-    sft: SFTConfig
-    rm: RewardConfig
-    export: ExportConfig
-    ppo: PPOConfig
-
-
-def stage_configs(cfg: DemoConfig, reward_url: str = _PLACEHOLDER_URL) -> Stages:
-    """The one place where a stage's output becomes the next stage's input."""
-    out = Path(cfg.output)
-    t = out / "task"
-    common = {"seed": cfg.seed, **({"max_steps": cfg.max_steps} if cfg.max_steps else {})}
-
-    def build(cls, wired: dict, overrides: dict):
-        try:
-            return build_config(cls, {**wired, **overrides})
-        except UserError as e:
-            raise ValueError(f"{cls.__name__}: {e}") from None
-
-    task = build(TaskConfig, {"seed": cfg.seed}, cfg.task)
-    judge = {"judge": task.spec.judge}      # the task's gold judge, plugged in like any other
-    sft = build(SFTConfig, {"model": t / "base", "train": t / "sft.jsonl", "output": out / "sft", **judge, **common},
-                cfg.sft)
-    rm = build(RewardConfig, {"model": out / "sft", "train": t / "prefs_train.jsonl", "eval": t / "prefs_eval.jsonl",
-                              "output": out / "rm", **judge, **common}, cfg.rm)
-    export = build(ExportConfig, {"reward": out / "rm", "reference": out / "sft", "output": out / "repository",
-                                  "overwrite": True}, cfg.export)
-    iterations = int(cfg.ppo.get("iterations", 60))
-    ppo = build(PPOConfig, {"policy": out / "sft", "prompts": t / "prompts_train.jsonl",
-                            "eval_prompts": t / "prompts_eval.jsonl", "reward_url": reward_url,
-                            "reference_url": reward_url, "output": out / "ppo", "value_init": out / "rm",
-                            "gold_every": max(1, iterations // 6), **judge, **common}, cfg.ppo)
-    return Stages(task, sft, rm, export, ppo)
+        stage_configs(self.output, self.seed, self.max_steps, self.stages)   # checked before anything runs
 
 
 def gateway_score_call(target: str) -> dict:
@@ -105,24 +53,13 @@ def gateway_score_call(target: str) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    stages = stage_configs(cfg)
-    task_cfg, sft_cfg, rm_cfg, export_cfg = stages.task, stages.sft, stages.rm, stages.export
     t0 = time.perf_counter()
-    log.info("1/6 task make → %s", Path(cfg.output) / "task")
-    task = make_task(task_cfg, Path(cfg.output) / "task")
-    log.info("2/6 sft → %s", sft_cfg.output)
-    sft = run_sft(sft_cfg)
-    log.info("3/6 train-rm → %s", rm_cfg.output)
-    rm = run_train_rm(rm_cfg)
-    log.info("4/6 export → %s", export_cfg.output)
-    run_export(export_cfg)
-    log.info("5/6 tribune serve --with-gateway (embedded Triton + text gateway) in a child process")
     gateway_port = free_port()
-    with start_serve(export_cfg.output, "--with-gateway", "--gateway-port", str(gateway_port),
-                     "--gateway-metrics-port", "0") as server:
-        log.info("6/6 ppo against %s", server.url)
-        ppo = run_ppo(stage_configs(cfg, server.url).ppo)
+    with run_pipeline(cfg.output, cfg.seed, cfg.max_steps, cfg.stages, None, "--with-gateway", "--gateway-port",
+                      str(gateway_port), "--gateway-metrics-port", "0") as (result, _server):
         score_call = gateway_score_call(f"127.0.0.1:{gateway_port}")
+    task, sft, rm, ppo = result.task, result.sft, result.rm, result.ppo
+    sft_cfg, rm_cfg, export_cfg = result.stages.sft, result.stages.rm, result.stages.export
     report = {
         "demonstrator_gold_score": task["demonstrator_gold_score"],
         "sft_gold_score": sft.get("gold_score"),

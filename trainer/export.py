@@ -10,6 +10,14 @@ Before anything is written, ONNX Runtime is checked against PyTorch on a padded 
 (left, right and no padding, mixed lengths); the export fails if they differ by more than
 the tolerance. The repository is assembled in a temporary directory and moved into place
 at the end: a failed export leaves nothing half-written.
+
+An ensemble of reward models (``--reward`` holding ``ensemble.json``: K member directories,
+each one written by train-rm) becomes one ONNX graph holding all K members, so stock
+Triton's ONNX Runtime backend serves it unchanged (no Triton ensemble scheduler, no
+Python backend for the mean): ``rewards`` (B, 1) is the members' mean and
+``member_rewards`` (B, K) their raw scores. Parity is checked per member and for the mean.
+The graph holds K copies of the weights: an ONNX file is one protobuf, limited to 2 GB,
+so large members will need ONNX external data (not done yet).
 """
 from __future__ import annotations
 
@@ -30,20 +38,25 @@ from services.common.config import field
 from services.common.errors import UserError
 from services.common.text import load_tokenizer
 from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, INPUT_IDS, LOGPROBS, MANIFEST_FILE, MANIFEST_SPEC,
-                               REFERENCE, REWARD, REWARDS, TEMPERATURE, TOKENIZER_DIR, ModelSpec, ServedFacts)
+                               MEMBER_REWARDS_NAME, REFERENCE, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_DIR,
+                               ModelSpec, ServedFacts, reward_spec)
 from services.repository import (TritonSettings, contract_parameters, manifest_model_config, manifest_onnx,
                                  model_config, sha256_file, tokenizer_fingerprint, write_config, write_manifest)
-from trainer.modeling import load_causal_lm, load_reward_model, scalar_head_values, sequence_logprobs
-from trainer.reward import read_reward_stats
+from trainer.modeling import (load_causal_lm, load_reward_model, scalar_head_values, score_sequences,
+                              sequence_logprobs)
+from trainer.reward import ENSEMBLE_FILE, read_reward_stats, reward_members
 from trainer.sequences import gather_last
 
 log = logging.getLogger("tribune")
+
+# An ensemble reward-model directory: {"ensemble_size": K, "members": ["member-0", …]}, each
+# member a complete train-rm output; the directory also holds the shared tokenizer.
 
 
 @dataclass(kw_only=True)
 class ExportConfig:
     """Export to a Triton model repository (ONNX Runtime backend)."""
-    reward: Path = field(help="reward model directory (from train-rm)")
+    reward: Path = field(help="reward model directory (from train-rm; with ensemble.json, an ensemble of K)")
     reference: Path = field(help="reference policy directory (the SFT model)")
     output: Path = field(help="model repository to create")
     overwrite: bool = field(False, help="replace --output if it exists")
@@ -89,6 +102,22 @@ class RewardGraph(nn.Module):
         return gather_last(values, attention_mask)[:, None]                         # (B, 1)
 
 
+class EnsembleRewardGraph(nn.Module):
+    """(input_ids, attention_mask) (B, T) → rewards (B, 1), the members' mean, and member_rewards (B, K).
+
+    Each member is exactly ``RewardGraph``'s computation, so column k is member k's reward.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.stack([gather_last(scalar_head_values(m, input_ids, attention_mask), attention_mask)
+                              for m in self.members], -1)                    # (B, K)
+        return scores.mean(-1, keepdim=True), scores                          # (B, 1), (B, K)
+
+
 class ReferenceGraph(nn.Module):
     """(input_ids, attention_mask (B, T), temperature (B, 1)) → logprobs (B, T−1), the contract's columns."""
 
@@ -116,14 +145,14 @@ def parity_batch(vocab_size: int, low: int, max_len: int, seed: int = 0) -> tupl
 
 def _export_onnx(module: nn.Module, args: tuple, path: Path, spec: ModelSpec, output_axes: dict[int, str],
                  opset: int) -> None:
+    """``output_axes``: the dynamic axes of every output of ``spec`` (in the module's output order)."""
     import warnings
 
     dyn = {t.name: ({0: "batch"} if t is TEMPERATURE else {0: "batch", 1: "sequence"}) for t in spec.inputs}
-    (output,) = spec.output_names
-    dyn[output] = output_axes
+    dyn.update({name: output_axes for name in spec.output_names})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=[output],
+        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
@@ -135,18 +164,28 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), providers=execution_providers())
 
 
-def export_reward(model, path: Path, cfg: ExportConfig, vocab_size: int, low: int, max_len: int) -> float:
-    graph = RewardGraph(model).eval()
+def export_reward(members: list, path: Path, cfg: ExportConfig, vocab_size: int, low: int,
+                  max_len: int) -> dict[str, float]:
+    """One reward model, or K members in one graph; max |ORT − PyTorch| for `reward` (the served
+    ``rewards``) and, for an ensemble, for each member's column (``reward.member-k``)."""
+    spec = reward_spec(len(members))
+    graph = (RewardGraph(members[0]) if len(members) == 1 else EnsembleRewardGraph(members)).eval()
     ids, mask = parity_batch(vocab_size, low, max_len)
     targs = (torch.from_numpy(ids), torch.from_numpy(mask))
-    _export_onnx(graph, targs, path, REWARD, {0: "batch"}, cfg.opset)
-    with torch.no_grad():
-        ref = graph(*targs).float().numpy()
-    got = _ort_session(path).run([REWARDS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})[0]
-    return float(np.abs(got - ref).max())
+    _export_onnx(graph, targs, path, spec, {0: "batch"}, cfg.opset)
+    got = dict(zip(spec.output_names, _ort_session(path).run(spec.output_names,
+                                                             {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})))
+    with torch.no_grad():     # each member on its own, as train-rm and PPO score with it
+        want = np.stack([score_sequences(m, *targs).float().numpy() for m in members], -1)   # (B, K)
+    parity = {REWARD_MODEL: float(np.abs(got[REWARDS.name][:, 0] - want.mean(-1)).max())}
+    if len(members) > 1:
+        parity.update({f"{REWARD_MODEL}.member-{k}": float(np.abs(got[MEMBER_REWARDS_NAME][:, k] - want[:, k]).max())
+                       for k in range(len(members))})
+    return parity
 
 
-def export_reference(model, path: Path, cfg: ExportConfig, vocab_size: int, low: int, max_len: int) -> float:
+def export_reference(model, path: Path, cfg: ExportConfig, vocab_size: int, low: int,
+                     max_len: int) -> dict[str, float]:
     graph = ReferenceGraph(model).eval()
     ids, mask = parity_batch(vocab_size, low, max_len)
     temp = np.full((ids.shape[0], 1), 0.7, dtype=np.float32)
@@ -156,7 +195,7 @@ def export_reference(model, path: Path, cfg: ExportConfig, vocab_size: int, low:
         ref = graph(*targs).float().numpy()
     got = _ort_session(path).run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask,
                                                     TEMPERATURE.name: temp})[0]
-    return float(np.abs(got - ref).max())
+    return {REFERENCE.name: float(np.abs(got - ref).max())}
 
 
 def _reward_stats(rm_dir: Path) -> dict:
@@ -167,33 +206,78 @@ def _reward_stats(rm_dir: Path) -> dict:
     return stats
 
 
-def _truncation(rm_dir: Path, max_len: int, max_prompt_length: int | None) -> tuple[int, int]:
-    """(max_length, max_prompt_length) the reward model was trained with, served to text clients."""
-    resolved = Path(rm_dir) / "config.resolved.json"
-    trained = json.loads(resolved.read_text()) if resolved.is_file() else {}
-    length = min(int(trained.get("max_length", max_len)), max_len)
-    prompt = max_prompt_length or trained.get("max_prompt_length") or (3 * length) // 4
+def ensemble_stats(rm_dir: Path, member_stats: list[dict]) -> dict:
+    """Statistics of the served ``rewards`` of K > 1 members (their mean) on SFT samples.
+
+    Measured when the ensemble directory has its own reward_stats.json (train-rm scoring the
+    mean on SFT samples); otherwise derived from the members' own: the mean of their means
+    (exact in expectation) and the mean of their stds, an upper bound on the std of the mean
+    (Minkowski), reached when the members are perfectly correlated, as members trained on
+    the same preferences nearly are.
+    """
+    measured = read_reward_stats(rm_dir)
+    if measured is not None:
+        return measured
+    return {"mean": float(np.mean([m["mean"] for m in member_stats])),
+            "std": float(np.mean([m["std"] for m in member_stats])),
+            "source": "derived from the members' statistics: mean of their means, mean of their stds "
+                      "(an upper bound on the std of the members' mean)"}
+
+
+def _truncation(rm_dirs: list[Path], max_len: int, max_prompt_length: int | None) -> tuple[int, int]:
+    """(max_length, max_prompt_length) the reward model(s) were trained with, served to text clients."""
+    trained = []
+    for d in rm_dirs:
+        resolved = Path(d) / "config.resolved.json"
+        cfg = json.loads(resolved.read_text()) if resolved.is_file() else {}
+        trained.append((cfg.get("max_length"), cfg.get("max_prompt_length")))
+    if len(set(trained)) > 1:
+        raise UserError(f"the ensemble's members were trained with different truncations (max_length, "
+                        f"max_prompt_length): {sorted(set(map(str, trained)))}; text clients need one")
+    length = min(int(trained[0][0] or max_len), max_len)
+    prompt = max_prompt_length or trained[0][1] or (3 * length) // 4
     return length, int(prompt)
 
 
-def served_facts(fingerprint: str, stats: dict, max_len: int, vocab: int, cfg: ExportConfig,
-                 sources: dict) -> ServedFacts:
+def served_facts(fingerprint: str, stats: dict, member_stats: list[dict], max_len: int, vocab: int,
+                 cfg: ExportConfig, sources: dict, members: list[Path]) -> ServedFacts:
     """What the `tribune_manifest` model answers: everything a remote client must check."""
     import hashlib
 
-    weights = json.dumps(sources["reward"]["weights_sha256"], sort_keys=True).encode()
-    length, prompt = _truncation(cfg.reward, max_len, cfg.max_prompt_length)
+    reward = sources["reward"]
+    digests = [m["weights_sha256"] for m in reward.get("members", [reward])]
+    # one model keeps the id it always had (its weights' digests, not a list of them)
+    weights = json.dumps(digests[0] if len(digests) == 1 else digests, sort_keys=True).encode()
+    length, prompt = _truncation(members, max_len, cfg.max_prompt_length)
     return ServedFacts(contract_version=CONTRACT_VERSION, tokenizer_fingerprint=fingerprint,
                        reward_mean=float(stats["mean"]), reward_std=float(stats["std"]),
                        max_sequence_length=max_len, vocab_size=vocab, max_batch_size=cfg.max_batch_size,
                        reward_model_id="rm-" + hashlib.sha256(weights).hexdigest()[:16],
-                       max_length=length, max_prompt_length=prompt, reward_model_source=sources["reward"]["path"])
+                       max_length=length, max_prompt_length=prompt, reward_model_source=reward["path"],
+                       ensemble_size=len(members),
+                       member_reward_mean=tuple(float(m["mean"]) for m in member_stats),
+                       member_reward_std=tuple(float(m["std"]) for m in member_stats))
 
 
 def _source(path: Path) -> dict:
     path = Path(path)
     return {"path": str(path.resolve()), "config_sha256": sha256_file(path / "config.json"),
             "weights_sha256": {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}}
+
+
+def _reward_source(rm_dir: Path, members: list[Path]) -> dict:
+    """A single reward model's source; for an ensemble, its directory and each member's source."""
+    if not (Path(rm_dir) / ENSEMBLE_FILE).is_file():
+        return _source(rm_dir)
+    return {"path": str(Path(rm_dir).resolve()), "ensemble_size": len(members),
+            "members": [{"name": m.name, **_source(m)} for m in members]}
+
+
+def _statistics_source(stats: dict, member_stats: list[dict]) -> dict:
+    extra = {k: v for k, v in stats.items() if k not in ("mean", "std")}
+    if len(member_stats) > 1:
+        extra["members"] = [{k: v for k, v in m.items() if k not in ("mean", "std")} for m in member_stats]
+    return extra
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -203,19 +287,22 @@ def run_export(cfg: ExportConfig) -> dict:
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.reference)
     fp = tokenizer_fingerprint(tok)
-    if tokenizer_fingerprint(load_tokenizer(cfg.reward)) != fp:
-        raise UserError(f"the tokenizers of {cfg.reward} and {cfg.reference} differ; both models must share one")
-    rm = load_reward_model(cfg.reward, attn_implementation="eager").eval()
+    members = reward_members(cfg.reward)
+    for d in dict.fromkeys([Path(cfg.reward), *members]):
+        if tokenizer_fingerprint(load_tokenizer(d)) != fp:
+            raise UserError(f"the tokenizers of {d} and {cfg.reference} differ; all models must share one")
+    rms = [load_reward_model(d, attn_implementation="eager").eval() for d in members]
     ref = load_causal_lm(cfg.reference, attn_implementation="eager").eval()
     if cfg.dtype == "fp16":
-        rm, ref = rm.half(), ref.half()
+        rms, ref = [rm.half() for rm in rms], ref.half()
     max_len = int(getattr(ref.config, "max_position_embeddings", 0) or tok.model_max_length)
     vocab = int(ref.config.vocab_size)
     low = max(tok.all_special_ids, default=-1) + 1
     low = low if low < vocab else 0          # e.g. GPT-2: its only special id is the last one
-    stats = _reward_stats(cfg.reward)
-    sources = {"reward": _source(cfg.reward), "reference": _source(cfg.reference)}
-    facts = served_facts(fp, stats, max_len, vocab, cfg, sources)
+    member_stats = [_reward_stats(d) for d in members]
+    stats = member_stats[0] if len(members) == 1 else ensemble_stats(cfg.reward, member_stats)
+    sources = {"reward": _reward_source(cfg.reward, members), "reference": _source(cfg.reference)}
+    facts = served_facts(fp, stats, member_stats, max_len, vocab, cfg, sources, members)
     params = contract_parameters(facts)
     settings = TritonSettings(cfg.max_batch_size, cfg.queue_delay_us, cfg.max_queue_size, cfg.instance_count,
                               cfg.instance_kind, cfg.accelerator, cfg.dtype == "fp16", cfg.warmup,
@@ -225,16 +312,18 @@ def run_export(cfg: ExportConfig) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         parity = {}
-        for spec, model, export in ((REWARD, rm, export_reward), (REFERENCE, ref, export_reference)):
+        for spec, model, export in ((facts.model_spec(REWARD_MODEL), rms, export_reward),
+                                    (REFERENCE, ref, export_reference)):
             (tmp / spec.name / "1").mkdir(parents=True)
-            log.info("export: %s → ONNX", spec.name)
-            parity[spec.name] = export(model, tmp / spec.name / "1" / "model.onnx", cfg, vocab, low, max_len)
-            log.info("export: %s parity max|ORT − PyTorch| = %.3g (tolerance %.0e)", spec.name,
-                     parity[spec.name], cfg.tolerance)
-            if not parity[spec.name] <= cfg.tolerance:
-                raise UserError(f"{spec.name}: ONNX Runtime differs from PyTorch by {parity[spec.name]:.3g} "
-                                f"> {cfg.tolerance:.0e}; nothing was written")
-            write_config(tmp / spec.name / "config.pbtxt", model_config(spec.name, settings, params))
+            log.info("export: %s → ONNX%s", spec.name, f" ({len(rms)} members)" if model is rms and len(rms) > 1 else "")
+            checked = export(model, tmp / spec.name / "1" / "model.onnx", cfg, vocab, low, max_len)
+            for name, diff in checked.items():
+                log.info("export: %s parity max|ORT − PyTorch| = %.3g (tolerance %.0e)", name, diff, cfg.tolerance)
+                if not diff <= cfg.tolerance:
+                    raise UserError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
+                                    f"> {cfg.tolerance:.0e}; nothing was written")
+            parity.update(checked)
+            write_config(tmp / spec.name / "config.pbtxt", model_config(spec, settings, params))
             if cfg.warmup:
                 warm = tmp / spec.name / "warmup"
                 warm.mkdir()
@@ -250,7 +339,7 @@ def run_export(cfg: ExportConfig) -> dict:
             "tokenizer": {"fingerprint": fp, "dir": TOKENIZER_DIR},
             "sources": sources,
             "served": facts.to_dict(),
-            "reward_statistics_source": {k: v for k, v in stats.items() if k not in ("mean", "std")},
+            "reward_statistics_source": _statistics_source(stats, member_stats),
             "export": {"dtype": cfg.dtype, "opset": cfg.opset, "parity_max_abs_diff": parity,
                        "max_sequence_length": max_len, "vocab_size": vocab,
                        "max_batch_size": cfg.max_batch_size},
@@ -262,7 +351,8 @@ def run_export(cfg: ExportConfig) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = {"repository": str(out), "parity_max_abs_diff": parity, "files": len(manifest["files"]),
-              "tokenizer_fingerprint": fp, "elapsed_s": round(time.perf_counter() - t0, 2)}
+              "tokenizer_fingerprint": fp, "ensemble_size": len(members),
+              "elapsed_s": round(time.perf_counter() - t0, 2)}
     log.info("export: wrote %s (%s)", out, MANIFEST_FILE)
     return result
 

@@ -189,12 +189,14 @@ class Samples:
 
 def sample_responses(model: nn.Module, tokenizer, prompts: list[str], *, max_prompt_length: int,
                      max_new_tokens: int, seed: int, temperature: float = 1.0, chunk: int = 64) -> Iterator[Samples]:
-    """Samples one response per prompt, ``chunk`` prompts at a time, reproducibly (``seed``)."""
+    """Samples one response per prompt, ``chunk`` prompts at a time, reproducibly (``seed``);
+    temperature 0 decodes greedily."""
     g = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), chunk):
         part = prompts[i:i + chunk]
         qr, mask, P = generate(model, tokenizer, [encode_prompt(tokenizer, p, max_prompt_length) for p in part],
-                               max_new_tokens, temperature=temperature, generator=g)
+                               max_new_tokens, temperature=temperature or 1.0, do_sample=temperature > 0,
+                               generator=g)
         yield Samples(part, qr, mask, P, decode_responses(tokenizer, qr, mask, P))
 
 

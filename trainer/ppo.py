@@ -18,12 +18,13 @@ from services.judge import load_judge
 from services.repository import tokenizer_fingerprint
 from trainer.checkpoints import latest_checkpoint
 from trainer.data import load_prompts
+from trainer.defences import DriftMonitor, KLBudget
 from trainer.modeling import ValueModel, load_causal_lm, load_reward_model
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
 from trainer.ppo_step import Learner, ppo_iteration
 from trainer.rl_math import AdaptiveKLController
-from trainer.run import Run
+from trainer.run import Run, StopTraining
 
 log = logging.getLogger("tribune")
 
@@ -36,8 +37,8 @@ class RemoteScorers:
         self.reference = TritonScorer(cfg.client.at(cfg.reference_url), fingerprint, models=(REFERENCE_MODEL,))
         self.facts = self.reward.facts
 
-    def score_async(self, ids, mask):
-        return self.reward.score_async(ids, mask)
+    def score_members_async(self, ids, mask):
+        return self.reward.score_members_async(ids, mask)
 
     def score(self, ids, mask):
         return self.reward.score(ids, mask)
@@ -86,10 +87,13 @@ def run_ppo(cfg: PPOConfig) -> dict:
              scorers.facts.reward_model_id, world)
     learner = make_learner(cfg, acc, tokenizer)
     hacking = HackingDetector()
+    budget = KLBudget(cfg.kl_budget, cfg.kl_budget_action)
+    drift = DriftMonitor(length_tolerance=cfg.drift_tolerance)
     state = run.begin()
     if state:
         learner.kl_ctl.load_state_dict(state["kl_controller"])
         hacking.history = [tuple(h) for h in state.get("gold_history", [])]
+        drift.load_state_dict(state.get("drift", {}))
 
     def evaluate_gold(step: int) -> dict:
         if judge is None or not eval_prompts or not run.is_main:
@@ -102,11 +106,34 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
     steps = cfg.total_iterations
 
+    warned = [False]
+
+    def defences(row: dict, done: int) -> str | None:
+        """The gold-free alarms and the KL budget after an iteration; returns why to stop, if so."""
+        row.update(drift.observe(row["objective/scores"], row["objective/ensemble_disagreement"],
+                                 row["response/length"]))
+        warning = bool(row["monitor/overoptimisation_warning"])
+        if warning and not warned[0]:
+            log.warning("over-optimisation? iteration %d: the proxy rose while the response length moved to %.2f× "
+                        "πSFT's and the members' disagreement to %.2f× its start; consider a larger β, a KL budget "
+                        "(--kl-budget) or stopping here", done, row["monitor/length_ratio"],
+                        row["monitor/disagreement_ratio"])
+        warned[0] = warning
+        learner.kl_ctl.value, over_budget = budget.check(row["objective/kl"], learner.kl_ctl.value)
+        row["objective/kl_budget_exceeded"] = float(budget.exceeded)
+        if over_budget:
+            return "the KL budget"
+        return "an over-optimisation warning" if warning and cfg.stop_on_drift else None
+
     def step(it: int) -> dict:
         row = ppo_iteration(cfg, learner, scorers, prompts, it)
         done = it + 1
-        if run.due(done, steps, cfg.gold_every):
+        why = defences(row, done)
+        if run.due(done, steps, cfg.gold_every) or why:
             row.update(evaluate_gold(done))
+        if why:
+            raise StopTraining(f"{why} (KL {row['objective/kl']:.2f} nats per response, "
+                               f"length {row['monitor/length_ratio']:.2f}× πSFT's)", row)
         return row if run.due(done, steps, cfg.log_every) or "gold/score" in row else {}
 
     baseline: dict = {}
@@ -117,7 +144,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 run.log(0, first)
                 baseline = {"sft/" + k.split("/", 1)[1]: v for k, v in first.items() if k != "gold/hacking_warning"}
         last = run.loop(steps, step, state=lambda: {"kl_controller": learner.kl_ctl.state_dict(),
-                                                    "gold_history": hacking.history},
+                                                    "gold_history": hacking.history, "drift": drift.state_dict()},
                         postfix=lambda r: {"score": f"{r['objective/scores']:.3f}", "kl": f"{r['objective/kl']:.2f}"})
     except (ScorerUnavailable, ScorerRequestError, ScorerServerError) as e:
         ckpt = latest_checkpoint(run.out)

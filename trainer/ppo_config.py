@@ -14,6 +14,7 @@ from typing import Literal
 from services.client import ClientOptions
 from services.common.config import field, group
 from services.judge import JudgeConfig
+from trainer.defences import EnsembleMode
 from trainer.run import OptimizerConfig, RunConfig, default
 
 
@@ -49,7 +50,17 @@ class PPOConfig(RunConfig):
     adaptive_kl: bool = field(False, help="adapt β towards --target-kl (Ziegler et al.); else β is fixed")
     target_kl: float = field(6.0, help="KL target (nats per sequence) of the adaptive controller")
     kl_horizon: int = field(10000, help="horizon of the adaptive controller, in rollouts")
-    normalize_reward: bool = field(True, help="(r − mean) / std with the statistics in tribune.json")
+    normalize_reward: bool = field(True, help="standardise each member's score with its statistics in tribune.json")
+    ensemble_reward: EnsembleMode = field("uncertainty", help="reward from the members' standardised scores: mean, "
+                                          "uncertainty (mean − λ·std, Coste et al. 2023) or worst (min)")
+    uncertainty_coef: float = field(1.0, help="λ of --ensemble-reward uncertainty")
+    kl_budget: float | None = field(None, help="KL per response (nats) a batch may reach; above it "
+                                    "--kl-budget-action applies (default: no budget)")
+    kl_budget_action: Literal["raise_beta", "stop"] = field("raise_beta", help="over the KL budget: multiply β "
+                                                            "by 1.5, or stop the run (weights of that iteration kept)")
+    drift_tolerance: float = field(0.3, help="warn when the response length moves more than this share away from "
+                                   "πSFT's while the proxy rises (also: the members' disagreement rises)")
+    stop_on_drift: bool = field(False, help="stop the run at the first over-optimisation warning")
     reward_clip: float | None = field(None, help="clip normalised rewards to ±this")
     missing_eos_penalty: float = field(-1.0, help="added to the score of a response that never emits EOS")
     temperature: float = field(1.0, help="sampling temperature; also sent to `reference` and used for πθ's log-probs")
@@ -78,6 +89,10 @@ class PPOConfig(RunConfig):
             raise ValueError("gamma and lam must be in [0, 1]")
         if self.kl_coef < 0:
             raise ValueError("kl_coef must be non-negative")
+        if self.uncertainty_coef < 0 or self.drift_tolerance <= 0:
+            raise ValueError("uncertainty_coef must be >= 0 and drift_tolerance > 0")
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise ValueError("kl_budget must be positive")
 
     @property
     def total_iterations(self) -> int:

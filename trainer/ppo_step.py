@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from trainer.defences import ensemble_reward, member_disagreement
 from trainer.modeling import response_logprobs
 from trainer.ppo_config import PPOConfig
 from trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty, masked_mean,
@@ -56,11 +57,15 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
                                        cfg.temperature)[0] * mask                    # (B, R)
         b.values = acc.unwrap_model(value)(b.query_responses, b.attention_mask)[:, P - 1:-1] * mask   # (B, R)
 
-    # 2. score remotely: raw rewards (B,) and reference log-probs of the response tokens (B, R)
+    # 2. score remotely: raw member scores (B, K) and reference log-probs of the response tokens (B, R)
     pending.wait()
 
-    # 3. KL-shaped rewards: per-token −β·KL, the normalised score at the last token (Ziegler et al. 2019)
-    scores = scorer.facts.normalise(b.scores) if cfg.normalize_reward else b.scores.clone()   # (B,)
+    # 3. KL-shaped rewards: per-token −β·KL, the score at the last token (Ziegler et al. 2019). The
+    #    score comes from the members standardised with their own statistics: their mean, or the
+    #    mean less λ·their spread, or their minimum (Coste et al. 2023); one member: its score
+    z = scorer.facts.standardise_members(b.member_scores) if cfg.normalize_reward else b.member_scores   # (B, K)
+    disagreement = member_disagreement(z)                                             # (B,)
+    scores = ensemble_reward(z, cfg.ensemble_reward, cfg.uncertainty_coef)           # (B,)
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     scores = scores + cfg.missing_eos_penalty * (~b.eos).float()
@@ -112,11 +117,14 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
 
     # 6. log (means over ranks) and adapt β
     seq_kl = b.kl.sum(-1)                                                             # (B,)
+    lengths = mask.sum(-1)                                                            # (B,)
     local = {
         "objective/scores": b.scores.mean(), "objective/scores_normalized": scores.mean(),
+        "objective/ensemble_disagreement": disagreement.mean(),
+        "objective/reward_per_token": (b.scores / lengths.clamp(min=1)).mean(),
         "objective/kl": seq_kl.mean(), "objective/non_score_reward": (-beta * seq_kl).mean(),
         "objective/rlhf_reward": (scores - beta * seq_kl).mean(),
-        "response/length": mask.sum(-1).mean(), "response/eos_rate": b.eos.float().mean(),
+        "response/length": lengths.mean(), "response/eos_rate": b.eos.float().mean(),
         "val/explained_variance": explained_variance(b.values, b.returns, mask),
     }
     row = {k: float(acc.reduce(v.detach().float().reshape(1), "mean")) for k, v in local.items()}

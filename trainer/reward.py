@@ -12,6 +12,7 @@ rejected alike, and pairs index into the resulting rewards.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,13 +23,14 @@ import torch
 from torch import nn
 
 from services.common.config import field, group
+from services.common.errors import UserError
 from services.common.jsonl import SkipCounter, write_json
-from services.common.text import Truncation, encode_pair
+from services.common.text import Truncation, encode_pair, load_tokenizer
 from services.judge import Judge, JudgeConfig, load_judge
 from trainer.data import PreferenceGroup, load_preference_groups, pad_right
 from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
-from trainer.modeling import load_causal_lm, load_reward_model, sample_responses, score_sequences
-from trainer.run import Run, TrainingConfig, train_supervised
+from trainer.modeling import check_model_dir, load_causal_lm, load_reward_model, sample_responses, score_sequences
+from trainer.run import Run, TrainingConfig, default, train_supervised
 
 log = logging.getLogger("tribune")
 
@@ -51,11 +53,17 @@ class RewardConfig(TrainingConfig):
     eval: Path = field(help="held-out preference JSONL in the same format")
     max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
     max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
+    epochs: float = default(TrainingConfig, "epochs", 4.0)
+    evals_per_epoch: float = default(TrainingConfig, "evals_per_epoch", 4.0)
+    keep_best: bool = default(TrainingConfig, "keep_best", True)
+    early_stopping_patience: int | None = default(TrainingConfig, "early_stopping_patience", 6)
     margin_scale: float = field(1.0, help="multiplies a pair's optional 'margin' field in the loss")
     center_rewards_coefficient: float = field(0.0, help="weight of TRL's reward-centering term mean((r_w+r_l)^2)")
     gold: JudgeConfig = group(JudgeConfig(), help="gold judge: accuracy against its ordering of the eval pairs")
     stats_samples: int = field(256, help="responses sampled from the SFT policy for the reward mean/std")
     stats_max_new_tokens: int = field(16, help="maximum length of those sampled responses")
+    ensemble: int = field(1, help="train K members (different seeds and data order) into OUTPUT/member-i")
+    bootstrap: bool = field(False, help="with --ensemble: each member trains on a bootstrap resample of the rows")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +73,8 @@ class RewardConfig(TrainingConfig):
             raise ValueError("center_rewards_coefficient must be non-negative")
         if self.stats_samples < 2:
             raise ValueError("stats_samples must be at least 2")
+        if self.ensemble < 1:
+            raise ValueError("ensemble must be at least 1")
 
 
 class RewardScorer(nn.Module):
@@ -116,18 +126,32 @@ def pair_rewards(scorer: nn.Module, batch: PairBatch, device) -> tuple[torch.Ten
     return r[batch.chosen_idx.to(device)], r[batch.rejected_idx.to(device)]        # (K,), (K,)
 
 
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
 @torch.no_grad()
 def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardConfig, device,
                 judge: Judge | None) -> dict[str, float]:
-    """Pairwise accuracy, mean margin and loss on held-out pairs; gold-ordering accuracy."""
+    """Held-out pairwise accuracy, mean margin and loss; accuracy against the judge's ordering;
+    and how much the reward leans on response length (its most common flaw: Singhal et al. 2023),
+    next to how much the gold score does."""
     rc, rr, mg, gold_hits, gold_pairs = [], [], [], 0, 0
+    rewards, lengths, golds_all = [], [], []
     for i in range(0, len(groups), 64):
         chunk = groups[i:i + 64]
         batch = collate_groups(tokenizer, chunk, cfg.max_prompt_length, cfg.max_length)
-        c, r = pair_rewards(scorer, batch, device)
-        rc.append(c.cpu()), rr.append(r.cpu()), mg.append(batch.margin)
+        r_all = scorer(batch.input_ids.to(device), batch.attention_mask.to(device)).cpu()       # (S,)
+        c, r = r_all[batch.chosen_idx], r_all[batch.rejected_idx]                              # (K,), (K,)
+        rc.append(c), rr.append(r), mg.append(batch.margin)
+        rewards.append(r_all)
+        lengths += [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for g in chunk for resp in g.responses]
         if judge is not None:
             flat = judge.score([g.prompt for g in chunk for _ in g.responses], [r for g in chunk for r in g.responses])
+            golds_all += flat
             k, start = 0, 0
             for g in chunk:
                 golds, start = flat[start:start + len(g.responses)], start + len(g.responses)
@@ -138,37 +162,103 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
                         gold_hits += int((c[k] > r[k]).item() == better_first)
                     k += 1
     c, r, m = torch.cat(rc), torch.cat(rr), torch.cat(mg)
+    length = torch.tensor(lengths, dtype=torch.float64)
     metrics = {
         "eval_accuracy": float(pairwise_accuracy(c, r)),
         "eval_loss": float(bradley_terry_loss(c, r, cfg.margin_scale * m)),
         "eval_margin": float((c - r).mean()),
         "eval_pairs": int(c.numel()),
+        "eval_length_correlation": pearson(torch.cat(rewards), length),
     }
     if judge is not None and gold_pairs:
         metrics["eval_gold_accuracy"] = gold_hits / gold_pairs
+        metrics["eval_gold_length_correlation"] = pearson(torch.tensor(golds_all), length)
     return metrics
 
 
 @torch.no_grad()
-def reward_stats_on_sft_samples(rm, sft_dir: Path, tokenizer, prompts: list[str], cfg: RewardConfig,
+def reward_stats_on_sft_samples(score, sft_dir: Path, tokenizer, prompts: list[str], cfg: RewardConfig,
                                 device) -> dict[str, float]:
-    """Mean and std of rewards on responses sampled from πSFT: PPO's normalisation."""
+    """Mean and std of ``score(ids, mask) -> (B,)`` on responses sampled from πSFT: PPO's normalisation.
+
+    The samples depend on the base seed only, so every member of an ensemble (and the
+    ensemble's mean) is measured on the same responses.
+    """
     policy = load_causal_lm(sft_dir).to(device)
     rewards = []
     for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=cfg.max_prompt_length,
                               max_new_tokens=cfg.stats_max_new_tokens, seed=cfg.seed + 17):
         # the sampled ids themselves, as PPO sends them (no re-tokenisation of decoded text)
-        rewards.append(score_sequences(rm, s.query_responses.to(device), s.mask.to(device)).cpu())
+        rewards.append(score(s.query_responses.to(device), s.mask.to(device)).cpu())
     r = torch.cat(rewards).double()
     return {"mean": float(r.mean()), "std": float(r.std().clamp(min=1e-6)), "samples": int(r.numel()),
             "source": "responses sampled from the SFT policy at temperature 1"}
 
 
+ENSEMBLE_FILE = "ensemble.json"      # {"ensemble_size": K, "members": ["member-0", ...]} of `--ensemble K`
+
+
+def reward_members(rm_dir: Path) -> list[Path]:
+    """The reward models behind ``--reward``: [rm_dir] itself, or the K members its ensemble.json lists."""
+    rm_dir = Path(rm_dir)
+    path = rm_dir / ENSEMBLE_FILE
+    if not path.is_file():
+        return [check_model_dir(rm_dir)]
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    members = spec.get("members") if isinstance(spec, dict) else None
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+        raise UserError(f"{path}: 'members' must be a non-empty list of member directory names")
+    if spec.get("ensemble_size") != len(members):
+        raise UserError(f"{path}: ensemble_size is {spec.get('ensemble_size')}, but {len(members)} members are listed")
+    if any(Path(m).is_absolute() or ".." in Path(m).parts for m in members) or len(set(members)) != len(members):
+        raise UserError(f"{path}: members must be distinct directories inside {rm_dir}")
+    return [check_model_dir(rm_dir / m) for m in members]
+
+
+
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
+    """One reward model, or with ``--ensemble K`` K members and OUTPUT/ensemble.json."""
+    if cfg.ensemble == 1:
+        return train_one_rm(cfg)
+    out = Path(cfg.output)
+    members, per_member = [f"member-{i}" for i in range(cfg.ensemble)], []
+    for i, name in enumerate(members):
+        log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
+        member = dataclasses.replace(cfg, ensemble=1, output=out / name, seed=cfg.seed + 1009 * i)
+        per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
+                                       stats_seed=cfg.seed))
+    keys = [k for k, v in per_member[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    metrics = {k: sum(m[k] for m in per_member) / len(per_member) for k in keys}
+    metrics.update({f"member_{k}": [m[k] for m in per_member] for k in ("eval_accuracy", "eval_gold_accuracy")
+                    if k in per_member[0]})
+    metrics["ensemble_size"] = cfg.ensemble
+    tokenizer = load_tokenizer(cfg.model)
+    tokenizer.save_pretrained(out)
+    models = [load_reward_model(out / name).eval() for name in members]
+    train = load_preference_groups(cfg.train, SkipCounter())
+    stats = reward_stats_on_sft_samples(lambda ids, mask: torch.stack([score_sequences(m, ids, mask) for m in models])
+                                        .mean(0), cfg.model, tokenizer, [g.prompt for g in train[:cfg.stats_samples]],
+                                        cfg, "cpu")
+    stats["source"] += ", the members' mean"
+    metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"]})
+    write_json(out / REWARD_STATS_FILE, stats)
+    write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap})
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_seed: int | None = None
+                 ) -> dict[str, float]:
     run = Run(cfg, cfg.model, desc="train-rm")
     acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
     skipped = SkipCounter()
     train = load_preference_groups(cfg.train, skipped)
+    if bootstrap_seed is not None:     # a resample with replacement: members err less alike (Eisenstein et al.)
+        g = torch.Generator().manual_seed(bootstrap_seed)
+        train = [train[i] for i in torch.randint(len(train), (len(train),), generator=g).tolist()]
     eval_skipped = SkipCounter()
     evals = load_preference_groups(cfg.eval, eval_skipped)
     trunc = Truncation()
@@ -192,7 +282,9 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                        lambda m: evaluate_rm(m, tokenizer, evals, cfg, acc.device, judge))
     rm = scorer.model
     prompts = [g.prompt for g in train[:cfg.stats_samples]]
-    stats = reward_stats_on_sft_samples(rm, cfg.model, tokenizer, prompts, cfg, acc.device)
+    stats_cfg = dataclasses.replace(cfg, seed=cfg.seed if stats_seed is None else stats_seed)
+    stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.model, tokenizer,
+                                        prompts, stats_cfg, acc.device)
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"], "train_rows": len(train),
                     "train_pairs": n_pairs, "skipped_rows": skipped.total + eval_skipped.total})
     metrics = run.finish(rm, metrics)

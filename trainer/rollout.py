@@ -27,8 +27,8 @@ class Scorer(Protocol):
     """What PPO needs from the scoring services (``trainer.ppo.RemoteScorers`` over Triton)."""
     facts: ServedFacts
 
-    def score_async(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Future:
-        """Future of raw rewards (B,) for (B, T) ids and mask."""
+    def score_members_async(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Future:
+        """Future of the raw scores of every reward-model member (B, K) for (B, T) ids and mask."""
 
     def logprobs_async(self, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float) -> Future:
         """Future of reference log-probs (B, T−1), the contract's columns."""
@@ -41,7 +41,8 @@ class Rollout:
     Shapes: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded).
     1. generate: query_responses (B, P+R), attention_mask (B, P+R), P, eos (B,) whether the
        response ended with EOS; the policy's logprobs and values (B, R);
-    2. score remotely: scores (B,) raw reward-model scores; ref_logprobs (B, R);
+    2. score remotely: member_scores (B, K) raw scores of the K reward-model members, scores (B,)
+       their mean (what `reward` serves); ref_logprobs (B, R);
     3. KL-shaped rewards: kl (B, R) per-token estimate, rewards (B, R);
     4. advantages, returns (B, R).
     Fields of later phases are None until their phase has run. ``rollout[idx]`` is the
@@ -53,6 +54,7 @@ class Rollout:
     eos: torch.Tensor
     logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    member_scores: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     kl: torch.Tensor | None = None
@@ -112,7 +114,8 @@ class PendingRollout:
             scores.append(torch.from_numpy(score_f.result()))
         self.times.scoring_wait_s += time.perf_counter() - t0
         device = b.query_responses.device
-        b.scores = torch.cat(scores).float().to(device)                               # (B,)
+        b.member_scores = torch.cat(scores).float().to(device)                        # (B, K)
+        b.scores = b.member_scores.mean(-1)                                           # (B,)
         b.ref_logprobs = torch.cat(refs).float().to(device) * b.response_mask         # (B, R)
         return b
 
@@ -134,7 +137,7 @@ def start_rollouts(policy: nn.Module, tokenizer, scorer: Scorer, prompts: list[s
         qr, mask, P = generate(policy, tokenizer, ids, max_new_tokens, temperature=temperature, generator=generator)
         qr, mask = qr.cpu(), mask.cpu()
         times.generation_s += time.perf_counter() - t0
-        score_f = scorer.score_async(qr.numpy(), mask.numpy())
+        score_f = scorer.score_members_async(qr.numpy(), mask.numpy())
         ref_f = scorer.logprobs_async(qr.numpy(), mask.numpy(), temperature)
         if not overlap:
             t0 = time.perf_counter()

@@ -97,7 +97,11 @@ class TrainingConfig(RunConfig):
     batch_size: int = field(32, help="examples per optimiser step, summed over processes")
     optim: OptimizerConfig = group(OptimizerConfig(), help="optimiser")
     dropout: bool = field(False, help="keep the model's dropout on (off by default)")
-    eval_every: int | None = field(None, help="evaluate every N steps (default: only at the end)")
+    eval_every: int | None = field(None, help="evaluate every N steps (default: --evals-per-epoch, else only at the end)")
+    evals_per_epoch: float = field(0.0, help="evaluations per epoch when --eval-every is not given (0: only at the end)")
+    keep_best: bool = field(False, help="end with the weights of the evaluation with the lowest eval_loss")
+    early_stopping_patience: int | None = field(
+        None, help="stop after this many evaluations without a lower eval_loss (default: never)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,10 +109,34 @@ class TrainingConfig(RunConfig):
             raise ValueError("batch_size must be at least 1")
         if self.epochs <= 0:
             raise ValueError("epochs must be positive")
+        if self.evals_per_epoch < 0 or (self.eval_every is not None and self.eval_every < 1):
+            raise ValueError("evals_per_epoch must be >= 0 and eval_every >= 1")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError("early_stopping_patience must be at least 1")
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        return max(n_examples // self.batch_size, 1)
 
     def total_steps(self, n_examples: int) -> int:
-        steps = math.ceil(self.epochs * max(n_examples // self.batch_size, 1))
+        steps = math.ceil(self.epochs * self.steps_per_epoch(n_examples))
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def evaluation_interval(self, n_examples: int) -> int | None:
+        """Steps between evaluations (None: only at the end), derived in this one place."""
+        if self.eval_every:
+            return self.eval_every
+        if self.evals_per_epoch > 0:
+            return max(1, round(self.steps_per_epoch(n_examples) / self.evals_per_epoch))
+        return None
+
+
+class StopTraining(Exception):
+    """Raised by a step function to end the run early and cleanly (e.g. early stopping);
+    ``row`` holds the metrics of the step that stopped it, logged like any other."""
+
+    def __init__(self, reason: str, row: dict[str, Any] | None = None):
+        super().__init__(reason)
+        self.row = row or {}
 
 
 def seed_everything(seed: int) -> None:
@@ -230,7 +258,15 @@ class Run:
         try:
             with StopRequested() as stop:
                 for i in range(self.start, total):
-                    row = step(i)
+                    try:
+                        row = step(i)
+                    except StopTraining as why:
+                        log.info("%s: stopping after %s %d/%d: %s", self.desc, self.unit, i + 1, total, why)
+                        if why.row:
+                            self.log(i + 1, why.row)
+                            last.update(why.row)
+                        last["stopped_early_at"] = i + 1
+                        break
                     done = i + 1
                     if row:
                         self.log(done, row)
@@ -264,6 +300,42 @@ class Run:
         return metrics
 
 
+@dataclass
+class BestWeights:
+    """The weights of the evaluation with the lowest ``key`` so far, kept on disk (any model size)."""
+    path: Path
+    key: str = "eval_loss"
+    value: float = math.inf
+    step: int = 0
+    since: int = 0           # evaluations since the best one
+
+    def observe(self, acc, model, step: int, metrics: dict[str, float]) -> bool:
+        """Records an evaluation; saves the weights when it is the best. True when it improved."""
+        value = metrics.get(self.key)
+        if value is None:
+            return False
+        if value < self.value:
+            self.value, self.step, self.since = float(value), step, 0
+            if acc.is_main_process:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), self.path.with_suffix(".tmp"))
+                self.path.with_suffix(".tmp").replace(self.path)
+            acc.wait_for_everyone()
+            return True
+        self.since += 1
+        return False
+
+    def restore(self, acc, model) -> None:
+        acc.wait_for_everyone()
+        model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "step": self.step, "since": self.since}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.step, self.since = float(state["value"]), int(state["step"]), int(state["since"])
+
+
 def train_supervised(run: Run, cfg: TrainingConfig, model, n_examples: int,
                      loss_on: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, float]]],
                      evaluate: Callable[[Any], dict[str, float]]):
@@ -271,16 +343,22 @@ def train_supervised(run: Run, cfg: TrainingConfig, model, n_examples: int,
 
     ``loss_on(module, indices)`` computes this rank's loss on its examples of the global
     batch, calling the prepared (possibly DDP-wrapped) module so gradients are averaged
-    across ranks; ``evaluate(module)`` gets the unwrapped module.
+    across ranks; ``evaluate(module)`` gets the unwrapped module. With ``keep_best`` the
+    run ends with the weights of the evaluation with the lowest eval_loss (model selection
+    on held-out data), and ``early_stopping_patience`` evaluations without a better one stop it.
     """
     acc = run.acc
     steps = cfg.total_steps(n_examples)
+    every = cfg.evaluation_interval(n_examples)
     optimizer, scheduler = cfg.optim.build(model.parameters(), steps)
     # every rank runs every global step, so the scheduler must step once per step: accelerate's
     # wrapper would step it once per process; it is registered for checkpoints instead
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
-    run.begin()
+    best = BestWeights(run.out / "checkpoints" / "best.pt")
+    state = run.begin()
+    if "best" in state:
+        best.load_state_dict(state["best"])
     t0 = time.perf_counter()
     model.train()
 
@@ -298,16 +376,32 @@ def train_supervised(run: Run, cfg: TrainingConfig, model, n_examples: int,
             row = {"train/loss": float(acc.reduce(loss.detach(), "mean")), "train/grad_norm": float(grad_norm),
                    "train/lr": scheduler.get_last_lr()[0], "time/elapsed_s": time.perf_counter() - t0,
                    **{f"train/{k}": v for k, v in stats.items()}}
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
+        if every and done % every == 0 and done != steps:
             model.eval()
-            row.update(evaluate(acc.unwrap_model(model)))
+            metrics = evaluate(acc.unwrap_model(model))
             model.train()
+            if cfg.keep_best or cfg.early_stopping_patience:
+                best.observe(acc, acc.unwrap_model(model), done, metrics)
+            row.update(metrics)
+            if cfg.early_stopping_patience and best.since >= cfg.early_stopping_patience:
+                raise StopTraining(f"{best.since} evaluations without a lower {best.key} "
+                                   f"(best {best.value:.4f} at step {best.step})", row)
         return row
 
-    run.loop(steps, step, postfix=lambda r: {"loss": f"{r['train/loss']:.4f}"} if "train/loss" in r else {})
+    last = run.loop(steps, step, state=lambda: {"best": best.state_dict()},
+                    postfix=lambda r: {"loss": f"{r['train/loss']:.4f}"} if "train/loss" in r else {})
     model.eval()
     final = evaluate(acc.unwrap_model(model))
+    if cfg.keep_best:
+        ended = last.get("stopped_early_at", steps)
+        if best.step and best.value < final.get(best.key, math.inf):
+            best.restore(acc, acc.unwrap_model(model))
+            final = evaluate(acc.unwrap_model(model))
+            ended = best.step
+            log.info("%s: kept the weights of step %d (%s %.4f)", run.desc, best.step, best.key, best.value)
+        final["best_step"] = ended
+    if "stopped_early_at" in last:
+        final["stopped_early_at"] = last["stopped_early_at"]
     run.log(steps, final)
     acc.wait_for_everyone()
     return acc.unwrap_model(model), final
-

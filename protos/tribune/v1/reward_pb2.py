@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tribune/v1/reward.proto\x12\ntribune.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"T\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.tribune.v1.Message\"H\n\x0cScoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.tribune.v1.ScoreItem\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"b\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x1a\n\x12normalized_rewards\x18\x02 \x03(\x02\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"H\n\x0e\x42\x65stOfNRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x89\x01\n\x0f\x42\x65stOfNResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x1a\n\x12normalized_rewards\x18\x02 \x03(\x02\x12\x12\n\nbest_index\x18\x03 \x01(\x05\x12\x0f\n\x07ranking\x18\x04 \x03(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xc7\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x02 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0breward_mean\x18\x04 \x01(\x02\x12\x12\n\nreward_std\x18\x05 \x01(\x02\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x11\n\tmax_items\x18\x07 \x01(\x05\x12\x16\n\x0emax_text_bytes\x18\x08 \x01(\x05\x32\xa6\x02\n\rRewardService\x12<\n\x05Score\x12\x18.tribune.v1.ScoreRequest\x1a\x19.tribune.v1.ScoreResponse\x12G\n\x0cScoreBestOfN\x12\x1a.tribune.v1.BestOfNRequest\x1a\x1b.tribune.v1.BestOfNResponse\x12\x46\n\x0bScoreStream\x12\x18.tribune.v1.ScoreRequest\x1a\x19.tribune.v1.ScoreResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.tribune.v1.GetModelInfoRequest\x1a\x15.tribune.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tribune/v1/reward.proto\x12\ntribune.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"T\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.tribune.v1.Message\"H\n\x0cScoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.tribune.v1.ScoreItem\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"{\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x1a\n\x12normalized_rewards\x18\x02 \x03(\x02\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0f\x65nsemble_spread\x18\x05 \x03(\x02\"H\n\x0e\x42\x65stOfNRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xa2\x01\n\x0f\x42\x65stOfNResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x1a\n\x12normalized_rewards\x18\x02 \x03(\x02\x12\x12\n\nbest_index\x18\x03 \x01(\x05\x12\x0f\n\x07ranking\x18\x04 \x03(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x17\n\x0f\x65nsemble_spread\x18\x07 \x03(\x02\"\x15\n\x13GetModelInfoRequest\"\xde\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ontract_version\x18\x02 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0breward_mean\x18\x04 \x01(\x02\x12\x12\n\nreward_std\x18\x05 \x01(\x02\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x11\n\tmax_items\x18\x07 \x01(\x05\x12\x16\n\x0emax_text_bytes\x18\x08 \x01(\x05\x12\x15\n\rensemble_size\x18\t \x01(\x05\x32\xa6\x02\n\rRewardService\x12<\n\x05Score\x12\x18.tribune.v1.ScoreRequest\x1a\x19.tribune.v1.ScoreResponse\x12G\n\x0cScoreBestOfN\x12\x1a.tribune.v1.BestOfNRequest\x1a\x1b.tribune.v1.BestOfNResponse\x12\x46\n\x0bScoreStream\x12\x18.tribune.v1.ScoreRequest\x1a\x19.tribune.v1.ScoreResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.tribune.v1.GetModelInfoRequest\x1a\x15.tribune.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=167
   _globals['_SCOREREQUEST']._serialized_end=239
   _globals['_SCORERESPONSE']._serialized_start=241
-  _globals['_SCORERESPONSE']._serialized_end=339
-  _globals['_BESTOFNREQUEST']._serialized_start=341
-  _globals['_BESTOFNREQUEST']._serialized_end=413
-  _globals['_BESTOFNRESPONSE']._serialized_start=416
-  _globals['_BESTOFNRESPONSE']._serialized_end=553
-  _globals['_GETMODELINFOREQUEST']._serialized_start=555
-  _globals['_GETMODELINFOREQUEST']._serialized_end=576
-  _globals['_MODELINFO']._serialized_start=579
-  _globals['_MODELINFO']._serialized_end=778
-  _globals['_REWARDSERVICE']._serialized_start=781
-  _globals['_REWARDSERVICE']._serialized_end=1075
+  _globals['_SCORERESPONSE']._serialized_end=364
+  _globals['_BESTOFNREQUEST']._serialized_start=366
+  _globals['_BESTOFNREQUEST']._serialized_end=438
+  _globals['_BESTOFNRESPONSE']._serialized_start=441
+  _globals['_BESTOFNRESPONSE']._serialized_end=603
+  _globals['_GETMODELINFOREQUEST']._serialized_start=605
+  _globals['_GETMODELINFOREQUEST']._serialized_end=626
+  _globals['_MODELINFO']._serialized_start=629
+  _globals['_MODELINFO']._serialized_end=851
+  _globals['_REWARDSERVICE']._serialized_start=854
+  _globals['_REWARDSERVICE']._serialized_end=1148
 # @@protoc_insertion_point(module_scope)

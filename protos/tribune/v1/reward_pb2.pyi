@@ -33,16 +33,18 @@ class ScoreRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("rewards", "normalized_rewards", "model_id", "request_id")
+    __slots__ = ("rewards", "normalized_rewards", "model_id", "request_id", "ensemble_spread")
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_REWARDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_SPREAD_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     normalized_rewards: _containers.RepeatedScalarFieldContainer[float]
     model_id: str
     request_id: str
-    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., normalized_rewards: _Optional[_Iterable[float]] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    ensemble_spread: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., normalized_rewards: _Optional[_Iterable[float]] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., ensemble_spread: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BestOfNRequest(_message.Message):
     __slots__ = ("prompt", "candidates", "request_id")
@@ -55,27 +57,29 @@ class BestOfNRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BestOfNResponse(_message.Message):
-    __slots__ = ("rewards", "normalized_rewards", "best_index", "ranking", "model_id", "request_id")
+    __slots__ = ("rewards", "normalized_rewards", "best_index", "ranking", "model_id", "request_id", "ensemble_spread")
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_REWARDS_FIELD_NUMBER: _ClassVar[int]
     BEST_INDEX_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_SPREAD_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     normalized_rewards: _containers.RepeatedScalarFieldContainer[float]
     best_index: int
     ranking: _containers.RepeatedScalarFieldContainer[int]
     model_id: str
     request_id: str
-    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., normalized_rewards: _Optional[_Iterable[float]] = ..., best_index: _Optional[int] = ..., ranking: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    ensemble_spread: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., normalized_rewards: _Optional[_Iterable[float]] = ..., best_index: _Optional[int] = ..., ranking: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., ensemble_spread: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "contract_version", "tokenizer_fingerprint", "reward_mean", "reward_std", "max_sequence_length", "max_items", "max_text_bytes")
+    __slots__ = ("model_id", "contract_version", "tokenizer_fingerprint", "reward_mean", "reward_std", "max_sequence_length", "max_items", "max_text_bytes", "ensemble_size")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +88,7 @@ class ModelInfo(_message.Message):
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     contract_version: int
     tokenizer_fingerprint: str
@@ -92,4 +97,5 @@ class ModelInfo(_message.Message):
     max_sequence_length: int
     max_items: int
     max_text_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., contract_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., max_items: _Optional[int] = ..., max_text_bytes: _Optional[int] = ...) -> None: ...
+    ensemble_size: int
+    def __init__(self, model_id: _Optional[str] = ..., contract_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., max_items: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., ensemble_size: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,45 @@
+"""Reward-model training without per-task tuning: periodic evaluation, the best weights kept by
+held-out loss, early stopping, and the reward/length correlation — through the real CLI."""
+import json
+
+import pytest
+
+from tests.conftest import JUDGE, tribune
+
+pytestmark = pytest.mark.slow
+
+
+def _rm(task_dir, sft_dir, out, *extra):
+    tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl", "--eval",
+            task_dir / "prefs_eval.jsonl", "--output", out, "--stats-samples", "16", *JUDGE, *map(str, extra))
+    log = out / "metrics.jsonl"            # an ensemble's rows are in its members' directories
+    rows = [json.loads(l) for l in log.read_text().splitlines()] if log.is_file() else []
+    return json.loads((out / "metrics.json").read_text()), rows
+
+
+def test_best_weights_are_kept_and_training_stops_when_held_out_loss_stalls(task_dir, sft_dir, tmp_path):
+    # a far too large learning rate: held-out loss gets worse after a while, so the best
+    # evaluation is not the last one and the run must end with its weights
+    metrics, rows = _rm(task_dir, sft_dir, tmp_path / "rm", "--max-steps", "60", "--eval-every", "5",
+                        "--learning-rate", "0.03", "--warmup-ratio", "0", "--early-stopping-patience", "3")
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and r["step"] < 60]
+    assert len(evals) >= 3
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert metrics["eval_loss"] <= min(l for _, l in evals) + 1e-6          # the final weights are the best seen
+    if metrics.get("stopped_early_at"):
+        assert metrics["stopped_early_at"] < 60
+        assert metrics["stopped_early_at"] - best_step == 3 * 5            # patience evaluations after the best
+    assert metrics["best_step"] == best_step or metrics["eval_loss"] < best_loss
+    assert -1.0 <= metrics["eval_length_correlation"] <= 1.0
+    assert -1.0 <= metrics["eval_gold_length_correlation"] <= 1.0
+
+
+def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, tmp_path):
+    out = tmp_path / "ens"
+    metrics, _ = _rm(task_dir, sft_dir, out, "--ensemble", "2", "--bootstrap", "--max-steps", "20")
+    layout = json.loads((out / "ensemble.json").read_text())
+    assert layout["ensemble_size"] == 2 and layout["members"] == ["member-0", "member-1"]
+    stats = [json.loads((out / m / "reward_stats.json").read_text()) for m in layout["members"]]
+    assert stats[0]["mean"] != stats[1]["mean"]                              # different seeds, data, heads
+    assert (out / "tokenizer.json").is_file() and metrics["ensemble_size"] == 2
+    assert len(metrics["member_eval_accuracy"]) == 2
