@@ -72,3 +72,28 @@ def test_skipped_rows_are_counted_and_logged(tmp_path, sft_dir):
     assert "1 missing prompt" in proc.stderr
     metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert metrics["train_rows"] == 2 and metrics["train_pairs"] == 1 + 3 and metrics["skipped_rows"] == 6
+
+
+def test_client_options_are_one_group_with_full_tls_for_ppo_and_the_gateway(tmp_path):
+    """PPO (flat flags) and the gateway (--triton-…) take the same client group, mutual TLS included."""
+    from services.gateway_core import GatewayConfig
+    from trainer.cli import build_parser
+    from trainer.ppo_config import PPOConfig
+
+    key, cert, ca = tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "ca.pem"
+    ppo = config_from_args(PPOConfig, build_parser(["ppo"]).parse_args([
+        "ppo", "--policy", "p", "--prompts", "x.jsonl", "--reward-url", "r:1", "--reference-url", "f:1", "--output",
+        "o", "--ssl", "--root-certificates", str(ca), "--private-key", str(key), "--certificate-chain", str(cert),
+        "--retry-budget-s", "5"]))
+    conn = ppo.client.at(ppo.reward_url)
+    assert (conn.url, conn.ssl, conn.private_key, conn.certificate_chain, conn.retry_budget_s) == ("r:1", True, key,
+                                                                                                   cert, 5.0)
+    gw = config_from_args(GatewayConfig, build_parser(["gateway"]).parse_args([
+        "gateway", "--repository", "r", "--triton-url", "t:1", "--triton-ssl", "--triton-private-key", str(key),
+        "--triton-certificate-chain", str(cert), "--triton-root-certificates", str(ca)]))
+    triton = gw.triton.at(gw.triton_url)
+    assert triton.ssl and triton.private_key == key and triton.root_certificates == ca
+    assert triton.retry_budget_s == 0 and triton.timeout_s == 30.0        # the gateway's own defaults
+    with pytest.raises(UserError, match="mutual TLS"):
+        build_config(PPOConfig, {"policy": "p", "prompts": "x", "reward_url": "r:1", "reference_url": "f:1",
+                                 "output": "o", "private_key": str(key)})
