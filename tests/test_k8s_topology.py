@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -331,7 +332,17 @@ def test_prod_ppo_ranks_rejoin_after_a_machine_dies(rendered, tmp_path):
     def events(proc: Proc, kind: str) -> list[dict]:
         return [json.loads(l.split(" ", 1)[1]) for l in list(proc.lines) if l.startswith(kind + " ")]
 
-    procs = [launch(i, f"machine {i}") for i in range(nodes)]
+    # machine 0 first, until its c10d store listens: on loopback every launcher sees itself as the
+    # store's host, and accelerate refuses to start rank 0 when another launcher bound the port first
+    procs = [launch(0, "machine 0")]
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert procs[0].popen.poll() is None, f"machine 0 exited:\n{procs[0].log()}"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    procs += [launch(i, f"machine {i}") for i in range(1, nodes)]
     try:
         deadline = time.time() + 180
         while sum(len(events(p, "START")) for p in procs) < nodes and time.time() < deadline:
