@@ -1,6 +1,7 @@
 """`tribune evaluate` end to end on the smallest setting: one suite task, every stage for real
 (a smoke run: a few steps each), the JSON table and the PNG it writes."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,16 +10,48 @@ from tests.conftest import tribune
 pytestmark = pytest.mark.slow
 
 
-def test_evaluate_writes_the_table_and_the_plot(tmp_path):
+def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_loop(tmp_path):
+    """The smallest task, every stage for real, and one round: collect on the PPO policy → label
+    (the simulated rater) → reward model warm-started on all data → export → serve → PPO."""
     out = tmp_path / "eval"
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
-            "--eval-prompts", "16", "--overoptimisation-task", "none")
+            "--eval-prompts", "16", "--overoptimisation-task", "none", "--rounds", "1", "--collect", "max_prompts=24",
+            "--best-of-n", "4")
     table = json.loads((out / "evaluation.json").read_text())
-    assert table["complete"] and [r["task"] for r in table["rows"]] == ["sequence"]
-    row = table["rows"][0]
-    for setting in ("T=1", "T=0.7", "greedy"):
-        assert {"sft_gold", "ppo_gold", "headroom_share", "sft_length", "ppo_length"} <= set(row[setting])
-    assert 0.0 <= row["rm_gold_accuracy"] <= 1.0 and row["ppo_final_kl"] is not None
+    assert table["complete"] and [(r["task"], r["round"]) for r in table["rows"]] == [("sequence", 0), ("sequence", 1)]
+    for row in table["rows"]:
+        for setting in ("T=1", "T=0.7", "greedy"):
+            assert {"sft_gold", "ppo_gold", "headroom_share", "sft_length", "ppo_length"} <= set(row[setting])
+        assert 0.0 <= row["rm_gold_accuracy"] <= 1.0 and row["ppo_final_kl"] is not None
+        assert 0.0 <= row["rm_onpolicy_accuracy"] <= 1.0
+        bon = row["best_of_n"]         # through the gateway's ScoreBestOfN
+        assert bon["n"] >= 2 and bon["oracle_gold"] >= bon["picked_gold"] and bon["oracle_gold"] >= bon["random_gold"]
+    row, r1 = table["rows"]
     assert set(row["stage_seconds"]) == {"task", "sft", "rm", "export", "ppo"}
     assert (out / "evaluation.png").stat().st_size > 10_000
     assert (out / "sequence" / "ppo" / "model.safetensors").is_file()
+
+    rd = out / "sequence" / "round-1"
+    cands = [json.loads(line) for line in (rd / "candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 24 and r1["collected"]["rows"] == 24 and cands[0]["policy"].startswith("ppo@")
+    given = (out / "sequence" / "task" / "prefs_train.jsonl").read_text().count("\n")
+    collected = (rd / "prefs.jsonl").read_text().count("\n")
+    assert (rd / "prefs_all.jsonl").read_text().count("\n") == given + collected and collected >= 20
+    rm_cfg = json.loads((rd / "rm" / "config.resolved.json").read_text())
+    ppo_cfg = json.loads((rd / "ppo" / "config.resolved.json").read_text())
+    assert Path(rm_cfg["model"]) == out / "sequence" / "rm"             # warm-started from round 0's model
+    assert Path(ppo_cfg["policy"]) == out / "sequence" / "ppo"          # PPO from the current policy
+    assert (rd / "repository" / "tribune.json").is_file() and (rd / "ppo" / "model.safetensors").is_file()
+
+    # the same run measured again without training (--reuse), with a reward model on preferences
+    # collected on πSFT's samples next to the given pairs' one
+    tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
+            "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
+            "--best-of-n", "4", "--reuse", "--compare-collected")
+    again = json.loads((out / "evaluation.json").read_text())["rows"]
+    assert [(r["task"], r["round"]) for r in again] == [("sequence", 0)]
+    assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
+    c = again[0]["collected_rm"]
+    assert 0 < c["train_pairs"] <= 24 * 6 and c["given_train_pairs"] > 8000
+    assert 0.0 <= c["rm_onpolicy_accuracy"] <= 1.0 and c["best_of_n"]["n"] >= 2
+    assert {"ppo_gold", "sft_gold"} <= set(c["T=0.7"]) and (out / "sequence" / "ppo_collected" / "model.safetensors").is_file()

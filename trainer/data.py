@@ -68,14 +68,15 @@ def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceG
             continue
         if "ranking" in obj:
             ranking = obj["ranking"]
-            if not isinstance(ranking, list) or len(ranking) < 2 or not all(_is_text(r) for r in ranking):
+            # a response may be empty (a policy that stops at once): it is scored as prompt + EOS
+            if not isinstance(ranking, list) or len(ranking) < 2 or not all(isinstance(r, str) for r in ranking):
                 skipped.skip("invalid ranking")
                 continue
             if len(set(ranking)) != len(ranking):
                 skipped.skip("ranking with repeated responses")
                 continue
             groups.append(PreferenceGroup(prompt, list(ranking)))
-        elif _is_text(obj.get("chosen")) and _is_text(obj.get("rejected")):
+        elif isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), str):
             if obj["chosen"] == obj["rejected"]:
                 skipped.skip("chosen == rejected")
                 continue

@@ -71,6 +71,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         "sft_policy": {"gold_score": ppo.get("sft/score"), "proxy_reward": ppo.get("sft/proxy_score")},
         "ppo_policy": {"gold_score": ppo.get("gold/score"), "proxy_reward": ppo.get("gold/proxy_score")},
         "ppo_final_kl": ppo.get("objective/kl"),
+        "rounds": [{"round": rr.stages.round, "rm_eval_accuracy": rr.rm.get("eval_accuracy"),
+                    "rm_eval_gold_accuracy": rr.rm.get("eval_gold_accuracy"), "collected": rr.collect,
+                    "start_gold_score": rr.ppo.get("sft/score"), "gold_score": rr.ppo.get("gold/score"),
+                    "proxy_reward": rr.ppo.get("gold/proxy_score"), "final_kl": rr.ppo.get("objective/kl"),
+                    "outputs": {"rm": str(rr.stages.rm.output), "ppo": str(rr.stages.ppo.output)}}
+                   for rr in result.rounds],
         "gateway_score_call": score_call,
         "ppo_scoring_wait_share": ppo.get("time/scoring_wait", 0) / max(ppo.get("time/step", 1), 1e-9),
         "elapsed_s": round(time.perf_counter() - t0, 1),
@@ -89,6 +95,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         r = report[name]
         print(f"    {name:10s}                             {r['gold_score']:+.3f}        {r['proxy_reward']:+.3f}")
     print(f"  PPO final KL(πθ ‖ πSFT): {report['ppo_final_kl']:.3f} nats per response")
+    for r in report["rounds"]:
+        print(f"  round {r['round']}: reward model on {r['collected']['rows']} × {r['collected']['candidates'] // max(1, r['collected']['rows'])} "
+              f"collected samples + earlier data, gold-order accuracy {r['rm_eval_gold_accuracy'] or 0:.3f} on the "
+              f"policy's own samples; PPO gold {r['start_gold_score'] or 0:+.3f} → {r['gold_score'] or 0:+.3f}, "
+              f"KL {r['final_kl'] or 0:.3f}")
     print(f"  plot: {report['outputs']['plot']}; metrics: {report['outputs']['metrics']}")
     print(f"  one tribune.v1.RewardService/Score call through the gateway ({score_call['model_id']}):")
     for item, r, n in zip(score_call["items"], score_call["rewards"], score_call["normalized_rewards"]):

@@ -9,10 +9,12 @@ and ``evaluation.png``, and prints the table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ import torch
 from services.common.config import field, group
 from services.common.errors import UserError
 from services.common.jsonl import SkipCounter, write_json
-from services.judge import CallableJudge, Judge
+from services.judge import CallableJudge, Judge, JudgeConfig
 from trainer.pipeline import StageOptions, run_pipeline
 from trainer.task.registry import TASKS
 
@@ -48,6 +50,17 @@ class EvaluateConfig:
     aggressive: dict = field({"learning_rate": 3e-4, "kl_coef": 0.05},
                              help="the aggressive PPO options of the over-optimisation study")
     ensemble_size: int = field(3, help="members of the study's ensemble")
+    study_members: Literal["seeds", "mixed"] = field("mixed", help="the study ensemble's members: seeds of the "
+                                                     "given pairs, or mixed: member 0 on the given pairs, the others "
+                                                     "on preferences collected on πSFT's samples (the task's rater)")
+    reuse: bool = field(False, help="measure tasks whose pipeline outputs already exist under OUTPUT/TASK (from an "
+                                    "earlier run with the same options) instead of training them again")
+    compare_collected: bool = field(False, help="per task, also a reward model trained on preferences collected on "
+                                                "πSFT's samples (one ranking of k per training prompt, the task's rater) "
+                                                "instead of the given pairs: its accuracy on the policy's own samples, "
+                                                "best-of-n and PPO gold, next to the given pairs' model")
+    best_of_n: int = field(8, help="candidates sampled per held-out prompt for the reward model's accuracy on the "
+                                   "policy's own samples and for best-of-n through the gateway's ScoreBestOfN")
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -55,6 +68,8 @@ class EvaluateConfig:
             raise ValueError(f"tasks: unknown {', '.join(unknown)}; the suite has {', '.join(TASKS)}")
         if self.eval_prompts < 1:
             raise ValueError("eval_prompts must be at least 1")
+        if self.best_of_n < 2:
+            raise ValueError("best_of_n must be at least 2")
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
             raise ValueError(f"overoptimisation_task: unknown task {self.overoptimisation_task!r}")
 
@@ -79,35 +94,212 @@ def _settings(sampling_t: float) -> list[tuple[str, float]]:
     return [(f"T={sampling_t:g}", sampling_t), ("T=0.7", 0.7), ("greedy", 0.0)]
 
 
-def evaluate_task(cfg: EvaluateConfig, task: str) -> dict:
-    from trainer.data import load_prompts
+def onpolicy_candidates(cfg: EvaluateConfig, policy: Path, prompts_path: Path, ppo_cfg, out: Path) -> Path:
+    """``best_of_n`` samples per held-out prompt from ``policy`` (at PPO's sampling settings)."""
+    from trainer.collect import CollectConfig, run_collect
 
-    t0 = time.perf_counter()
-    out = Path(cfg.output) / task
-    with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task) as (result, _server):
-        pass
-    ppo_cfg = result.stages.ppo
-    judge = CallableJudge(result.stages.task.spec.judge)
-    prompts = load_prompts(ppo_cfg.eval_prompts, SkipCounter())[:cfg.eval_prompts]
-    row: dict = {"task": task, "rm_eval_accuracy": result.rm.get("eval_accuracy"),
-                 "rm_gold_accuracy": result.rm.get("eval_gold_accuracy"),
-                 "rm_length_correlation": result.rm.get("eval_length_correlation"),
-                 "ppo_final_kl": result.ppo.get("objective/kl"), "ppo_iterations": ppo_cfg.total_iterations}
+    out.unlink(missing_ok=True)
+    run_collect(CollectConfig(policy=policy, prompts=prompts_path, output=out, k=cfg.best_of_n,
+                              temperature=ppo_cfg.temperature, max_new_tokens=ppo_cfg.max_new_tokens,
+                              max_prompt_length=ppo_cfg.max_prompt_length, seed=cfg.seed + 5,
+                              max_prompts=cfg.eval_prompts))
+    return out
+
+
+def onpolicy_accuracy(rm_dir: Path, candidates: Path, judge_ref: str, rm_cfg) -> dict:
+    """The reward model's accuracy against the gold ordering of a policy's own samples, and its
+    reward/length correlation there (the noise-free gold ranking of each prompt's candidates)."""
+    from trainer.label import LabelConfig, run_label
+    from trainer.reward import evaluate_rm_dir
+
+    gold_ranked = Path(str(candidates).removesuffix(".jsonl") + ".gold.jsonl")
+    if not gold_ranked.is_file():
+        run_label(LabelConfig(input=candidates, output=gold_ranked, rater=JudgeConfig(judge=judge_ref),
+                              rater_temperature=0.0))
+    m = evaluate_rm_dir(rm_dir, gold_ranked, rm_cfg, CallableJudge(judge_ref))
+    return {"accuracy": m.get("eval_gold_accuracy"), "length_correlation": m.get("eval_length_correlation"),
+            "gold_length_correlation": m.get("eval_gold_length_correlation")}
+
+
+def best_of_n(gateway: str, candidates: Path, judge: Judge) -> dict:
+    """Best-of-n through ``tribune.v1.RewardService/ScoreBestOfN``: the gold score of the reward
+    model's pick, of a random candidate (the mean) and of the best candidate (the oracle)."""
+    import grpc
+
+    from services.common.jsonl import read_jsonl
+    from tribune.v1 import reward_pb2, reward_pb2_grpc
+
+    picked, mean, oracle = [], [], []
+    with grpc.insecure_channel(gateway) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        for _, row in read_jsonl(candidates):
+            cands = [c for c in dict.fromkeys(row["candidates"]) if c.strip()]   # TEMP: until the gateway scores ""
+            if len(cands) < 2:
+                continue
+            golds = judge.score([row["prompt"]] * len(cands), cands)
+            reply = stub.ScoreBestOfN(reward_pb2.BestOfNRequest(prompt=row["prompt"], candidates=cands),
+                                      timeout=60, wait_for_ready=True)
+            picked.append(golds[reply.best_index])
+            mean.append(sum(golds) / len(golds))
+            oracle.append(max(golds))
+    avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"n": len(cands), "picked_gold": avg(picked), "random_gold": avg(mean), "oracle_gold": avg(oracle),
+            "gain_over_random": avg(picked) - avg(mean)}
+
+
+def _policy_row(cfg: EvaluateConfig, ppo_cfg, start_policy: Path, judge: Judge, prompts: list[str]) -> dict:
+    """Gold of πSFT and of the PPO output at each sampling setting; headroom share against πSFT."""
+    row: dict = {}
     for name, temp in _settings(ppo_cfg.temperature):
         common = dict(temperature=temp, max_prompt_length=ppo_cfg.max_prompt_length,
                       max_new_tokens=ppo_cfg.max_new_tokens, seed=cfg.seed + 3)
-        sft = policy_gold(result.stages.sft.output, judge, prompts, **common)
+        sft = policy_gold(start_policy, judge, prompts, **common)
         ppo = policy_gold(ppo_cfg.output, judge, prompts, **common)
         headroom = PERFECT - sft["gold"]
         row[name] = {"sft_gold": sft["gold"], "ppo_gold": ppo["gold"], "sft_length": sft["length"],
                      "ppo_length": ppo["length"], "gain": ppo["gold"] - sft["gold"],
                      "headroom_share": (ppo["gold"] - sft["gold"]) / headroom if headroom > 1e-9 else 0.0}
-    row["wall_s"] = round(time.perf_counter() - t0, 1)
-    row["stage_seconds"] = result.seconds
-    row["meets_rm_target"] = (row["rm_gold_accuracy"] or 0) >= TARGET_RM_GOLD_ACCURACY
-    first_two = [name for name, _ in _settings(ppo_cfg.temperature)][:2]
-    row["meets_ppo_target"] = all(row[n]["headroom_share"] >= TARGET_HEADROOM_SHARE for n in first_two)
     return row
+
+
+def _targets(row: dict, sampling_t: float) -> dict:
+    first_two = [name for name, _ in _settings(sampling_t)][:2]
+    return {"meets_rm_target": (row["rm_gold_accuracy"] or 0) >= TARGET_RM_GOLD_ACCURACY,
+            "meets_ppo_target": all(row[n]["headroom_share"] >= TARGET_HEADROOM_SHARE for n in first_two)}
+
+
+def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
+    """One row for the pipeline on ``task`` and one per round of the iterated loop."""
+    from services.launcher import free_port, start_serve
+    from trainer.data import load_prompts
+
+    t0 = time.perf_counter()
+    out = Path(cfg.output) / task
+    port = free_port()
+    bon: dict[int, dict] = {}
+    cands: dict[int, Path] = {}
+
+    def while_served(r: int, stages, server) -> None:
+        """With round ``r``'s reward model served: best-of-n on πSFT's samples through the gateway."""
+        judge_ = CallableJudge(stages.task.spec.judge)
+        if 0 not in cands:
+            cands[0] = onpolicy_candidates(cfg, stages.sft.output, stages.ppo.eval_prompts, stages.ppo,
+                                           out / "eval_candidates_sft.jsonl")
+        bon[r] = best_of_n(f"127.0.0.1:{port}", cands[0], judge_)
+
+    gateway = ("--with-gateway", "--gateway-port", str(port), "--gateway-metrics-port", "0")
+    if cfg.reuse:
+        result = reused_result(cfg, task)
+        with start_serve(result.stages.export.output, *gateway) as server:
+            while_served(0, result.stages, server)
+    else:
+        with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task, *gateway,
+                          while_served=while_served) as (result, _server):
+            pass
+    stages = result.stages
+    ppo_cfg, judge_ref = stages.ppo, stages.task.spec.judge
+    judge = CallableJudge(judge_ref)
+    prompts = load_prompts(ppo_cfg.eval_prompts, SkipCounter())[:cfg.eval_prompts]
+    onpolicy = onpolicy_accuracy(stages.rm.output, cands[0], judge_ref, stages.rm)
+    row: dict = {"task": task, "round": 0, "rm_eval_accuracy": result.rm.get("eval_accuracy"),
+                 "rm_gold_accuracy": result.rm.get("eval_gold_accuracy"),
+                 "rm_length_correlation": result.rm.get("eval_length_correlation"),
+                 "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
+                 onpolicy["length_correlation"], "gold_onpolicy_length_correlation": onpolicy["gold_length_correlation"],
+                 "best_of_n": bon.get(0), "ppo_final_kl": result.ppo.get("objective/kl"),
+                 "ppo_iterations": ppo_cfg.total_iterations,
+                 **_policy_row(cfg, ppo_cfg, stages.sft.output, judge, prompts)}
+    row.update(_targets(row, ppo_cfg.temperature))
+    row["stage_seconds"] = result.seconds
+    if cfg.compare_collected:
+        row["collected_rm"] = compare_collected(cfg, stages, cands[0], prompts, gateway, port)
+    rows = [row]
+    for rr in result.rounds:
+        rs = rr.stages
+        # on the samples of the policy this round's PPO starts from
+        onpolicy_r = onpolicy_accuracy(rs.rm.output, rs.collect_eval.output, judge_ref, rs.rm)
+        # the rounds' policies are compared with πSFT, like round 0's: gain is over the whole recipe
+        r_row = {"task": task, "round": rs.round, "rm_eval_accuracy": rr.rm.get("eval_accuracy"),
+                 "rm_gold_accuracy": rr.rm.get("eval_gold_accuracy"),
+                 "rm_length_correlation": rr.rm.get("eval_length_correlation"),
+                 "rm_onpolicy_accuracy": onpolicy_r["accuracy"],
+                 "rm_onpolicy_length_correlation": onpolicy_r["length_correlation"],
+                 "gold_onpolicy_length_correlation": onpolicy_r["gold_length_correlation"],
+                 "best_of_n": bon.get(rs.round), "collected": rr.collect, "ppo_final_kl": rr.ppo.get("objective/kl"),
+                 "ppo_iterations": rs.ppo.total_iterations, "stage_seconds": rr.seconds,
+                 **_policy_row(cfg, rs.ppo, stages.sft.output, judge, prompts)}
+        r_row.update(_targets(r_row, rs.ppo.temperature))
+        rows.append(r_row)
+    wall = round(time.perf_counter() - t0, 1)
+    for r in rows:
+        r["wall_s"] = wall
+    return rows
+
+
+def reused_result(cfg: EvaluateConfig, task: str):
+    """The pipeline's result read back from an earlier run's files (``--reuse``)."""
+    from trainer.pipeline import PipelineResult, stage_configs
+
+    out = Path(cfg.output) / task
+    stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
+    need = [stages.sft.output / "metrics.json", stages.rm.output / "metrics.json", stages.ppo.output / "metrics.json",
+            stages.export.output / "tribune.json", out / "task" / "task.json"]
+    missing = [str(p) for p in need if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"--reuse: {task} has no finished run under {out} (missing {', '.join(missing)})")
+    read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
+    return PipelineResult(stages, read(need[4]), read(need[0]), read(need[1]), read(need[2]), {})
+
+
+def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: list[str], gateway: tuple,
+                      port: int) -> dict:
+    """A reward model trained on preferences collected on πSFT's samples instead of the given
+    pairs (same start, same training settings), measured like the given pairs' model."""
+    from services.launcher import start_serve
+    from trainer.collect import run_collect
+    from trainer.export import run_export
+    from trainer.label import run_label
+    from trainer.pipeline import round_configs
+    from trainer.ppo import run_ppo
+    from trainer.reward import evaluate_rm_dir, run_train_rm
+
+    out = Path(stages.rm.output).parent
+    # one ranking per training prompt (unless --collect max_prompts=N is given)
+    options = dataclasses.replace(cfg.stages, collect={"max_prompts": None, **cfg.stages.collect})
+    t0 = time.perf_counter()
+    prefs = sft_preferences(stages, options, out / "collected")
+    rs = round_configs(stages, 1, stages.sft.output, stages.rm.output, options)
+    collect_eval = dataclasses.replace(rs.collect_eval, policy=stages.sft.output, output=out / "collected" /
+                                       "candidates_eval.jsonl")
+    label_eval = dataclasses.replace(rs.label_eval, input=collect_eval.output, output=out / "collected" /
+                                     "prefs_eval.jsonl")
+    Path(collect_eval.output).unlink(missing_ok=True)
+    run_collect(collect_eval)
+    run_label(label_eval)       # the rater's labels of held-out samples: the early-stopping set
+    rm_cfg = dataclasses.replace(stages.rm, train=prefs, eval=label_eval.output, output=out / "rm_collected")
+    log.info("compare: reward model on preferences collected on πSFT's samples → %s", rm_cfg.output)
+    metrics = run_train_rm(rm_cfg)
+    given_eval = evaluate_rm_dir(rm_cfg.output, stages.rm.eval, stages.rm, CallableJudge(stages.task.spec.judge))
+    onpolicy = onpolicy_accuracy(rm_cfg.output, candidates, stages.task.spec.judge, stages.rm)
+    export = dataclasses.replace(stages.export, reward=rm_cfg.output, output=out / "repository_collected")
+    run_export(export)
+    with start_serve(export.output, *gateway) as server:
+        bon = best_of_n(f"127.0.0.1:{port}", candidates, CallableJudge(stages.task.spec.judge))
+        ppo_cfg = dataclasses.replace(stages.ppo, reward_url=server.url, reference_url=server.url,
+                                      value_init=rm_cfg.output, output=out / "ppo_collected")
+        log.info("compare: ppo against it → %s", ppo_cfg.output)
+        ppo = run_ppo(ppo_cfg)
+    from trainer.losses import ranking_to_pairs
+    from trainer.data import load_preference_groups
+
+    pairs = lambda p: sum(len(ranking_to_pairs(len(g.responses))) for g in load_preference_groups(p, SkipCounter()))  # noqa: E731
+    return {"train_pairs": pairs(prefs), "given_train_pairs": pairs(stages.rm.train),
+            "rm_gold_accuracy": given_eval.get("eval_gold_accuracy"),
+            "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
+            onpolicy["length_correlation"], "rm_collected_eval_gold_accuracy": metrics.get("eval_gold_accuracy"),
+            "best_of_n": bon, "ppo_final_kl": ppo.get("objective/kl"),
+            **_policy_row(cfg, ppo_cfg, stages.sft.output, CallableJudge(stages.task.spec.judge), prompts),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _trajectory(ppo_dir: Path) -> dict:
@@ -126,7 +318,6 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
     """Aggressive PPO against the single reward model and against an ensemble with the uncertainty
     penalty, from the same πSFT: does the gold score fall while the proxy rises, and does the
     gold-free monitor warn first?"""
-    import dataclasses
 
     from services.common.config import build_config
     from services.launcher import start_serve
@@ -138,8 +329,13 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
 
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
-    ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size)
-    log.info("over-optimisation study on %s: %d-member ensemble → %s", task, cfg.ensemble_size, ensemble_rm.output)
+    member_train = []
+    if cfg.study_members == "mixed":
+        member_train = [stages.rm.train, sft_preferences(stages, cfg.stages, out / "study_collected")]
+    ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
+                                      member_train=member_train)
+    log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,
+             cfg.study_members, ensemble_rm.output)
     run_train_rm(ensemble_rm)
     run_export(dataclasses.replace(stages.export, reward=ensemble_rm.output, output=out / "repository_ensemble"))
     runs = {}
@@ -162,7 +358,29 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
         r = runs[name]
         r["overoptimised"] = bool(r["final_gold"] is not None and r["final_gold"] < r["sft_gold"]
                                   and r["final_proxy"] > r["sft_proxy"])
-    return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size, "runs": runs}
+    return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
+            "members": cfg.study_members, "runs": runs}
+
+
+def sft_preferences(stages, options: StageOptions, out: Path) -> Path:
+    """Preferences collected on πSFT's samples (the pipeline's collect options), labelled by the
+    task's simulated rater at its own noise: the recipe's data step, for the study's ensemble."""
+    from trainer.collect import run_collect
+    from trainer.label import run_label
+    from trainer.pipeline import round_configs
+
+    rs = round_configs(stages, 1, stages.sft.output, stages.rm.output, options)
+    collect = dataclasses.replace(rs.collect, output=out / "candidates.jsonl", seed=stages.sft.seed + 7)
+    label = dataclasses.replace(rs.label, input=collect.output, output=out / "prefs.jsonl", seed=stages.sft.seed + 7)
+    Path(collect.output).unlink(missing_ok=True)
+    run_collect(collect)
+    run_label(label)
+    return Path(label.output)
+
+
+def row_name(r: dict) -> str:
+    """``task`` for the pipeline's row, ``task·rN`` for round N of the iterated loop."""
+    return r["task"] + (f"·r{r['round']}" if r.get("round") else "")
 
 
 def plot(rows: list[dict], path: Path) -> Path:
@@ -178,14 +396,14 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.bar([i - 0.2 for i in x], [r[name]["sft_gold"] for r in rows], 0.4, label="πSFT")
         ax.bar([i + 0.2 for i in x], [r[name]["ppo_gold"] for r in rows], 0.4, label="PPO")
         ax.axhline(PERFECT, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(list(x), [r["task"] for r in rows], rotation=30)
+        ax.set_xticks(list(x), [row_name(r) for r in rows], rotation=30)
         ax.set_title(f"held-out gold score, {name}")
         ax.legend(fontsize=8)
     ax = axes[-1]
     ax.bar(list(x), [r["rm_gold_accuracy"] or 0 for r in rows])
     ax.axhline(TARGET_RM_GOLD_ACCURACY, color="red", lw=0.8, ls="--")
     ax.set_ylim(0.5, 1.0)
-    ax.set_xticks(list(x), [r["task"] for r in rows], rotation=30)
+    ax.set_xticks(list(x), [row_name(r) for r in rows], rotation=30)
     ax.set_title("reward model: gold-order accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -195,21 +413,44 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def table(rows: list[dict]) -> list[str]:
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]]
-    head = "task        RM gold-acc  " + "  ".join(f"{s:>17s}" for s in settings) + "   KL    len SFT→PPO   wall"
-    lines = [head, " " * 25 + "  ".join(f"{'SFT → PPO':>17s}" for _ in settings)]
+    head = ("task        RM gold-acc  own-samples  best-of-n  " + "  ".join(f"{s:>17s}" for s in settings)
+            + "   KL    len SFT→PPO   wall")
+    lines = [head, " " * 22 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO':>17s}" for _ in settings)]
     for r in rows:
-        first = r[settings[0]]
-        lines.append(f"{r['task']:<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  "
+        first, bon = r[settings[0]], r.get("best_of_n") or {}
+        lines.append(f"{row_name(r):<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  {r.get('rm_onpolicy_accuracy') or 0:>11.3f}"
+                     f"  {bon.get('gain_over_random', 0):>+9.3f}  "
                      + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f}" for s in settings)
                      + f"  {r['ppo_final_kl'] or 0:5.2f}  {first['sft_length']:4.1f} → {first['ppo_length']:4.1f}"
                      + f"  {r['wall_s']:5.0f}s")
     return lines
 
 
+def comparison_lines(rows: list[dict]) -> list[str]:
+    """Given pairs vs preferences collected on πSFT's samples, per task (``--compare-collected``)."""
+    rows = [r for r in rows if r.get("collected_rm")]
+    if not rows:
+        return []
+    settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]][:2]
+    lines = ["reward model on the given pairs → on preferences collected on πSFT's samples (same start and settings):",
+             "task        pairs (given → collected)  own-samples acc  held-out gold acc  best-of-n gain  "
+             + "  ".join(f"PPO gold {s} (SFT {'→':s} given | collected)" for s in settings)]
+    for r in rows:
+        c = r["collected_rm"]
+        lines.append(f"{r['task']:<11s} {c['given_train_pairs']:>7d} → {c['train_pairs']:<7d}        "
+                     f"{r['rm_onpolicy_accuracy'] or 0:.3f} → {c['rm_onpolicy_accuracy'] or 0:.3f}    "
+                     f"{r['rm_gold_accuracy'] or 0:.3f} → {c['rm_gold_accuracy'] or 0:.3f}     "
+                     f"{(r['best_of_n'] or {}).get('gain_over_random', 0):+.3f} → {c['best_of_n']['gain_over_random']:+.3f}  "
+                     + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} | {c[s]['ppo_gold']:+.3f}"
+                                 for s in settings))
+    return lines
+
+
 def study_lines(study: dict | None) -> list[str]:
     if not study:
         return []
-    lines = [f"over-optimisation study ({study['task']}, PPO {study['aggressive']}):"]
+    lines = [f"over-optimisation study ({study['task']}, PPO {study['aggressive']}, {study['ensemble_size']}-member "
+             f"ensemble of {study.get('members', 'seeds')}):"]
     for name, r in study["runs"].items():
         lines.append(f"  {name:<21s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}, proxy {r['sft_proxy']:+.3f} → "
                      f"{r['final_proxy']:+.3f}, KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "
@@ -224,7 +465,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     rows = []
     for i, task in enumerate(cfg.tasks, 1):
         log.info("evaluate: task %d/%d: %s", i, len(cfg.tasks), task)
-        rows.append(evaluate_task(cfg, task))
+        rows += evaluate_task(cfg, task)
         write_json(out / "evaluation.json", {"rows": rows, "complete": False})
     if not rows:
         raise UserError("no task to evaluate")
@@ -234,7 +475,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                "all_targets_met": all(r["meets_rm_target"] and r["meets_ppo_target"] for r in rows)}
     write_json(out / "evaluation.json", summary)
     png = plot(rows, out / "evaluation.png")
-    print("\n".join(["", "Tribune evaluation (held-out prompts, gold judge)", *table(rows), *study_lines(study),
+    print("\n".join(["", "Tribune evaluation (held-out prompts, gold judge)", *table(rows), *comparison_lines(rows), *study_lines(study),
                      f"targets: RM gold accuracy ≥ {TARGET_RM_GOLD_ACCURACY}, PPO gain ≥ {TARGET_HEADROOM_SHARE:.0%} "
                      f"of the headroom at the sampling T and T=0.7; all met: {summary['all_targets_met']}",
                      f"finished in {summary['wall_s']:.0f} s; {out / 'evaluation.json'}; {png}"]))

@@ -1,6 +1,11 @@
 """The whole pipeline on one suite task, wired in one place: task make → sft → train-rm →
 export → `tribune serve` (a child process) → ppo. `tribune demo` and `tribune evaluate` run it.
 
+With ``rounds`` R > 0, R rounds follow (Anthropic's iterated online RLHF): collect on the
+current policy → label (the task's simulated rater, at its own noise) → a reward model on all
+rounds' preferences plus the given pairs, warm-started from the previous one → export → serve →
+PPO from the current policy (the reference stays πSFT).
+
 Each stage's output directory is the next stage's input; the stage configs are the same
 dataclasses the individual commands use, and ``StageOptions`` holds each stage's options as
 a mapping (YAML ``sft: {epochs: 3}`` or ``--sft epochs=3``), validated against that stage's
@@ -11,13 +16,16 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from services.common.config import build_config, field
 from services.common.errors import UserError
+from trainer.collect import CollectConfig
 from trainer.export import ExportConfig
+from trainer.label import LabelConfig
 from trainer.ppo_config import PPOConfig
 from trainer.reward import RewardConfig
 from trainer.sft import SFTConfig
@@ -36,6 +44,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "rm": {},
     "export": {},
     "ppo": {"iterations": 60, "scoring_chunk": 32},
+    "collect": {"k": 4, "max_prompts": 1000},
+    "label": {},
 }
 
 
@@ -52,9 +62,24 @@ class StageOptions:
     rm: dict[str, Any] = field({}, help=_help("rm", "train-rm"))
     export: dict[str, Any] = field({}, help=_help("export", "export"))
     ppo: dict[str, Any] = field({}, help=_help("ppo", "ppo"))
+    rounds: int = field(0, help="rounds of collect on the current policy → label → reward model on all "
+                                "rounds' data (warm-started) → export → PPO from the current policy")
+    collect: dict[str, Any] = field({}, help=_help("collect", "collect") + " (rounds only)")
+    label: dict[str, Any] = field({}, help=_help("label", "label") + " (rounds only)")
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError("rounds must be non-negative")
 
     def merged(self, stage: str) -> dict[str, Any]:
         return {**STAGE_DEFAULTS[stage], **getattr(self, stage)}
+
+
+def _build(cls, wired: dict, overrides: dict):
+    try:
+        return build_config(cls, {**wired, **overrides})
+    except UserError as e:
+        raise ValueError(f"{cls.__name__}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -71,13 +96,7 @@ def stage_configs(out: Path, seed: int, max_steps: int | None, options: StageOpt
     """The one place where a stage's output becomes the next stage's input."""
     out, t = Path(out), Path(out) / "task"
     common = {"seed": seed, **({"max_steps": max_steps} if max_steps else {})}
-
-    def build(cls, wired: dict, overrides: dict):
-        try:
-            return build_config(cls, {**wired, **overrides})
-        except UserError as e:
-            raise ValueError(f"{cls.__name__}: {e}") from None
-
+    build = _build
     task_cfg = build(TaskConfig, {"seed": seed, **({"task": task} if task else {})}, options.merged("task"))
     judge = {"judge": task_cfg.spec.judge}      # the task's gold judge, plugged in like any other
     sft = build(SFTConfig, {"model": t / "base", "train": t / "sft.jsonl", "output": out / "sft", **judge, **common},
@@ -91,7 +110,57 @@ def stage_configs(out: Path, seed: int, max_steps: int | None, options: StageOpt
                             "eval_prompts": t / "prompts_eval.jsonl", "reward_url": reward_url,
                             "reference_url": reward_url, "output": out / "ppo", "value_init": out / "rm",
                             "gold_every": max(1, iterations // 6), **judge, **common}, options.merged("ppo"))
-    return Stages(task_cfg, sft, rm, export, ppo)
+    stages = Stages(task_cfg, sft, rm, export, ppo)
+    if options.rounds:
+        round_configs(stages, 1, ppo.output, rm.output, options)     # round options checked before anything runs
+    return stages
+
+
+@dataclass(frozen=True)
+class RoundStages:
+    """One round of the iterated loop: its own collect, label, reward model, export and PPO."""
+    round: int
+    collect: CollectConfig
+    collect_eval: CollectConfig      # on held-out prompts: the reward model's early-stopping set
+    label: LabelConfig
+    label_eval: LabelConfig
+    rm: RewardConfig
+    export: ExportConfig
+    ppo: PPOConfig
+
+
+def round_configs(stages: Stages, r: int, previous_policy: Path, previous_rm: Path, options: StageOptions,
+                  reward_url: str = _PLACEHOLDER_URL) -> RoundStages:
+    """Round ``r`` (1-based) from the previous round's policy and reward model."""
+    out = Path(stages.rm.output).parent / f"round-{r}"
+    t, seed = Path(stages.rm.train).parent, stages.sft.seed + 101 * r
+    collect_opts = options.merged("collect")
+    collect = _build(CollectConfig, {"policy": previous_policy, "prompts": t / "prompts_train.jsonl",
+                                     "output": out / "candidates.jsonl", "seed": seed,
+                                     "max_new_tokens": stages.ppo.max_new_tokens,
+                                     "max_prompt_length": stages.ppo.max_prompt_length}, collect_opts)
+    collect_eval = dataclasses.replace(collect, prompts=t / "prompts_eval.jsonl", output=out / "candidates_eval.jsonl",
+                                       seed=seed + 1, max_prompts=None)
+    rater = {"judge": stages.task.spec.judge, "rater_temperature": stages.task.resolved().rater_temperature,
+             "seed": seed}
+    label = _build(LabelConfig, {"input": collect.output, "output": out / "prefs.jsonl", **rater},
+                   options.merged("label"))
+    label_eval = dataclasses.replace(label, input=collect_eval.output, output=out / "prefs_eval.jsonl")
+    rm = dataclasses.replace(stages.rm, model=previous_rm, stats_policy=previous_policy, train=out / "prefs_all.jsonl",
+                             eval=label_eval.output, output=out / "rm", seed=seed)
+    export = dataclasses.replace(stages.export, reward=rm.output, output=out / "repository")
+    ppo = dataclasses.replace(stages.ppo, policy=previous_policy, value_init=rm.output, output=out / "ppo",
+                              reward_url=reward_url, reference_url=reward_url, seed=seed)
+    return RoundStages(r, collect, collect_eval, label, label_eval, rm, export, ppo)
+
+
+@dataclass
+class RoundResult:
+    stages: RoundStages
+    collect: dict
+    rm: dict
+    ppo: dict
+    seconds: dict[str, float]
 
 
 @dataclass
@@ -102,13 +171,15 @@ class PipelineResult:
     rm: dict
     ppo: dict
     seconds: dict[str, float]
+    rounds: list[RoundResult] = dataclasses.field(default_factory=list)
 
 
 @contextmanager
 def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOptions, task: str | None = None,
-                 *serve_args: str):
+                 *serve_args: str, while_served: Callable[[int, Stages, Any], None] | None = None):
     """Runs every stage; yields (result, the running `tribune serve`) before the server stops,
-    so a caller can still use the served models."""
+    so a caller can still use the served models. ``while_served(round, stages, server)`` is
+    called after each round's PPO (round 0: the first pipeline) while its models are served."""
     from services.launcher import start_serve
     from trainer.export import run_export
     from trainer.ppo import run_ppo
@@ -136,6 +207,69 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
     log.info("5/6 tribune serve %s(embedded Triton) in a child process", " ".join(serve_args) + " " if serve_args else "")
     with start_serve(stages.export.output, *serve_args) as server:
         log.info("6/6 ppo against %s", server.url)
-        ppo_cfg = stage_configs(out, seed, max_steps, options, task, reward_url=server.url).ppo
-        ppo = timed("ppo", run_ppo, ppo_cfg)
-        yield PipelineResult(stages, task_summary, sft, rm, ppo, seconds), server
+        ppo = timed("ppo", run_ppo, stage_configs(out, seed, max_steps, options, task, reward_url=server.url).ppo)
+        result = PipelineResult(stages, task_summary, sft, rm, ppo, seconds)
+        if while_served:
+            while_served(0, stages, server)
+        if not options.rounds:
+            yield result, server
+            return
+    policy, rm_dir = stages.ppo.output, stages.rm.output
+    for r in range(1, options.rounds + 1):
+        rs, collected, round_rm, round_seconds = prepare_round(stages, r, policy, rm_dir, options)
+        last = r == options.rounds
+        with start_serve(rs.export.output, *serve_args) as server:
+            log.info("round %d/%d: ppo from %s against %s", r, options.rounds, policy, server.url)
+            t0 = time.perf_counter()
+            ppo_cfg = dataclasses.replace(rs.ppo, reward_url=server.url, reference_url=server.url)
+            round_ppo = run_ppo(ppo_cfg)
+            round_seconds["ppo"] = round(time.perf_counter() - t0, 1)
+            result.rounds.append(RoundResult(dataclasses.replace(rs, ppo=ppo_cfg), collected, round_rm, round_ppo,
+                                             round_seconds))
+            if while_served:
+                while_served(r, stages, server)
+            if last:
+                yield result, server
+        policy, rm_dir = rs.ppo.output, rs.rm.output
+
+
+def prepare_round(stages: Stages, r: int, policy: Path, rm_dir: Path, options: StageOptions):
+    """Round ``r`` up to its export: collect on ``policy`` → label → reward model warm-started from ``rm_dir``."""
+    from trainer.collect import run_collect
+    from trainer.export import run_export
+    from trainer.label import run_label
+    from trainer.reward import run_train_rm
+
+    rs = round_configs(stages, r, policy, rm_dir, options)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log.info("round %d/%d: collect %s × %d on %s; label (simulated rater, τ=%g)", r, options.rounds,
+             rs.collect.max_prompts or "all", rs.collect.k, policy, rs.label.rater_temperature)
+    for cfg in (rs.collect, rs.collect_eval):       # a round is redone whole, never half-resumed
+        Path(cfg.output).unlink(missing_ok=True)
+    collected = run_collect(rs.collect)
+    run_collect(rs.collect_eval)
+    run_label(rs.label)
+    run_label(rs.label_eval)
+    merge_preferences([stages.rm.train, *[Path(stages.rm.output).parent / f"round-{i}" / "prefs.jsonl"
+                                          for i in range(1, r + 1)]], rs.rm.train)
+    seconds["collect_label"] = round(time.perf_counter() - t0, 1)
+    log.info("round %d/%d: train-rm on the given pairs and every round's, warm-started from %s → %s", r,
+             options.rounds, rm_dir, rs.rm.output)
+    t0 = time.perf_counter()
+    rm = run_train_rm(rs.rm)
+    run_export(rs.export)
+    seconds["rm"] = round(time.perf_counter() - t0, 1)
+    return rs, collected, rm, seconds
+
+
+def merge_preferences(paths: list[Path], output: Path) -> int:
+    """Concatenates preference files (the given pairs and every round's) into one."""
+    n = 0
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with Path(output).open("w", encoding="utf-8") as f:
+        for p in paths:
+            text = Path(p).read_text(encoding="utf-8")
+            f.write(text if text.endswith("\n") or not text else text + "\n")
+            n += text.count("\n")
+    return n

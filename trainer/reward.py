@@ -48,7 +48,8 @@ def read_reward_stats(rm_dir: Path) -> dict | None:
 @dataclass(kw_only=True)
 class RewardConfig(TrainingConfig):
     """Reward-model training (Bradley–Terry on preference pairs and rankings)."""
-    model: Path = field(help="SFT model directory the reward model starts from")
+    model: Path = field(help="model directory the reward model starts from: the SFT model, or a reward model "
+                             "to warm-start from (its scalar head kept)")
     train: Path = field(help="JSONL of {prompt, chosen, rejected} or {prompt, ranking}")
     eval: Path = field(help="held-out preference JSONL in the same format")
     max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
@@ -62,8 +63,13 @@ class RewardConfig(TrainingConfig):
     gold: JudgeConfig = group(JudgeConfig(), help="gold judge: accuracy against its ordering of the eval pairs")
     stats_samples: int = field(256, help="responses sampled from the SFT policy for the reward mean/std")
     stats_max_new_tokens: int = field(16, help="maximum length of those sampled responses")
+    stats_policy: Path | None = field(None, help="policy those responses are sampled from (default: --model; "
+                                      "give the policy PPO will start from when --model is a reward model)")
     ensemble: int = field(1, help="train K members (different seeds and data order) into OUTPUT/member-i")
     bootstrap: bool = field(False, help="with --ensemble: each member trains on a bootstrap resample of the rows")
+    member_train: list[Path] = field([], help="with --ensemble: member i trains on file i mod N of these instead of "
+                                     "--train (members that learn from different data err less alike, e.g. the "
+                                     "given pairs and preferences collected on the policy's samples)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +81,8 @@ class RewardConfig(TrainingConfig):
             raise ValueError("stats_samples must be at least 2")
         if self.ensemble < 1:
             raise ValueError("ensemble must be at least 1")
+        if self.member_train and self.ensemble < 2:
+            raise ValueError("member_train needs --ensemble K with K >= 2")
 
 
 class RewardScorer(nn.Module):
@@ -177,6 +185,15 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
 
 
 @torch.no_grad()
+def evaluate_rm_dir(rm_dir: Path, path: Path, cfg: RewardConfig, judge: Judge | None) -> dict[str, float]:
+    """``evaluate_rm`` of a saved reward model (an ensemble: its members' mean) on any preference file,
+    e.g. gold-ordered rankings of the policy's own samples."""
+    members = [RewardScorer(load_reward_model(m)).eval() for m in reward_members(rm_dir)]
+    scorer = members[0] if len(members) == 1 else (lambda ids, mask: torch.stack([m(ids, mask) for m in members]).mean(0))
+    return evaluate_rm(scorer, load_tokenizer(rm_dir), load_preference_groups(path, SkipCounter()), cfg, "cpu", judge)
+
+
+@torch.no_grad()
 def reward_stats_on_sft_samples(score, sft_dir: Path, tokenizer, prompts: list[str], cfg: RewardConfig,
                                 device) -> dict[str, float]:
     """Mean and std of ``score(ids, mask) -> (B,)`` on responses sampled from πSFT: PPO's normalisation.
@@ -227,7 +244,8 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     members, per_member = [f"member-{i}" for i in range(cfg.ensemble)], []
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
-        member = dataclasses.replace(cfg, ensemble=1, output=out / name, seed=cfg.seed + 1009 * i)
+        member = dataclasses.replace(cfg, ensemble=1, output=out / name, seed=cfg.seed + 1009 * i, member_train=[],
+                                     train=cfg.member_train[i % len(cfg.member_train)] if cfg.member_train else cfg.train)
         per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
                                        stats_seed=cfg.seed))
     keys = [k for k, v in per_member[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -240,12 +258,14 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     models = [load_reward_model(out / name).eval() for name in members]
     train = load_preference_groups(cfg.train, SkipCounter())
     stats = reward_stats_on_sft_samples(lambda ids, mask: torch.stack([score_sequences(m, ids, mask) for m in models])
-                                        .mean(0), cfg.model, tokenizer, [g.prompt for g in train[:cfg.stats_samples]],
+                                        .mean(0), cfg.stats_policy or cfg.model, tokenizer, [g.prompt for g in train[:cfg.stats_samples]],
                                         cfg, "cpu")
     stats["source"] += ", the members' mean"
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"]})
     write_json(out / REWARD_STATS_FILE, stats)
-    write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap})
+    write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap,
+                                     "member_train": [str(cfg.member_train[i % len(cfg.member_train)])
+                                                      for i in range(cfg.ensemble)] if cfg.member_train else []})
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -283,7 +303,8 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     rm = scorer.model
     prompts = [g.prompt for g in train[:cfg.stats_samples]]
     stats_cfg = dataclasses.replace(cfg, seed=cfg.seed if stats_seed is None else stats_seed)
-    stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.model, tokenizer,
+    stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.stats_policy or cfg.model,
+                                        tokenizer,
                                         prompts, stats_cfg, acc.device)
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"], "train_rows": len(train),
                     "train_pairs": n_pairs, "skipped_rows": skipped.total + eval_skipped.total})

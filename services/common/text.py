@@ -43,11 +43,14 @@ def render_chat(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
     Everything before the last message is rendered with the generation prompt added; a
     tokenizer without a template joins the contents with newlines.
     """
+    return render_chat_prompt(tokenizer, messages[:-1]), messages[-1]["content"]
+
+
+def render_chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
+    """A conversation as the prompt text of its next assistant turn (generation prompt added)."""
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = "\n".join(m["content"] for m in messages[:-1])
-    return prompt, messages[-1]["content"]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Callable
 
 from services.common.config import field
 from trainer.task.bundled import FLAWS, SFT_FLAWS, demonstrate, sample_prompt  # noqa: F401 (public names)
+from trainer.raters import plackett_luce_order
 from trainer.task.judge import gold_score
 from trainer.task.registry import DEFAULT_TASK, get_task
 from trainer.task.spec import BaseModelSpec, TaskSpec
@@ -103,13 +103,8 @@ def _distinct_candidates(spec: TaskSpec, prompt: str, k: int, rng: random.Random
 def rater_ranking(prompt: str, candidates: list[str], rng: random.Random, tau: float,
                   judge: Callable[[str, str], float] = gold_score) -> list[str]:
     """Plackett–Luce draw on exp(gold / τ): for two candidates this is Bradley–Terry."""
-    pool = list(candidates)
-    ranking = []
-    while pool:
-        weights = [math.exp(judge(prompt, c) / tau) for c in pool]
-        pick = rng.choices(range(len(pool)), weights=weights)[0]
-        ranking.append(pool.pop(pick))
-    return ranking
+    order = plackett_luce_order([judge(prompt, c) for c in candidates], rng, tau)
+    return [candidates[i] for i in order]
 
 
 def preference_rows(cfg: TaskConfig, size: int, rng: random.Random) -> list[dict]:
