@@ -3,10 +3,12 @@
 ``TritonScorer`` talks KServe v2 gRPC to any server that follows the contract (stock
 Triton serving an exported repository, or `tribune serve`):
 
-* at connect it waits for the models to be ready, reads the `tribune_manifest` model,
-  checks the contract version, the tensor metadata of every model it will call (an
-  ensemble's `reward` with its member_rewards [K], K from the manifest), and that the
-  server's tokenizer fingerprint equals the caller's; it refuses otherwise;
+* at connect it reads the `tribune_manifest` model, checks the contract version, that the
+  repository serves the models it will call (a repository may hold `reward` or `reference`
+  alone, so the two can be at two URLs with two tokenizers), that the server's tokenizer
+  fingerprint equals the caller's, then waits for those models and checks their tensor
+  metadata (an ensemble's `reward` with its member_rewards [K], K from the manifest); it
+  refuses otherwise;
 * a large batch is split into chunks of at most the server's max batch size, each chunk
   is trimmed to the columns that hold tokens, several chunks are in flight at once, and
   results are reassembled in order;
@@ -158,10 +160,30 @@ class TritonScorer:
     def _headers(self) -> dict[str, str] | None:
         return {"authorization": f"Bearer {self.cfg.auth_token}"} if self.cfg.auth_token else None
 
-    def _connect(self, expected_fingerprint: str | None) -> dict:
+    def _connect(self, expected_fingerprint: str | None) -> ServedFacts:
+        """Reads the manifest, checks that the server serves ``models`` with the caller's tokenizer
+        (before waiting for them: a repository without them would never become ready), then waits."""
         deadline = time.monotonic() + self.cfg.connect_timeout_s
-        waiting_for = [MANIFEST_SPEC.name, *self.models]
-        last = None
+        self._wait_ready([MANIFEST_SPEC.name], deadline)
+        try:
+            facts = ServedFacts.parse(self._manifest_output(MANIFEST.name))
+            facts.require(*self.models)
+        except ContractError as e:
+            raise ContractError(f"{self.cfg.url}: {e}") from None
+        if expected_fingerprint is not None and facts.tokenizer_fingerprint != expected_fingerprint:
+            raise ContractError(
+                f"tokenizer mismatch: the {' and '.join(self.models)} at {self.cfg.url} speaks tokenizer "
+                f"{facts.tokenizer_fingerprint[:12]}…, yours is {expected_fingerprint[:12]}…; token ids would "
+                "mean different words. Use the tokenizer in the model repository's tokenizer/ directory (a reward "
+                "model of another family is scored as text, through the gateway).")
+        self._wait_ready(list(self.models), deadline)
+        for name in self.models:
+            check_metadata(facts.model_spec(name),
+                           self._client().get_model_metadata(name, headers=self._headers, as_json=True))
+        return facts
+
+    def _wait_ready(self, names: list[str], deadline: float) -> None:
+        waiting_for, last = list(names), None
         while waiting_for:
             try:
                 if self._client().is_model_ready(waiting_for[0], headers=self._headers,
@@ -176,19 +198,6 @@ class TritonScorer:
             if time.monotonic() > deadline:
                 raise ScorerUnavailable(f"{self.cfg.url}: not ready after {self.cfg.connect_timeout_s:.0f}s ({last})")
             time.sleep(0.2)
-        try:
-            facts = ServedFacts.parse(self._manifest_output(MANIFEST.name))
-        except ContractError as e:
-            raise ContractError(f"{self.cfg.url}: {e}") from None
-        for name in self.models:
-            check_metadata(facts.model_spec(name),
-                           self._client().get_model_metadata(name, headers=self._headers, as_json=True))
-        if expected_fingerprint is not None and facts.tokenizer_fingerprint != expected_fingerprint:
-            raise ContractError(
-                f"tokenizer mismatch: {self.cfg.url} serves models trained with tokenizer "
-                f"{facts.tokenizer_fingerprint[:12]}…, yours is {expected_fingerprint[:12]}…; token ids would "
-                "mean different words. Use the tokenizer in the model repository's tokenizer/ directory.")
-        return facts
 
     def is_ready(self, model: str, timeout_s: float | None = None) -> bool:
         """One readiness probe of ``model`` (raises the transport error if the server is unreachable)."""

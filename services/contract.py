@@ -132,24 +132,45 @@ class ServedFacts:
     ``member_reward_mean``/``member_reward_std``: each member's own statistics on SFT
     samples, (K,): members differ by offset and scale, so disagreement is only meaningful
     on scores standardised with them. For K = 1 they are (reward_mean,), (reward_std,).
+    ``models``: the contract models this repository serves, `reward`, `reference` or both
+    (a reward model of another family than the policy is exported and served on its own,
+    with its own tokenizer). The reward fields (statistics, id, truncation) are None in a
+    repository without `reward`. ``tokenizer_fingerprint`` is that of the repository's own
+    tokenizer/, which every model it serves was trained with.
     """
     contract_version: int
     tokenizer_fingerprint: str
-    reward_mean: float
-    reward_std: float
     max_sequence_length: int
     vocab_size: int
     max_batch_size: int
-    reward_model_id: str
-    max_length: int
-    max_prompt_length: int
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    reward_model_id: str | None = None
+    max_length: int | None = None
+    max_prompt_length: int | None = None
     reward_model_source: str = ""
     ensemble_size: int = 1
     member_reward_mean: tuple[float, ...] = ()
     member_reward_std: tuple[float, ...] = ()
+    models: tuple[str, ...] = (REWARD_MODEL, REFERENCE_MODEL)
+    reference_model_source: str = ""
 
     def __post_init__(self) -> None:
+        models = tuple(str(m) for m in self.models)
+        if not models or len(set(models)) != len(models) or set(models) - set(MODELS):
+            raise ValueError(f"models must be one or both of {sorted(MODELS)}, got {list(models)}")
+        object.__setattr__(self, "models", models)
         object.__setattr__(self, "ensemble_size", int(self.ensemble_size))
+        reward_fields = ("reward_mean", "reward_std", "reward_model_id", "max_length", "max_prompt_length")
+        if REWARD_MODEL not in models:
+            given = [f for f in reward_fields if getattr(self, f) is not None]
+            if given or self.ensemble_size != 1 or self.member_reward_mean or self.member_reward_std:
+                raise ValueError("a repository without `reward` has no reward facts, "
+                                 f"got {given or 'member statistics'}")
+            return
+        missing = [f for f in reward_fields if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a repository serving `reward` needs {', '.join(missing)}")
         # a single reward model is its own only member; repositories exported before
         # ensembles carry no member statistics
         if self.ensemble_size == 1 and not self.member_reward_mean and not self.member_reward_std:
@@ -178,10 +199,11 @@ class ServedFacts:
         if data.get("contract_version") != CONTRACT_VERSION:
             raise ContractError(f"contract v{data.get('contract_version')}, this Tribune speaks v{CONTRACT_VERSION}")
         data = dict(data)
-        # repositories exported before the truncation policy was served: the old client rule
-        data.setdefault("max_length", data.get("max_sequence_length"))
-        if data.get("max_length") is not None:
-            data.setdefault("max_prompt_length", (3 * int(data["max_length"])) // 4)
+        if REWARD_MODEL in data.get("models", MODELS):
+            # repositories exported before the truncation policy was served: the old client rule
+            data.setdefault("max_length", data.get("max_sequence_length"))
+            if data.get("max_length") is not None:
+                data.setdefault("max_prompt_length", (3 * int(data["max_length"])) // 4)
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and data.get(f.name) is None]
@@ -189,10 +211,12 @@ class ServedFacts:
             raise ContractError(f"served facts lack {', '.join(missing)}")
         try:
             facts = cls(**{k: v for k, v in data.items() if k in names})
-            return dataclasses.replace(facts, reward_mean=float(facts.reward_mean), reward_std=float(facts.reward_std),
-                                       max_sequence_length=int(facts.max_sequence_length),
-                                       vocab_size=int(facts.vocab_size), max_batch_size=int(facts.max_batch_size),
-                                       max_length=int(facts.max_length), max_prompt_length=int(facts.max_prompt_length))
+            ints = {k: int(getattr(facts, k)) for k in ("max_sequence_length", "vocab_size", "max_batch_size",
+                                                        "max_length", "max_prompt_length")
+                    if getattr(facts, k) is not None}
+            floats = {k: float(getattr(facts, k)) for k in ("reward_mean", "reward_std")
+                      if getattr(facts, k) is not None}
+            return dataclasses.replace(facts, **ints, **floats)
         except (TypeError, ValueError) as e:
             raise ContractError(f"served facts are malformed: {e}") from None
 
@@ -204,7 +228,15 @@ class ServedFacts:
 
         Any array type (numpy, torch) of raw rewards, returned as the same type.
         """
+        self.require(REWARD_MODEL)
         return (rewards - self.reward_mean) / self.reward_std
+
+    def require(self, *names: str) -> None:
+        """Raises ContractError unless this repository serves every model in ``names``."""
+        missing = [n for n in names if n not in self.models]
+        if missing:
+            raise ContractError(f"this repository serves only {', '.join(self.models)}, not {', '.join(missing)}; "
+                                f"export it with `tribune export --{missing[0]} DIR`")
 
     def model_spec(self, name: str) -> ModelSpec:
         """The contract of model ``name`` as this repository serves it (``reward_spec(K)`` for `reward`)."""

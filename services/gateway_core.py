@@ -151,6 +151,7 @@ class Backend:
         self.scorer: TritonScorer | None = None
         self.ready = False
         self.repository_facts = ServedFacts.parse(read_manifest(cfg.repository)["served"])
+        self.repository_facts.require(REWARD_MODEL)       # a repository of the reference alone has no scores
         self.last_error = "not connected yet"
 
     @property

@@ -3,10 +3,16 @@
 Layout (a standard Triton repository that stock Triton loads unchanged)::
 
     REPO/tribune.json                 manifest: contract, tokenizer, reward stats (per ensemble
-                                      member too), sources, sha256s
-    REPO/tokenizer/                   the tokenizer both models were trained with
+                                      member too), sources, sha256s of every file
+    REPO/tokenizer/                   the tokenizer the repository's models were trained with
     REPO/reward/config.pbtxt          REPO/reward/1/model.onnx
     REPO/reference/config.pbtxt       REPO/reference/1/model.onnx
+
+A repository serves `reward`, `reference` or both (``ServedFacts.models``); a reward model
+of another family than the policy gets a repository of its own, with its own tokenizer.
+A graph over the 2 GB protobuf limit keeps its weights as ONNX external data beside it,
+``1/model.onnx`` + ``1/model.onnx.data``: stock Triton's ONNX Runtime backend opens the
+model by path, so ONNX Runtime finds the data file in the same folder.
 
 config.pbtxt files are built as ``ModelConfig`` protobufs (the message Triton itself
 parses, shipped in tritonclient) and written in text format, so they are valid by
@@ -24,6 +30,9 @@ from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, MANIFEST, MANIF
                                PARAM_VOCAB_SIZE, PROBE, TEMPERATURE, TOKENIZER_DIR, TOKENIZER_FILES, ContractError,
                                ModelSpec, ServedFacts)
 
+# in each model's version folder; a large graph's weights are ONNX external data beside it
+ONNX_FILE, ONNX_DATA_FILE = "model.onnx", "model.onnx.data"
+
 
 @dataclass(frozen=True)
 class TritonSettings:
@@ -34,7 +43,7 @@ class TritonSettings:
     instance_count: int
     instance_kind: str            # "KIND_GPU" | "KIND_CPU"
     accelerator: str              # "none" | "tensorrt" | "cuda"
-    fp16: bool
+    precision_mode: str           # TensorRT's: "FP32" | "FP16" | "BF16" (the export's dtype)
     warmup: bool
     warmup_length: int
 
@@ -56,7 +65,7 @@ def model_config(spec: ModelSpec, s: TritonSettings, parameters: dict[str, str])
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add()
         if s.accelerator == "tensorrt":
             acc.name = "tensorrt"
-            acc.parameters["precision_mode"] = "FP16" if s.fp16 else "FP32"
+            acc.parameters["precision_mode"] = s.precision_mode
             acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
         else:
             acc.name = "cuda"
@@ -207,8 +216,11 @@ def verify_repository(repo: Path) -> dict:
     if problems:
         raise ContractError(f"repository {repo} does not match its manifest: " + "; ".join(problems[:10]))
     facts = ServedFacts.parse(manifest.get("served", {}))
-    for name in [*MODELS, MANIFEST_SPEC.name]:
-        cfg = read_config(Path(repo) / name / "config.pbtxt")
+    for name in [*facts.models, MANIFEST_SPEC.name]:
+        path = Path(repo) / name / "config.pbtxt"
+        if not path.is_file():
+            raise ContractError(f"{repo} serves {name!r} by its manifest but has no {name}/config.pbtxt")
+        cfg = read_config(path)
         if cfg.name != name:
             raise ContractError(f"{repo}/{name}/config.pbtxt names model {cfg.name!r}")
         if name in MODELS:   # e.g. an ensemble's member_rewards [K] with the manifest's K

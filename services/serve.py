@@ -1,10 +1,12 @@
 """`tribune serve`: the exported repository served by a real Triton Inference Server.
 
 Triton is started through PyTriton (the nvidia-pytriton wheel ships the server binary).
-Each contract model is bound with the repository's name, tensors, max batch size and
-dynamic-batching settings, and runs the repository's ONNX file in ONNX Runtime (CUDA
-execution provider when a GPU is there). Clients see the same models, tensors, ports
-and model-config parameters as with stock Triton serving the same repository.
+Each contract model the repository has (`reward`, `reference` or both: its manifest's
+``models``) is bound with the repository's name, tensors, max batch size and
+dynamic-batching settings, and runs the repository's ONNX file (with its external data,
+if any, beside it) in ONNX Runtime (CUDA execution provider when a GPU is there). Clients
+see the same models, tensors, ports and model-config parameters as with stock Triton
+serving the same repository.
 
 The manifest's sha256s are verified before anything starts: a tampered repository is
 refused. Requests are validated (token ids in the vocabulary, 0/1 masks, lengths within
@@ -26,7 +28,7 @@ from services.common.config import field
 from services.common.errors import UserError
 from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, PROBE, REFERENCE, REWARD_MODEL,
                                TEMPERATURE, ContractError, ModelSpec, ServedFacts)
-from services.repository import read_config, verify_repository
+from services.repository import ONNX_FILE, read_config, verify_repository
 from services.runtime import ensure_libpython_on_loader_path, execution_providers
 
 log = logging.getLogger("tribune")
@@ -155,10 +157,10 @@ class ManifestModel:
 
 
 def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
-    """Binds the contract's models from the repository; returns their max batch sizes."""
+    """Binds the repository's contract models; returns their max batch sizes."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
 
-    manifest = ManifestModel(repo / MANIFEST_SPEC.name / "1" / "model.onnx")
+    manifest = ManifestModel(repo / MANIFEST_SPEC.name / "1" / ONNX_FILE)
     triton.bind(model_name=MANIFEST_SPEC.name, infer_func=manifest,
                 inputs=[Tensor(name=t.name, dtype=t.numpy_dtype, shape=t.dims) for t in MANIFEST_SPEC.inputs],
                 outputs=[Tensor(name=t.name, dtype=np.bytes_, shape=t.dims) for t in MANIFEST_SPEC.outputs],
@@ -167,9 +169,9 @@ def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
     limits = {}
     # the repository's own specs: an ensemble's reward adds member_rewards [K] (verify_repository
     # has checked that config.pbtxt agrees with the manifest's K)
-    for spec in (manifest.facts.model_spec(REWARD_MODEL), REFERENCE):
+    for spec in map(manifest.facts.model_spec, manifest.facts.models):
         pb = read_config(repo / spec.name / "config.pbtxt")
-        fns = [OnnxModel(spec, repo / spec.name / "1" / "model.onnx", vocab, max_len, cfg.intra_op_threads)
+        fns = [OnnxModel(spec, repo / spec.name / "1" / ONNX_FILE, vocab, max_len, cfg.intra_op_threads)
                for _ in range(cfg.instances)]
         db = pb.dynamic_batching
         batcher = DynamicBatcher(max_queue_delay_microseconds=db.max_queue_delay_microseconds,
@@ -191,6 +193,9 @@ def run_serve(cfg: ServeConfig) -> None:
         manifest = verify_repository(repo)
     except ContractError as e:
         raise UserError(str(e)) from None
+    facts = ServedFacts.parse(manifest["served"])
+    if cfg.with_gateway and REWARD_MODEL not in facts.models:
+        raise UserError(f"--with-gateway scores text with `reward`, and {repo} serves only {', '.join(facts.models)}")
     ensure_libpython_on_loader_path()
     tconfig = TritonConfig(grpc_address=cfg.host, grpc_port=cfg.grpc_port, http_address=cfg.host,
                            http_port=cfg.http_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
@@ -200,7 +205,6 @@ def run_serve(cfg: ServeConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
-    ensemble = int(manifest["served"].get("ensemble_size", 1))
     with Triton(config=tconfig) as triton:
         limits = bind_repository(triton, repo, cfg)
         triton.run()
@@ -215,9 +219,9 @@ def run_serve(cfg: ServeConfig) -> None:
                 metrics_port=cfg.gateway_metrics_port)).start()
         print(f"tribune serve: ready in {time.perf_counter() - t0:.1f}s; models "
               f"{', '.join(f'{m} (max batch {b})' for m, b in limits.items())}; gRPC {cfg.host}:{cfg.grpc_port}, "
-              f"HTTP {cfg.host}:{cfg.http_port}, metrics {cfg.host}:{cfg.metrics_port}; "
-              f"reward model {manifest['served']['reward_model_id']}"
-              + (f" (ensemble of {ensemble})" if ensemble > 1 else "")
+              f"HTTP {cfg.host}:{cfg.http_port}, metrics {cfg.host}:{cfg.metrics_port}"
+              + (f"; reward model {facts.reward_model_id}" if REWARD_MODEL in facts.models else "")
+              + (f" (ensemble of {facts.ensemble_size})" if facts.ensemble_size > 1 else "")
               + (f"; gateway {cfg.host}:{cfg.gateway_port}" if gateway else ""), flush=True)
         while not stop.wait(0.5):
             if not triton.is_alive():

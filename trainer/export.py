@@ -1,4 +1,4 @@
-"""`tribune export`: the reward model and the reference policy as a Triton model repository.
+"""`tribune export`: the reward model, the reference policy or both as a Triton model repository.
 
 Each model becomes one ONNX graph with the contract's tensors. The graphs do the work
 that must not cross the wire: the reward graph pools the score at the last real token,
@@ -16,13 +16,28 @@ each one written by train-rm) becomes one ONNX graph holding all K members, so s
 Triton's ONNX Runtime backend serves it unchanged (no Triton ensemble scheduler, no
 Python backend for the mean): ``rewards`` (B, 1) is the members' mean and
 ``member_rewards`` (B, K) their raw scores. Parity is checked per member and for the mean.
-The graph holds K copies of the weights: an ONNX file is one protobuf, limited to 2 GB,
-so large members will need ONNX external data (not done yet).
+The graph holds K copies of the weights.
+
+Each repository has one tokenizer: a reward model of another family than the policy is
+exported on its own (``--reward`` without ``--reference``) and served next to the
+reference's repository; each carries its own tokenizer and fingerprint.
+
+An ONNX file is one protobuf, limited to 2 GB: a graph with more weights than
+``EXTERNAL_DATA_BYTES`` keeps them as ONNX external data in one file beside it in the
+version folder (``model.onnx`` + ``model.onnx.data``), which ONNX Runtime, `tribune serve`
+and stock Triton's ONNX Runtime backend (it opens the model by path) load unchanged.
+``TRIBUNE_EXPORT_EXTERNAL_DATA=1`` forces that layout on any model (tests).
+
+``--dtype fp16|bf16`` exports the weights and activations in that precision; the contract's
+outputs stay FP32 (the graphs cast the scores and log-probs to float32 at the end), and
+parity is checked at a tolerance suited to the precision. bf16 is refused with the
+operator ONNX Runtime has no bf16 kernel for on this machine's execution providers.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -38,10 +53,11 @@ from services.common.config import field
 from services.common.errors import UserError
 from services.common.text import load_tokenizer
 from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, INPUT_IDS, LOGPROBS, MANIFEST_FILE, MANIFEST_SPEC,
-                               MEMBER_REWARDS_NAME, REFERENCE, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_DIR,
-                               ModelSpec, ServedFacts, reward_spec)
-from services.repository import (TritonSettings, contract_parameters, manifest_model_config, manifest_onnx,
-                                 model_config, sha256_file, tokenizer_fingerprint, write_config, write_manifest)
+                               MEMBER_REWARDS_NAME, REFERENCE, REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE,
+                               TOKENIZER_DIR, ModelSpec, ServedFacts, reward_spec)
+from services.repository import (ONNX_DATA_FILE, ONNX_FILE, TritonSettings, contract_parameters, manifest_model_config,
+                                 manifest_onnx, model_config, sha256_file, tokenizer_fingerprint, write_config,
+                                 write_manifest)
 from trainer.modeling import (load_causal_lm, load_reward_model, scalar_head_values, score_sequences,
                               sequence_logprobs)
 from trainer.reward import ENSEMBLE_FILE, read_reward_stats, reward_members
@@ -52,15 +68,27 @@ log = logging.getLogger("tribune")
 # An ensemble reward-model directory: {"ensemble_size": K, "members": ["member-0", …]}, each
 # member a complete train-rm output; the directory also holds the shared tokenizer.
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# max |ORT − PyTorch| by precision: fp16 keeps ~3 decimal digits, bf16 ~2, on values of a few units
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2e-1}
+# Weights past this go to external data. Well below the 2 GB protobuf limit, because the
+# traced graph can hold more than the module's parameters (constant folding may copy tied weights).
+EXTERNAL_DATA_BYTES = 1 << 30
+FORCE_EXTERNAL_DATA_ENV = "TRIBUNE_EXPORT_EXTERNAL_DATA"
+
 
 @dataclass(kw_only=True)
 class ExportConfig:
     """Export to a Triton model repository (ONNX Runtime backend)."""
-    reward: Path = field(help="reward model directory (from train-rm; with ensemble.json, an ensemble of K)")
-    reference: Path = field(help="reference policy directory (the SFT model)")
+    reward: Path | None = field(None, help="reward model directory (from train-rm; with ensemble.json, an ensemble "
+                                "of K); without --reference, a repository of the reward model alone")
+    reference: Path | None = field(None, help="reference policy directory (the SFT model); without --reward, a "
+                                   "repository of the reference alone")
     output: Path = field(help="model repository to create")
     overwrite: bool = field(False, help="replace --output if it exists")
-    dtype: Literal["fp32", "fp16"] = field("fp32", help="weights and activations; fp16 is for GPUs")
+    dtype: Literal["fp32", "fp16", "bf16"] = field(
+        "fp32", help="weights and activations (outputs stay FP32); fp16/bf16 are for GPUs, bf16 where ONNX "
+        "Runtime has the kernels")
     max_batch_size: int = field(64, help="largest batch Triton forms or accepts per request")
     queue_delay_us: int = field(500, help="dynamic batching: longest wait for more requests (µs)")
     max_queue_size: int = field(512, help="dynamic batching: requests queued before Triton rejects new ones")
@@ -71,11 +99,14 @@ class ExportConfig:
     warmup: bool = field(True, help="add a model_warmup block so the first request is not slow")
     warmup_length: int = field(32, help="sequence length of the warm-up request")
     opset: int = field(17, help="ONNX opset")
-    parity_tolerance: float | None = field(None, help="max |ORT − PyTorch| allowed (default 1e-4 fp32, 5e-2 fp16)")
+    parity_tolerance: float | None = field(None, help="max |ORT − PyTorch| allowed (default 1e-4 fp32, 5e-2 fp16, "
+                                           "2e-1 bf16)")
     max_prompt_length: int | None = field(None, help="prompt tokens text clients keep (default: the reward model's "
                                           "training setting; 3/4 of the maximum for a model trained elsewhere)")
 
     def __post_init__(self) -> None:
+        if self.reward is None and self.reference is None:
+            raise ValueError("reward and reference: give either or both")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.queue_delay_us < 0 or self.max_queue_size < 1 or self.instance_count < 1:
@@ -87,7 +118,7 @@ class ExportConfig:
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
             return self.parity_tolerance
-        return 1e-4 if self.dtype == "fp32" else 5e-2
+        return TOLERANCES[self.dtype]
 
 
 class RewardGraph(nn.Module):
@@ -143,28 +174,77 @@ def parity_batch(vocab_size: int, low: int, max_len: int, seed: int = 0) -> tupl
     return ids, mask
 
 
-def _export_onnx(module: nn.Module, args: tuple, path: Path, spec: ModelSpec, output_axes: dict[int, str],
-                 opset: int) -> None:
-    """``output_axes``: the dynamic axes of every output of ``spec`` (in the module's output order)."""
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers (shared tensors once)."""
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def external_data_wanted(module: nn.Module) -> bool:
+    """Past EXTERNAL_DATA_BYTES of weights, or forced with TRIBUNE_EXPORT_EXTERNAL_DATA=1."""
+    return os.environ.get(FORCE_EXTERNAL_DATA_ENV) == "1" or weight_bytes(module) > EXTERNAL_DATA_BYTES
+
+
+def _export_onnx(module: nn.Module, args: tuple, version_dir: Path, spec: ModelSpec, output_axes: dict[int, str],
+                 opset: int) -> Path:
+    """Writes ``version_dir/model.onnx`` (and, for a large graph, ``model.onnx.data``); returns its path.
+
+    ``output_axes``: the dynamic axes of every output of ``spec`` (in the module's output order).
+    The tracer writes into a scratch folder (past 2 GB it scatters one file per tensor); a
+    large graph is then saved again with all its weights in one external-data file.
+    """
     import warnings
+
+    import onnx
 
     dyn = {t.name: ({0: "batch"} if t is TEMPERATURE else {0: "batch", 1: "sequence"}) for t in spec.inputs}
     dyn.update({name: output_axes for name in spec.output_names})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".trace-", dir=version_dir.parent))
+    path = version_dir / ONNX_FILE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(scratch / ONNX_FILE), input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_axes=dyn, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+        if external_data_wanted(module) or len(list(scratch.iterdir())) > 1:
+            graph = onnx.load(str(scratch / ONNX_FILE))             # with the tracer's external tensors, if any
+            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=ONNX_DATA_FILE, size_threshold=1024)
+            # onnx writes the data file owner-only (0600): Triton running as another user must read it
+            shutil.copymode(path, version_dir / ONNX_DATA_FILE)
+        else:
+            shutil.move(scratch / ONNX_FILE, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
 
 
-def _ort_session(path: Path):
+def _ort_session(path: Path, precision: str):
+    """An ONNX Runtime session; a graph it has no kernels for is refused (e.g. bf16 on CPU)."""
     import onnxruntime as ort
 
     from services.runtime import execution_providers
 
-    return ort.InferenceSession(str(path), providers=execution_providers())
+    providers = execution_providers()
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind types: NotImplemented, Fail, …
+        if "NOT_IMPLEMENTED" not in str(e) and "Could not find an implementation" not in str(e):
+            raise
+        detail = str(e).split("Could not find an implementation for ", 1)[-1].split(" node", 1)[0]
+        raise UserError(f"--dtype {precision}: ONNX Runtime ({', '.join(providers)}) has no {precision} kernel for "
+                        f"{detail}; export with --dtype fp32 (or fp16)") from None
 
 
-def export_reward(members: list, path: Path, cfg: ExportConfig, vocab_size: int, low: int,
+def _check_fp32(session, path: Path) -> None:
+    """The contract hands FP32 to clients whatever the export's precision."""
+    wrong = [(o.name, o.type) for o in session.get_outputs() if o.type != "tensor(float)"]
+    if wrong:
+        raise UserError(f"{path}: outputs {wrong} are not float32 as the contract requires")
+
+
+def export_reward(members: list, version_dir: Path, cfg: ExportConfig, vocab_size: int, low: int,
                   max_len: int) -> dict[str, float]:
     """One reward model, or K members in one graph; max |ORT − PyTorch| for `reward` (the served
     ``rewards``) and, for an ensemble, for each member's column (``reward.member-k``)."""
@@ -172,9 +252,10 @@ def export_reward(members: list, path: Path, cfg: ExportConfig, vocab_size: int,
     graph = (RewardGraph(members[0]) if len(members) == 1 else EnsembleRewardGraph(members)).eval()
     ids, mask = parity_batch(vocab_size, low, max_len)
     targs = (torch.from_numpy(ids), torch.from_numpy(mask))
-    _export_onnx(graph, targs, path, spec, {0: "batch"}, cfg.opset)
-    got = dict(zip(spec.output_names, _ort_session(path).run(spec.output_names,
-                                                             {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})))
+    path = _export_onnx(graph, targs, version_dir, spec, {0: "batch"}, cfg.opset)
+    session = _ort_session(path, cfg.dtype)
+    _check_fp32(session, path)
+    got = dict(zip(spec.output_names, session.run(spec.output_names, {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})))
     with torch.no_grad():     # each member on its own, as train-rm and PPO score with it
         want = np.stack([score_sequences(m, *targs).float().numpy() for m in members], -1)   # (B, K)
     parity = {REWARD_MODEL: float(np.abs(got[REWARDS.name][:, 0] - want.mean(-1)).max())}
@@ -184,17 +265,18 @@ def export_reward(members: list, path: Path, cfg: ExportConfig, vocab_size: int,
     return parity
 
 
-def export_reference(model, path: Path, cfg: ExportConfig, vocab_size: int, low: int,
+def export_reference(model, version_dir: Path, cfg: ExportConfig, vocab_size: int, low: int,
                      max_len: int) -> dict[str, float]:
     graph = ReferenceGraph(model).eval()
     ids, mask = parity_batch(vocab_size, low, max_len)
     temp = np.full((ids.shape[0], 1), 0.7, dtype=np.float32)
     targs = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(temp))
-    _export_onnx(graph, targs, path, REFERENCE, {0: "batch", 1: "sequence_minus_one"}, cfg.opset)
+    path = _export_onnx(graph, targs, version_dir, REFERENCE, {0: "batch", 1: "sequence_minus_one"}, cfg.opset)
     with torch.no_grad():
         ref = graph(*targs).float().numpy()
-    got = _ort_session(path).run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask,
-                                                    TEMPERATURE.name: temp})[0]
+    session = _ort_session(path, cfg.dtype)
+    _check_fp32(session, path)
+    got = session.run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask, TEMPERATURE.name: temp})[0]
     return {REFERENCE.name: float(np.abs(got - ref).max())}
 
 
@@ -239,19 +321,26 @@ def _truncation(rm_dirs: list[Path], max_len: int, max_prompt_length: int | None
     return length, int(prompt)
 
 
-def served_facts(fingerprint: str, stats: dict, member_stats: list[dict], max_len: int, vocab: int,
+def served_facts(fingerprint: str, stats: dict | None, member_stats: list[dict], max_len: int, vocab: int,
                  cfg: ExportConfig, sources: dict, members: list[Path]) -> ServedFacts:
-    """What the `tribune_manifest` model answers: everything a remote client must check."""
+    """What the `tribune_manifest` model answers: everything a remote client must check.
+
+    ``members`` is empty (and ``stats`` None) for a repository of the reference alone.
+    """
     import hashlib
 
+    common = dict(contract_version=CONTRACT_VERSION, tokenizer_fingerprint=fingerprint, max_sequence_length=max_len,
+                  vocab_size=vocab, max_batch_size=cfg.max_batch_size,
+                  models=tuple(m for m in (REWARD_MODEL, REFERENCE_MODEL) if m in sources),
+                  reference_model_source=sources.get(REFERENCE_MODEL, {}).get("path", ""))
+    if not members:
+        return ServedFacts(**common)
     reward = sources["reward"]
     digests = [m["weights_sha256"] for m in reward.get("members", [reward])]
     # one model keeps the id it always had (its weights' digests, not a list of them)
     weights = json.dumps(digests[0] if len(digests) == 1 else digests, sort_keys=True).encode()
     length, prompt = _truncation(members, max_len, cfg.max_prompt_length)
-    return ServedFacts(contract_version=CONTRACT_VERSION, tokenizer_fingerprint=fingerprint,
-                       reward_mean=float(stats["mean"]), reward_std=float(stats["std"]),
-                       max_sequence_length=max_len, vocab_size=vocab, max_batch_size=cfg.max_batch_size,
+    return ServedFacts(**common, reward_mean=float(stats["mean"]), reward_std=float(stats["std"]),
                        reward_model_id="rm-" + hashlib.sha256(weights).hexdigest()[:16],
                        max_length=length, max_prompt_length=prompt, reward_model_source=reward["path"],
                        ensemble_size=len(members),
@@ -280,79 +369,103 @@ def _statistics_source(stats: dict, member_stats: list[dict]) -> dict:
     return extra
 
 
+def _limits(models: list[nn.Module], tok) -> tuple[int, int]:
+    """(max sequence length, vocab size) every exported model accepts: the smallest of each."""
+    lengths = [int(getattr(m.config, "max_position_embeddings", 0) or tok.model_max_length) for m in models]
+    return min(lengths), min(int(m.config.vocab_size) for m in models)
+
+
+def _write_model(tmp: Path, spec: ModelSpec, model, export, cfg: ExportConfig, settings: TritonSettings,
+                 params: dict, vocab: int, low: int, max_len: int) -> dict[str, float]:
+    """One contract model: its version folder (parity checked first), config.pbtxt and warm-up data."""
+    version_dir = tmp / spec.name / "1"
+    version_dir.mkdir(parents=True)
+    members = len(model) if isinstance(model, list) else 1
+    log.info("export: %s → ONNX (%s%s)", spec.name, cfg.dtype, f", {members} members" if members > 1 else "")
+    checked = export(model, version_dir, cfg, vocab, low, max_len)
+    for name, diff in checked.items():
+        log.info("export: %s parity max|ORT − PyTorch| = %.3g (tolerance %.0e)", name, diff, cfg.tolerance)
+        if not diff <= cfg.tolerance:
+            raise UserError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
+                            f"> {cfg.tolerance:.0e}; nothing was written")
+    write_config(tmp / spec.name / "config.pbtxt", model_config(spec, settings, params))
+    if cfg.warmup:
+        warm = tmp / spec.name / "warmup"
+        warm.mkdir()
+        np.ones(settings.warmup_length, dtype=np.int64).tofile(warm / "mask_ones")
+        if spec is REFERENCE:
+            np.ones(1, dtype=np.float32).tofile(warm / "temperature_one")
+    return checked
+
+
 def run_export(cfg: ExportConfig) -> dict:
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    tok = load_tokenizer(cfg.reference)
+    # one tokenizer per repository: the reference's (the policy's) when it is exported
+    tok_dir = Path(cfg.reference if cfg.reference is not None else cfg.reward)
+    tok = load_tokenizer(tok_dir)
     fp = tokenizer_fingerprint(tok)
-    members = reward_members(cfg.reward)
-    for d in dict.fromkeys([Path(cfg.reward), *members]):
-        if tokenizer_fingerprint(load_tokenizer(d)) != fp:
-            raise UserError(f"the tokenizers of {d} and {cfg.reference} differ; all models must share one")
-    rms = [load_reward_model(d, attn_implementation="eager").eval() for d in members]
-    ref = load_causal_lm(cfg.reference, attn_implementation="eager").eval()
-    if cfg.dtype == "fp16":
-        rms, ref = [rm.half() for rm in rms], ref.half()
-    max_len = int(getattr(ref.config, "max_position_embeddings", 0) or tok.model_max_length)
-    vocab = int(ref.config.vocab_size)
+    members = reward_members(cfg.reward) if cfg.reward is not None else []
+    for d in dict.fromkeys([Path(cfg.reward), *members] if members else []):
+        if d != tok_dir and tokenizer_fingerprint(load_tokenizer(d)) != fp:
+            raise UserError(f"the tokenizers of {d} and {tok_dir} differ; a repository has one tokenizer: export "
+                            "the reward model and the reference into two repositories (--reward alone, "
+                            "--reference alone) and serve both")
+    dtype = DTYPES[cfg.dtype]
+    rms = [load_reward_model(d, attn_implementation="eager").eval().to(dtype) for d in members]
+    ref = load_causal_lm(cfg.reference, attn_implementation="eager").eval().to(dtype) if cfg.reference else None
+    max_len, vocab = _limits([*rms, *([ref] if ref is not None else [])], tok)
     low = max(tok.all_special_ids, default=-1) + 1
     low = low if low < vocab else 0          # e.g. GPT-2: its only special id is the last one
     member_stats = [_reward_stats(d) for d in members]
-    stats = member_stats[0] if len(members) == 1 else ensemble_stats(cfg.reward, member_stats)
-    sources = {"reward": _reward_source(cfg.reward, members), "reference": _source(cfg.reference)}
+    stats = None if not members else member_stats[0] if len(members) == 1 else ensemble_stats(cfg.reward, member_stats)
+    sources = {}
+    if members:
+        sources[REWARD_MODEL] = _reward_source(cfg.reward, members)
+    if ref is not None:
+        sources[REFERENCE_MODEL] = _source(cfg.reference)
     facts = served_facts(fp, stats, member_stats, max_len, vocab, cfg, sources, members)
     params = contract_parameters(facts)
     settings = TritonSettings(cfg.max_batch_size, cfg.queue_delay_us, cfg.max_queue_size, cfg.instance_count,
-                              cfg.instance_kind, cfg.accelerator, cfg.dtype == "fp16", cfg.warmup,
+                              cfg.instance_kind, cfg.accelerator, cfg.dtype.upper(), cfg.warmup,
                               min(cfg.warmup_length, max_len))
+    jobs = ([(facts.model_spec(REWARD_MODEL), rms, export_reward)] if members else []) + \
+        ([(REFERENCE, ref, export_reference)] if ref is not None else [])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         parity = {}
-        for spec, model, export in ((facts.model_spec(REWARD_MODEL), rms, export_reward),
-                                    (REFERENCE, ref, export_reference)):
-            (tmp / spec.name / "1").mkdir(parents=True)
-            log.info("export: %s → ONNX%s", spec.name, f" ({len(rms)} members)" if model is rms and len(rms) > 1 else "")
-            checked = export(model, tmp / spec.name / "1" / "model.onnx", cfg, vocab, low, max_len)
-            for name, diff in checked.items():
-                log.info("export: %s parity max|ORT − PyTorch| = %.3g (tolerance %.0e)", name, diff, cfg.tolerance)
-                if not diff <= cfg.tolerance:
-                    raise UserError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
-                                    f"> {cfg.tolerance:.0e}; nothing was written")
-            parity.update(checked)
-            write_config(tmp / spec.name / "config.pbtxt", model_config(spec, settings, params))
-            if cfg.warmup:
-                warm = tmp / spec.name / "warmup"
-                warm.mkdir()
-                np.ones(settings.warmup_length, dtype=np.int64).tofile(warm / "mask_ones")
-                if spec is REFERENCE:
-                    np.ones(1, dtype=np.float32).tofile(warm / "temperature_one")
+        for spec, model, export in jobs:
+            parity.update(_write_model(tmp, spec, model, export, cfg, settings, params, vocab, low, max_len))
         tok.save_pretrained(tmp / TOKENIZER_DIR)
         (tmp / MANIFEST_SPEC.name / "1").mkdir(parents=True)
-        (tmp / MANIFEST_SPEC.name / "1" / "model.onnx").write_bytes(manifest_onnx(facts, tmp / TOKENIZER_DIR))
+        (tmp / MANIFEST_SPEC.name / "1" / ONNX_FILE).write_bytes(manifest_onnx(facts, tmp / TOKENIZER_DIR))
         write_config(tmp / MANIFEST_SPEC.name / "config.pbtxt", manifest_model_config())
+        external = {spec.name: (tmp / spec.name / "1" / ONNX_DATA_FILE).is_file() for spec, _, _ in jobs}
         manifest = write_manifest(tmp, {
             "contract_version": CONTRACT_VERSION,
             "tokenizer": {"fingerprint": fp, "dir": TOKENIZER_DIR},
             "sources": sources,
             "served": facts.to_dict(),
-            "reward_statistics_source": _statistics_source(stats, member_stats),
+            **({"reward_statistics_source": _statistics_source(stats, member_stats)} if members else {}),
             "export": {"dtype": cfg.dtype, "opset": cfg.opset, "parity_max_abs_diff": parity,
                        "max_sequence_length": max_len, "vocab_size": vocab,
-                       "max_batch_size": cfg.max_batch_size},
+                       "max_batch_size": cfg.max_batch_size, "external_data": external},
         })
         if out.exists():
             shutil.rmtree(out)
+        shutil.copymode(out.parent, tmp)     # mkdtemp's 0700 would hide the repository from Triton's user
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    result = {"repository": str(out), "parity_max_abs_diff": parity, "files": len(manifest["files"]),
+    result = {"repository": str(out), "models": list(facts.models), "dtype": cfg.dtype,
+              "parity_max_abs_diff": parity, "files": len(manifest["files"]),
+              "external_data": [name for name, ext in external.items() if ext],
               "tokenizer_fingerprint": fp, "ensemble_size": len(members),
               "elapsed_s": round(time.perf_counter() - t0, 2)}
-    log.info("export: wrote %s (%s)", out, MANIFEST_FILE)
+    log.info("export: wrote %s (%s; %s)", out, MANIFEST_FILE, " + ".join(facts.models))
     return result
-

@@ -25,7 +25,12 @@ def load_tokenizer(path: Path):
     if not path.is_dir():
         raise UserError(f"{path} is not a Hugging Face model directory (not found)")
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if _saved_as_generic_backend(path):
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: no usable tokenizer ({e})") from None
     if tok.eos_token_id is None:
@@ -35,6 +40,26 @@ def load_tokenizer(path: Path):
         # decide which positions count everywhere in Tribune.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _saved_as_generic_backend(path: Path) -> bool:
+    """A tokenizer.json saved as the generic `tokenizers` backend, loaded as saved.
+
+    For some model types (qwen2) transformers 5 replaces it by the type's registered class,
+    which re-derives pre-tokenisation from the vocabulary: the ids would differ from the saved
+    file's, and from the exported repository's tokenizer/ (no config.json), under the same
+    fingerprint. The saved file is what the model was trained with.
+    """
+    import json
+
+    config = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        cls = json.loads(config.read_text()).get("tokenizer_class")
+    except ValueError:
+        return False
+    return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def render_chat(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
