@@ -231,7 +231,7 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
         assert stats["agreement_pairs"] == 3 and abs(stats["agreement"] - 2 / 3) < 1e-9
         assert stats["answers"] == 2 and stats["labellers"] == ["ann", "bob"]
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "agreement 0.667" in err
     assert len(load_preference_groups(tmp_path / "human.jsonl", SkipCounter())) == 2

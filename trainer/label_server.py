@@ -258,7 +258,8 @@ def serve_labelling(rows, cfg) -> dict:
     server = start_label_server(store, s.host, s.port)
     host, port = server.server_address[:2]
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):     # explicit: a SIGINT ignored by a parent shell still stops it
+        signal.signal(sig, lambda *_: done.set())
     print(f"labelling page: http://{host}:{port}/  ({len(rows)} prompts, {s.mode} mode, "
           f"{s.labels_per_item} label(s) each; answers → {store.log_path}); Ctrl-C to stop", flush=True)
     try:
