@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test eval bench proto clean
+.PHONY: install demo test test-min eval bench proto clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The tests at the lowest versions pyproject allows of the libraries whose APIs move most;
+# a separate virtual environment, so the main one stays as it is. CI runs it next to `make test`.
+MIN_VENV ?= .venv-min
+MIN_SPECS := "transformers==4.56.0" "accelerate==1.10.0" "protobuf==6.33.5"
+MIN_TESTS ?= tests/test_console.py tests/test_tracking.py tests/test_rl_math.py tests/test_ppo_step.py tests/test_cli.py
+
+test-min:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(MIN_VENV)/bin/python -m pip install -q ".[dev]" "$(TORCH_SPEC)" $(MIN_SPECS)
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
+
 # the whole pipeline, default settings, on every task of the suite (runs/evaluate/evaluation.json + .png)
 eval: $(STAMP)
 	$(VENV)/bin/tribune evaluate --output runs/evaluate
@@ -36,4 +50,4 @@ proto: $(STAMP)
 	$(PY) protos/generate.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache

@@ -35,11 +35,14 @@ from typing import Literal
 import numpy as np
 
 from services.common.config import field
+from services.common.secrets import resolve_secret
 from services.contract import (ATTENTION_MASK, INPUT_IDS, LOGPROBS, MANIFEST, MANIFEST_SPEC, MEMBER_REWARDS_NAME,
                                PROBE, REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_FILES,
                                ContractError, ServedFacts, check_metadata)
 
 log = logging.getLogger("tribune")
+# where a client's bearer token comes from when neither --auth-token nor --auth-token-file is given
+AUTH_TOKEN_ENV = "TRIBUNE_AUTH_TOKEN"
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 # Triton answers these while a model is (re)loading; they clear by themselves.
@@ -79,7 +82,10 @@ class ClientOptions:
     root_certificates: Path | None = field(None, help="PEM file of the CA that signed the server certificate")
     private_key: Path | None = field(None, help="PEM client key (mutual TLS)")
     certificate_chain: Path | None = field(None, help="PEM client certificate (mutual TLS)")
-    auth_token: str | None = field(None, help="sent as 'authorization: Bearer TOKEN' on every call", secret=True)
+    auth_token: str | None = field(None, help="sent as 'authorization: Bearer TOKEN' on every call (visible in ps: "
+                                   f"prefer --auth-token-file or ${AUTH_TOKEN_ENV})", secret=True)
+    auth_token_file: Path | None = field(None, help=f"file holding the bearer token (default: ${AUTH_TOKEN_ENV} "
+                                         "when set, else no token)")
     load_balancing: Literal["round_robin", "pick_first"] = field("round_robin", help="gRPC load-balancing policy")
 
     def __post_init__(self) -> None:
@@ -91,6 +97,12 @@ class ClientOptions:
             raise ValueError("chunk_size must be at least 1")
         if (self.private_key is None) != (self.certificate_chain is None):
             raise ValueError("private_key and certificate_chain (mutual TLS) go together")
+        if self.auth_token and self.auth_token_file is not None:
+            raise ValueError("auth_token and auth_token_file are alternatives: give one")
+
+    def bearer_token(self) -> str | None:
+        """--auth-token, else the file --auth-token-file, else $TRIBUNE_AUTH_TOKEN; None: send none."""
+        return resolve_secret(self.auth_token, self.auth_token_file, AUTH_TOKEN_ENV)
 
     def at(self, url: str) -> "ClientConfig":
         """These options for the server at ``url``."""
@@ -134,6 +146,8 @@ class TritonScorer:
         self._clients: list = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="tribune-scorer")
+        token = cfg.bearer_token()
+        self._headers = {"authorization": f"Bearer {token}"} if token else None
         self.facts = self._connect(expected_fingerprint)
         self.max_batch = min(self.facts.max_batch_size, cfg.chunk_size or self.facts.max_batch_size)
 
@@ -155,10 +169,6 @@ class TritonScorer:
             with self._lock:
                 self._clients.append(client)
         return client
-
-    @property
-    def _headers(self) -> dict[str, str] | None:
-        return {"authorization": f"Bearer {self.cfg.auth_token}"} if self.cfg.auth_token else None
 
     def _connect(self, expected_fingerprint: str | None) -> ServedFacts:
         """Reads the manifest, checks that the server serves ``models`` with the caller's tokenizer

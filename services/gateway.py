@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.errors import UserError
+from services.common.secrets import same_secret
 from services.contract import ContractError
 from services.gateway_core import (Backend, DeadlineExceeded, GatewayConfig, GatewayError, InvalidInput, Item,
                                    MicroBatcher, NotReady, Overloaded, Scores, Tokenisation, Unauthenticated,
@@ -164,7 +165,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
         sent = dict(details.invocation_metadata or ()).get("authorization")
-        if sent == self.expected:
+        if same_secret(sent, self.expected):
             return await continuation(details)
 
         async def deny(request, context):
@@ -242,11 +243,9 @@ class Gateway:
         self.batcher = MicroBatcher(cfg, self.backend, self.tok.tokenizer.pad_token_id,
                                     observe_batch=self.metrics.batch.observe, observe_queue=self.metrics.queue.set)
         interceptors = [ErrorInterceptor(self.metrics)]
-        if cfg.auth_token_file is not None:
-            token = Path(cfg.auth_token_file).read_text().strip()
-            if not token:
-                raise UserError(f"{cfg.auth_token_file} is empty")
-            interceptors.insert(0, AuthInterceptor(token))
+        self.token = cfg.required_token()
+        if self.token is not None:
+            interceptors.insert(0, AuthInterceptor(self.token))
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
@@ -323,7 +322,7 @@ async def serve(cfg: GatewayConfig, stop_event: asyncio.Event | None = None) -> 
         except (NotImplementedError, RuntimeError):
             pass
     print(f"tribune gateway: ready on {cfg.host}:{port} ({'TLS' if cfg.tls_cert else 'plaintext'}"
-          f"{', mTLS' if cfg.tls_client_ca else ''}{', bearer auth' if cfg.auth_token_file else ''}); "
+          f"{', mTLS' if cfg.tls_client_ca else ''}{', bearer auth' if gw.token else ''}); "
           f"Triton {cfg.triton_url}; metrics {cfg.host}:{cfg.metrics_port or 'off'}", flush=True)
     await stop_event.wait()
     print("tribune gateway: stopping", flush=True)

@@ -15,11 +15,14 @@ import numpy as np
 
 from services.client import ClientOptions, ScorerRequestError, ScorerTimeout, ScorerUnavailable, TritonScorer
 from services.common.config import field, group
+from services.common.secrets import resolve_secret
 from services.common.text import encode_pair, load_tokenizer, pad, render_chat
 from services.contract import REWARD_MODEL, TOKENIZER_DIR, ContractError, ServedFacts
 from services.repository import read_manifest, tokenizer_fingerprint
 
 log = logging.getLogger("tribune.gateway")
+# the token clients must send, when --auth-token-file is not given (unset: no auth)
+GATEWAY_TOKEN_ENV = "TRIBUNE_GATEWAY_AUTH_TOKEN"
 
 
 @dataclass(kw_only=True)
@@ -38,7 +41,8 @@ class GatewayConfig:
     batch_max_delay_ms: float = field(2.0, help="micro-batching: longest wait for more items")
     max_queue_items: int = field(4096, help="items waiting before new requests get RESOURCE_EXHAUSTED")
     health_interval_s: float = field(1.0, help="how often Triton's readiness is checked")
-    auth_token_file: Path | None = field(None, help="file holding the bearer token clients must send (off if unset)")
+    auth_token_file: Path | None = field(None, help="file holding the bearer token clients must send (default: "
+                                         f"${GATEWAY_TOKEN_ENV} when set, else no auth)")
     tls_cert: Path | None = field(None, help="PEM server certificate (TLS on when set)")
     tls_key: Path | None = field(None, help="PEM server key")
     tls_client_ca: Path | None = field(None, help="PEM CA for client certificates (mutual TLS when set)")
@@ -58,6 +62,10 @@ class GatewayConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+    def required_token(self) -> str | None:
+        """The bearer token clients must send: the file --auth-token-file, else $TRIBUNE_GATEWAY_AUTH_TOKEN."""
+        return resolve_secret(None, self.auth_token_file, GATEWAY_TOKEN_ENV)
 
 
 # ---------------------------------------------------------------- domain errors

@@ -16,7 +16,7 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     out = tmp_path / "eval"
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "none", "--rounds", "1", "--collect", "max_prompts=24",
-            "--best-of-n", "4")
+            "--best-of-n", "4", "--export", "exporter=torchscript")     # the faster exporter: this test is about the table
     table = json.loads((out / "evaluation.json").read_text())
     assert table["complete"] and [(r["task"], r["round"]) for r in table["rows"]] == [("sequence", 0), ("sequence", 1)]
     for row in table["rows"]:
@@ -47,7 +47,7 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # collected on πSFT's samples next to the given pairs' one
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
-            "--best-of-n", "4", "--reuse", "--compare-collected")
+            "--best-of-n", "4", "--reuse", "--compare-collected", "--export", "exporter=torchscript")
     again = json.loads((out / "evaluation.json").read_text())["rows"]
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained

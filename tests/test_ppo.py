@@ -47,8 +47,8 @@ def test_ppo_raises_the_gold_score_with_a_bounded_kl(served, sft_dir, rm_dir, ta
     rows = _rows(out)
     keys = set().union(*rows)
     for k in ("objective/kl", "objective/kl_coef", "objective/scores", "objective/scores_normalized",
-              "policy/entropy", "response/length", "response/eos_rate", "losses/clipfrac", "policy/approxkl",
-              "losses/vf", "val/explained_variance", "time/generation", "time/scoring_wait", "time/training",
+              "policy/entropy_avg", "response/length", "response/eos_rate", "policy/clipfrac_avg",
+              "policy/approxkl_avg", "loss/value_avg", "val/explained_variance", "time/generation", "time/scoring_wait", "time/training",
               "gold/score", "gold/proxy_score"):
         assert k in keys, k
     assert list((out / "tensorboard").iterdir())
@@ -73,7 +73,7 @@ def test_ppo_resumes_after_an_interruption_like_an_uninterrupted_run(served, sft
     b = {r["step"]: r for r in _rows(broken) if "objective/kl" in r}
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
-        for k in ("objective/scores", "objective/kl", "losses/pg"):
+        for k in ("objective/scores", "objective/kl", "loss/policy_avg"):
             assert b[step][k] == pytest.approx(a[step][k], rel=1e-3, abs=1e-4), (step, k)
     from safetensors.torch import load_file
 

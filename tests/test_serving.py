@@ -70,8 +70,9 @@ def test_export_writes_a_repository_stock_triton_loads(repo_dir):
 
 def test_export_options_render_valid_configs(rm_dir, sft_dir, tmp_path):
     out = tmp_path / "repo"
+    # the deprecated TorchScript exporter, still selectable (and faster); fp16 below takes the default
     tribune("export", "--reward", rm_dir, "--reference", sft_dir, "--output", out, "--accelerator", "tensorrt",
-            "--instance-count", "2", "--no-warmup", "--max-batch-size", "16")
+            "--instance-count", "2", "--no-warmup", "--max-batch-size", "16", "--exporter", "torchscript")
     cfg = read_config(out / "reference" / "config.pbtxt")
     acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP32"

@@ -55,6 +55,24 @@ def save_checkpoint(acc, out: Path, step: int, state: dict[str, Any], keep: int)
     return final
 
 
+def drop_tied_aliases(models, weights: list[dict], output_dir) -> None:
+    """accelerate's save-state hook: a tied weight (e.g. ``lm_head.weight`` with
+    ``tie_word_embeddings``) is stored once. Safetensors cannot store two names of one
+    tensor, and accelerate would otherwise drop the alias itself with a warning on every
+    checkpoint; loading refills it (safetensors' ``load_model`` knows shared tensors)."""
+    for state in weights:
+        seen: set[tuple] = set()
+        for name in list(state):
+            t = state[name]
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key in seen:
+                del state[name]
+            else:
+                seen.add(key)
+
+
 def load_checkpoint(acc, out: Path) -> tuple[int, dict[str, Any]]:
     """Restores the newest checkpoint; returns (step, the stage's state). (0, {}) when none."""
     ckpt = latest_checkpoint(out)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import sys
+import time
 from dataclasses import dataclass
 
 from services.common.config import add_config_arguments, config_from_args
+from services.common.console import setup_console
 from services.common.errors import UserError
 
 
@@ -24,6 +25,7 @@ class Command:
     help: str
     config: str      # "module:ConfigClass"
     run: str         # "module:function(config) -> dict | None"
+    own_summary: bool = False   # prints its own summary last (its result is in the files it names)
 
 
 COMMANDS: list[Command] = [
@@ -44,9 +46,10 @@ COMMANDS: list[Command] = [
             "trainer.ppo:run_ppo"),
     Command("gateway", "the gRPC text API (tribune.v1.RewardService) in front of Triton",
             "services.gateway_core:GatewayConfig", "services.gateway:run_gateway"),
-    Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo"),
+    Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo",
+            own_summary=True),
     Command("evaluate", "the whole pipeline with default settings on every suite task: a JSON table and a PNG",
-            "trainer.evaluate:EvaluateConfig", "trainer.evaluate:run_evaluate"),
+            "trainer.evaluate:EvaluateConfig", "trainer.evaluate:run_evaluate", own_summary=True),
 ]
 TASK_MAKE = Command("make", "write a task (tokenizer, tiny base model, data)", "trainer.task.make:TaskConfig",
                     "trainer.cli:task_make")
@@ -87,7 +90,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = _chosen(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="tribune", description="RLHF with reward models and reference "
                                      "policies served through Triton, and a PPO trainer that uses them.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the libraries' own output "
+                        "(load reports, progress bars, warnings) on the console")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     task = sub.add_parser("task", help="the task suite: list the tasks, or make one")
@@ -103,15 +107,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         if chosen in (None, [cmd.name]):
             add_config_arguments(p, _load(cmd.config))
-        p.set_defaults(_config=cmd.config, _run=cmd.run)
+        p.set_defaults(_config=cmd.config, _run=cmd.run, _own_summary=cmd.own_summary)
     return parser
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="[tribune] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+# the figures a command's last line shows, when its result has them
+HEADLINE = ("eval_loss", "eval_accuracy", "eval_gold_accuracy", "gold_score", "objective/kl", "gold/score")
+
+
+def summary_line(command: str, result: dict, seconds: float) -> str:
+    """The one line a command ends with: how long it took and its headline figures."""
+    shown = [f"{k} {result[k]:.4g}" for k in HEADLINE if isinstance(result.get(k), (int, float))]
+    return f"tribune {command}: done in {seconds:.1f} s" + (f"; {', '.join(shown)}" if shown else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    setup_logging(args.verbose)
+    setup_console(args.verbose)
+    t0 = time.perf_counter()
     try:
         run = _load(args._run)
         if not args._config:
@@ -134,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tribune {args.command}: interrupted", file=sys.stderr)
         return 130
-    if isinstance(result, dict):
-        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if isinstance(result, dict) and not getattr(args, "_own_summary", False):
+        # the result on stdout (for scripts), then the summary as the console's last line
+        print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)
+        print(summary_line(args.command, result, time.perf_counter() - t0), file=sys.stderr, flush=True)
     return 0
 
 

@@ -6,9 +6,9 @@ and the reference graph applies the temperature, log-softmax and the gather of t
 observed tokens inside the graph, so (B, T, V) logits never leave it. Position ids come
 from the mask in both, so padding side does not matter.
 
-Before anything is written, ONNX Runtime is checked against PyTorch on a padded batch
-(left, right and no padding, mixed lengths); the export fails if they differ by more than
-the tolerance. The repository is assembled in a temporary directory and moved into place
+Before anything is written, ONNX Runtime is checked against PyTorch on padded batches of
+two shapes (left, right and no padding, mixed lengths); the export fails if they differ by
+more than the tolerance. The repository is assembled in a temporary directory and moved into place
 at the end: a failed export leaves nothing half-written.
 
 An ensemble of reward models (``--reward`` holding ``ensemble.json``: K member directories,
@@ -98,7 +98,9 @@ class ExportConfig:
         "none", help="ONNX Runtime GPU execution accelerator block in config.pbtxt")
     warmup: bool = field(True, help="add a model_warmup block so the first request is not slow")
     warmup_length: int = field(32, help="sequence length of the warm-up request")
-    opset: int = field(17, help="ONNX opset")
+    exporter: Literal["dynamo", "torchscript"] = field(
+        "dynamo", help="torch.onnx exporter: dynamo (torch.export + onnxscript) or the deprecated torchscript")
+    opset: int = field(18, help="ONNX opset (the dynamo exporter writes 18 or newer)")
     parity_tolerance: float | None = field(None, help="max |ORT − PyTorch| allowed (default 1e-4 fp32, 5e-2 fp16, "
                                            "2e-1 bf16)")
     max_prompt_length: int | None = field(None, help="prompt tokens text clients keep (default: the reward model's "
@@ -113,6 +115,8 @@ class ExportConfig:
             raise ValueError("queue_delay_us must be >= 0, max_queue_size and instance_count >= 1")
         if self.warmup_length < 2:
             raise ValueError("warmup_length must be at least 2")
+        if self.exporter == "dynamo" and self.opset < 18:
+            raise ValueError("opset must be at least 18 with exporter dynamo")
 
     @property
     def tolerance(self) -> float:
@@ -160,12 +164,13 @@ class ReferenceGraph(nn.Module):
         return sequence_logprobs(self.model, input_ids, attention_mask, temperature.float())
 
 
-def parity_batch(vocab_size: int, low: int, max_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def parity_batch(vocab_size: int, low: int, max_len: int, seed: int = 0, rows: int = 6, length: int = 24
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Mixed lengths with left padding, right padding and none: what the services will see."""
     g = np.random.default_rng(seed)
-    T = min(max_len, 24)
-    ids = g.integers(low, vocab_size, size=(6, T), dtype=np.int64)
-    mask = np.ones((6, T), dtype=np.int64)
+    T = min(max_len, length)
+    ids = g.integers(low, vocab_size, size=(rows, T), dtype=np.int64)
+    mask = np.ones((rows, T), dtype=np.int64)
     mask[1, :T // 2] = 0            # left-padded
     mask[2, T - 5:] = 0             # right-padded
     mask[3, :3] = 0
@@ -185,13 +190,30 @@ def external_data_wanted(module: nn.Module) -> bool:
     return os.environ.get(FORCE_EXTERNAL_DATA_ENV) == "1" or weight_bytes(module) > EXTERNAL_DATA_BYTES
 
 
+def parity_batches(vocab_size: int, low: int, max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two batch shapes: the first is the export's example input, the second checks that batch
+    and sequence axes are really dynamic in the graph (not the example's sizes baked in)."""
+    return [parity_batch(vocab_size, low, max_len), parity_batch(vocab_size, low, max_len, seed=1, rows=5, length=40)]
+
+
+def _dynamo_exporter_available() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:   # torch.onnx's dynamo exporter translates through it
+        raise UserError("the dynamo ONNX exporter needs onnxscript (pip install onnxscript); "
+                        "or pass --exporter torchscript")
+
+
 def _export_onnx(module: nn.Module, args: tuple, version_dir: Path, spec: ModelSpec, output_axes: dict[int, str],
-                 opset: int) -> Path:
+                 cfg: "ExportConfig") -> Path:
     """Writes ``version_dir/model.onnx`` (and, for a large graph, ``model.onnx.data``); returns its path.
 
     ``output_axes``: the dynamic axes of every output of ``spec`` (in the module's output order).
-    The tracer writes into a scratch folder (past 2 GB it scatters one file per tensor); a
-    large graph is then saved again with all its weights in one external-data file.
+    The dynamo exporter (``torch.export`` + onnxscript) is torch's supported path; the
+    TorchScript one is deprecated and kept as ``--exporter torchscript``. Neither one's
+    warnings are silenced: they go to the run's log file like every library warning. The
+    exporter writes into a scratch folder (past 2 GB it scatters one file per tensor); a large
+    graph is then saved again with all its weights in one external-data file.
     """
     import warnings
 
@@ -202,13 +224,29 @@ def _export_onnx(module: nn.Module, args: tuple, version_dir: Path, spec: ModelS
     scratch = Path(tempfile.mkdtemp(prefix=".trace-", dir=version_dir.parent))
     path = version_dir / ONNX_FILE
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        if cfg.exporter == "dynamo":
+            _dynamo_exporter_available()
+            dim = torch.export.Dim.DYNAMIC
+            shapes = {t.name: ({0: dim} if t is TEMPERATURE else {0: dim, 1: dim}) for t in spec.inputs}
             torch.onnx.export(module, args, str(scratch / ONNX_FILE), input_names=spec.input_names,
-                              output_names=spec.output_names, dynamic_axes=dyn, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
+                              output_names=spec.output_names, dynamic_shapes=shapes, opset_version=cfg.opset,
+                              dynamo=True, verbose=False, optimize=True)
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.onnx.export(module, args, str(scratch / ONNX_FILE), input_names=spec.input_names,
+                                  output_names=spec.output_names, dynamic_axes=dyn, opset_version=cfg.opset,
+                                  dynamo=False, do_constant_folding=True)
+            # the tracer's warnings (constants baked into the trace, negative indices) are what the
+            # parity check guards against: each is logged (log file, or the console with -v)
+            for w in caught:
+                logging.getLogger("py.warnings").warning(
+                    warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+            if caught:
+                log.info("export: %s: the deprecated TorchScript exporter raised %d warning(s) (shown with -v)",
+                         spec.name, len(caught))
         if external_data_wanted(module) or len(list(scratch.iterdir())) > 1:
-            graph = onnx.load(str(scratch / ONNX_FILE))             # with the tracer's external tensors, if any
+            graph = onnx.load(str(scratch / ONNX_FILE))             # with the exporter's external tensors, if any
             onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=ONNX_DATA_FILE, size_threshold=1024)
             # onnx writes the data file owner-only (0600): Triton running as another user must read it
@@ -246,38 +284,46 @@ def _check_fp32(session, path: Path) -> None:
 
 def export_reward(members: list, version_dir: Path, cfg: ExportConfig, vocab_size: int, low: int,
                   max_len: int) -> dict[str, float]:
-    """One reward model, or K members in one graph; max |ORT − PyTorch| for `reward` (the served
-    ``rewards``) and, for an ensemble, for each member's column (``reward.member-k``)."""
+    """One reward model, or K members in one graph; max |ORT − PyTorch| over two batch shapes for
+    `reward` (the served ``rewards``) and, for an ensemble, for each member's column (``reward.member-k``)."""
     spec = reward_spec(len(members))
     graph = (RewardGraph(members[0]) if len(members) == 1 else EnsembleRewardGraph(members)).eval()
-    ids, mask = parity_batch(vocab_size, low, max_len)
-    targs = (torch.from_numpy(ids), torch.from_numpy(mask))
-    path = _export_onnx(graph, targs, version_dir, spec, {0: "batch"}, cfg.opset)
+    batches = parity_batches(vocab_size, low, max_len)
+    path = _export_onnx(graph, tuple(map(torch.from_numpy, batches[0])), version_dir, spec, {0: "batch"}, cfg)
     session = _ort_session(path, cfg.dtype)
     _check_fp32(session, path)
-    got = dict(zip(spec.output_names, session.run(spec.output_names, {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})))
-    with torch.no_grad():     # each member on its own, as train-rm and PPO score with it
-        want = np.stack([score_sequences(m, *targs).float().numpy() for m in members], -1)   # (B, K)
-    parity = {REWARD_MODEL: float(np.abs(got[REWARDS.name][:, 0] - want.mean(-1)).max())}
-    if len(members) > 1:
-        parity.update({f"{REWARD_MODEL}.member-{k}": float(np.abs(got[MEMBER_REWARDS_NAME][:, k] - want[:, k]).max())
-                       for k in range(len(members))})
+    parity: dict[str, float] = {}
+    for ids, mask in batches:
+        got = dict(zip(spec.output_names, session.run(spec.output_names,
+                                                      {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})))
+        with torch.no_grad():     # each member on its own, as train-rm and PPO score with it
+            want = np.stack([score_sequences(m, torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
+                             for m in members], -1)                                   # (B, K)
+        diffs = {REWARD_MODEL: float(np.abs(got[REWARDS.name][:, 0] - want.mean(-1)).max())}
+        if len(members) > 1:
+            diffs.update({f"{REWARD_MODEL}.member-{k}": float(np.abs(got[MEMBER_REWARDS_NAME][:, k] - want[:, k]).max())
+                          for k in range(len(members))})
+        parity = {k: max(v, parity.get(k, 0.0)) for k, v in diffs.items()}
     return parity
 
 
 def export_reference(model, version_dir: Path, cfg: ExportConfig, vocab_size: int, low: int,
                      max_len: int) -> dict[str, float]:
+    """The reference graph; max |ORT − PyTorch| of its log-probs over two batch shapes."""
     graph = ReferenceGraph(model).eval()
-    ids, mask = parity_batch(vocab_size, low, max_len)
-    temp = np.full((ids.shape[0], 1), 0.7, dtype=np.float32)
-    targs = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(temp))
-    path = _export_onnx(graph, targs, version_dir, REFERENCE, {0: "batch", 1: "sequence_minus_one"}, cfg.opset)
-    with torch.no_grad():
-        ref = graph(*targs).float().numpy()
+    batches = [(ids, mask, np.full((ids.shape[0], 1), 0.7, dtype=np.float32))
+               for ids, mask in parity_batches(vocab_size, low, max_len)]
+    path = _export_onnx(graph, tuple(map(torch.from_numpy, batches[0])), version_dir, REFERENCE,
+                        {0: "batch", 1: "sequence_minus_one"}, cfg)
     session = _ort_session(path, cfg.dtype)
     _check_fp32(session, path)
-    got = session.run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask, TEMPERATURE.name: temp})[0]
-    return {REFERENCE.name: float(np.abs(got - ref).max())}
+    diff = 0.0
+    for ids, mask, temp in batches:
+        with torch.no_grad():
+            ref = graph(*map(torch.from_numpy, (ids, mask, temp))).float().numpy()
+        got = session.run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask, TEMPERATURE.name: temp})[0]
+        diff = max(diff, float(np.abs(got - ref).max()))
+    return {REFERENCE.name: diff}
 
 
 def _reward_stats(rm_dir: Path) -> dict:
@@ -402,6 +448,8 @@ def run_export(cfg: ExportConfig) -> dict:
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if cfg.exporter == "dynamo":
+        _dynamo_exporter_available()
     t0 = time.perf_counter()
     # one tokenizer per repository: the reference's (the policy's) when it is exported
     tok_dir = Path(cfg.reference if cfg.reference is not None else cfg.reward)
@@ -451,7 +499,7 @@ def run_export(cfg: ExportConfig) -> dict:
             "sources": sources,
             "served": facts.to_dict(),
             **({"reward_statistics_source": _statistics_source(stats, member_stats)} if members else {}),
-            "export": {"dtype": cfg.dtype, "opset": cfg.opset, "parity_max_abs_diff": parity,
+            "export": {"dtype": cfg.dtype, "opset": cfg.opset, "exporter": cfg.exporter, "parity_max_abs_diff": parity,
                        "max_sequence_length": max_len, "vocab_size": vocab,
                        "max_batch_size": cfg.max_batch_size, "external_data": external},
         })

@@ -6,6 +6,7 @@ exported ONNX graphs do the same.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,9 @@ from services.common.errors import UserError
 from services.common.text import encode_prompt
 from trainer.data import pad_left
 from trainer.sequences import gather_last, position_ids_from_mask, token_logprobs
+
+log = logging.getLogger("tribune")
+HEAD_NAMES = ("score", "classifier", "v_head")      # what sequence-classification models call the scalar head
 
 
 def check_model_dir(path: Path) -> Path:
@@ -53,8 +57,17 @@ def load_reward_model(path: Path, dropout: bool = False, attn_implementation: st
     from transformers import AutoModelForSequenceClassification
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        check_model_dir(path), num_labels=1, dtype=torch.float32, **kw)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        check_model_dir(path), num_labels=1, dtype=torch.float32, output_loading_info=True, **kw)
+    # a causal LM has no scalar head: transformers' load report (in the log file) lists it as
+    # missing; one line here says what that means
+    missing = sorted(info.get("missing_keys", ()))
+    head = [k for k in missing if k.split(".")[0] in HEAD_NAMES]
+    if head:
+        log.info("%s: fresh scalar head initialised (%s)", path, ", ".join(head))
+    if len(head) < len(missing):
+        log.warning("%s: weights missing from the checkpoint, initialised at random: %s", path,
+                    ", ".join(k for k in missing if k not in head))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if not dropout:
@@ -63,7 +76,7 @@ def load_reward_model(path: Path, dropout: bool = False, attn_implementation: st
 
 
 def reward_head(model: nn.Module) -> nn.Module:
-    for name in ("score", "classifier", "v_head"):
+    for name in HEAD_NAMES:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             return head
@@ -133,6 +146,21 @@ def response_logprobs(model: nn.Module, query_responses: torch.Tensor, attention
     return logp, entropy_from_logits(logits[:, :-1].float() / temperature)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers 5.x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (4.x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def new_cache(model: nn.Module):
+    """An empty ``DynamicCache`` for ``model`` (its config decides e.g. sliding-window layers)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
              temperature: float = 1.0, do_sample: bool = True, generator: torch.Generator | None = None
@@ -149,8 +177,11 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_t
     P = ids.shape[1]
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
-    past = out.past_key_values
+    # the cache is filled in place by every forward; passed under the name this transformers
+    # version takes (`cache` from 5.x, `past_key_values` before), never read back from outputs
+    cache = {cache_argument(model): new_cache(model)}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                **cache)
     logits = out.logits[:, -1]
     tokens, masks = [], []
     for _ in range(max_new_tokens):
@@ -167,9 +198,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max_new_t
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = (mask.sum(-1, keepdim=True) - 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache)
         logits = out.logits[:, -1]
     resp = torch.stack(tokens, 1)                                           # (B, R)
     resp_mask = torch.stack(masks, 1)                                       # (B, R)

@@ -155,7 +155,6 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
     final = {**baseline, **{k: v for k, v in last.items() if not isinstance(v, list)}}
     if run.is_main:
-        run.metrics_log.close()
         plot = plot_metrics(run.metrics_log.path, run.out / "ppo.png")
         final["plot"] = str(plot) if plot else None
     policy = acc.unwrap_model(learner.policy)

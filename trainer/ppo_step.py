@@ -36,6 +36,11 @@ class Learner:
     tokenizer: Any
 
 
+# phase 5's statistics, means over epochs × minibatches, under TRL PPOTrainer's names
+PHASE5_NAMES = ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "policy/approxkl_avg",
+                "val/ratio", "policy/entropy_avg")
+
+
 def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: list[str], it: int) -> dict[str, float]:
     """One PPO iteration on this rank's share of the prompts; returns its metrics (means over ranks)."""
     acc, policy, value = learner.acc, learner.policy, learner.value
@@ -83,7 +88,7 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     B = b.query_responses.shape[0]
     mb_size = cfg.mini_batch_size // acc.num_processes
     g = torch.Generator().manual_seed(cfg.seed * 104729 + it)
-    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approxkl", "entropy")}
+    stats: dict[str, list[float]] = {k: [] for k in PHASE5_NAMES}
     models = ((policy, learner.opt_policy, learner.sched_policy), (value, learner.opt_value, learner.sched_value))
     policy.train(), value.train()
     for _, opt, _ in models:
@@ -108,9 +113,10 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-            for k, v in (("pg", pg_loss), ("vf", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
-                         ("vf_clipfrac", vf_clipfrac), ("approxkl", pg_stats["approxkl"]),
-                         ("entropy", masked_mean(entropy, mb_mask))):
+            for k, v in (("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
+                         ("policy/clipfrac_avg", pg_stats["clipfrac"]), ("val/clipfrac_avg", vf_clipfrac),
+                         ("policy/approxkl_avg", pg_stats["approxkl"]), ("val/ratio", pg_stats["ratio"]),
+                         ("policy/entropy_avg", masked_mean(entropy, mb_mask))):
                 stats[k].append(float(v.detach()))
     policy.eval(), value.eval()
     train_s = time.perf_counter() - t_train
@@ -123,14 +129,17 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
         "objective/ensemble_disagreement": disagreement.mean(),
         "objective/reward_per_token": (b.scores / lengths.clamp(min=1)).mean(),
         "objective/kl": seq_kl.mean(), "objective/non_score_reward": (-beta * seq_kl).mean(),
+        "objective/entropy": (-b.logprobs * mask).sum(-1).mean(),   # TRL's: −Σ log π of the sampled tokens
         "objective/rlhf_reward": (scores - beta * seq_kl).mean(),
         "response/length": lengths.mean(), "response/eos_rate": b.eos.float().mean(),
         "val/explained_variance": explained_variance(b.values, b.returns, mask),
     }
     row = {k: float(acc.reduce(v.detach().float().reshape(1), "mean")) for k, v in local.items()}
-    row.update({f"losses/{k}" if k in ("pg", "vf", "clipfrac", "vf_clipfrac") else f"policy/{k}":
-                sum(v) / len(v) for k, v in stats.items()})
-    row.update({"objective/kl_coef": beta, "time/generation": pending.times.generation_s,
+    row.update({k: sum(v) / len(v) for k, v in stats.items()})
+    row.update({"objective/kl_coef": beta, "lr": learner.sched_policy.get_last_lr()[0],
+                "episode": (it + 1) * cfg.rollout_batch_size,
+                "eps": cfg.rollout_batch_size / (time.perf_counter() - t_start),
+                "time/generation": pending.times.generation_s,
                 "time/scoring_wait": pending.times.scoring_wait_s, "time/training": train_s,
                 "time/step": time.perf_counter() - t_start})
     learner.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)

@@ -2,8 +2,9 @@
 
 A ``Run`` owns what every stage does alike: accelerate set-up, seeds, the output
 directory and tokenizer, ``--resume`` from the newest checkpoint, ``config.resolved.json``,
-``metrics.jsonl`` + TensorBoard, the progress bar, periodic and signal checkpoints, and the
-final ``save_pretrained`` + ``metrics.json`` with the ranks' weight check. A stage supplies
+``metrics.jsonl`` + the ``--report-to`` trackers (TensorBoard by default), the log file
+``tribune.log`` (every record, the libraries' too), the progress bar, periodic and signal
+checkpoints, and the final ``save_pretrained`` + ``metrics.json`` with the ranks' weight check. A stage supplies
 one function per step (``Run.loop``); ``train_supervised`` is that function for the two
 stages that minimise a loss over a data set.
 
@@ -27,12 +28,16 @@ import numpy as np
 import torch
 
 from services.common.config import field, group, to_dict
+from services.common.console import log_to_file
 from services.common.errors import UserError
 from services.common.jsonl import write_json
 from services.common.text import load_tokenizer
-from trainer.checkpoints import StopRequested, check_ranks_agree, load_checkpoint, save_checkpoint
+from trainer.checkpoints import (StopRequested, check_ranks_agree, drop_tied_aliases, load_checkpoint,
+                                 save_checkpoint)
+from trainer.tracking import PROJECT, check_installed, hparams, init_kwargs, log_with, parse_report_to, tracker_row
 
 log = logging.getLogger("tribune")
+LOG_FILE = "tribune.log"
 
 
 def default(cls: type, name: str, value: Any) -> Any:
@@ -81,6 +86,8 @@ class RunConfig:
     checkpoint_every: int = field(100, help="save a resumable checkpoint every N steps")
     keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
     resume: bool = field(False, help="continue from the newest checkpoint in --output")
+    report_to: str = field("tensorboard", help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, "
+                           "trackio, or none (metrics.jsonl is always written)")
 
     def __post_init__(self) -> None:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -88,6 +95,11 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1")
+        parse_report_to(self.report_to)
+
+    @property
+    def trackers(self) -> list[str]:
+        return parse_report_to(self.report_to)
 
 
 @dataclass(kw_only=True)
@@ -145,12 +157,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_accelerator():
+def make_accelerator(log_with: list | None = None):
     """One Accelerator per run. Without CUDA, ranks started by a launcher (torchrun or
-    ``accelerate launch --multi_gpu --num_processes N``) join one gloo process group on CPU."""
+    ``accelerate launch --multi_gpu --num_processes N``) join one gloo process group on CPU.
+    Checkpoints store tied weights once (see ``drop_tied_aliases``)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with or None)
+    acc.register_save_state_pre_hook(drop_tied_aliases)
+    return acc
 
 
 # ---------------------------------------------------------------- batches
@@ -175,16 +190,11 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
 # ---------------------------------------------------------------- logs
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) and TensorBoard, on the main process."""
+    """metrics.jsonl (one object per logged step), on the main process."""
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
 
     def truncate(self, step: int) -> None:
         """On resume, drop rows past the checkpoint so no step appears twice."""
@@ -198,14 +208,6 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 # ---------------------------------------------------------------- the skeleton
@@ -215,10 +217,13 @@ class Run:
 
     def __init__(self, cfg: RunConfig, model_dir: Path, desc: str, unit: str = "step"):
         self.cfg, self.desc, self.unit = cfg, desc, unit
-        self.acc = make_accelerator()
-        seed_everything(cfg.seed)
         self.out = Path(cfg.output)
+        check_installed(cfg.trackers)
+        self.acc = make_accelerator(log_with(cfg.trackers, self.out))
+        seed_everything(cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            log_to_file(self.out / LOG_FILE)
         self.tokenizer = load_tokenizer(model_dir)
         self.start = 0
         self.metrics_log: MetricsLog | None = None
@@ -236,10 +241,15 @@ class Run:
         if self.is_main:
             self.metrics_log.truncate(self.start)
             write_json(self.out / "config.resolved.json", to_dict(self.cfg))
+        if self.cfg.trackers:
+            self.acc.init_trackers(PROJECT, config=hparams(to_dict(self.cfg)),
+                                   init_kwargs=init_kwargs(self.desc, self.out))
         return state
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         self.metrics_log.write(step, row)
+        if self.cfg.trackers:
+            self.acc.log(tracker_row(row), step=step)
 
     def due(self, done: int, total: int, every: int | None) -> bool:
         """Whether something that runs every ``every`` steps (and at the end) runs after step ``done``."""
@@ -294,9 +304,11 @@ class Run:
             for sub, m in (extra or {}).items():
                 m.save_pretrained(self.out / sub)
             write_json(self.out / "metrics.json", metrics)
-        if self.metrics_log is not None:
-            self.metrics_log.close()
+        if self.cfg.trackers:
+            self.acc.end_training()
         self.acc.wait_for_everyone()
+        if self.is_main:
+            log_to_file(None)
         return metrics
 
 
@@ -373,8 +385,10 @@ def train_supervised(run: Run, cfg: TrainingConfig, model, n_examples: int,
         scheduler.step()
         done, row = i + 1, {}
         if run.due(done, steps, cfg.log_every):
+            # the Hugging Face Trainer's names (TRL's SFT and reward trainers log these)
             row = {"train/loss": float(acc.reduce(loss.detach(), "mean")), "train/grad_norm": float(grad_norm),
-                   "train/lr": scheduler.get_last_lr()[0], "time/elapsed_s": time.perf_counter() - t0,
+                   "train/learning_rate": scheduler.get_last_lr()[0],
+                   "train/epoch": done / cfg.steps_per_epoch(n_examples), "time/elapsed_s": time.perf_counter() - t0,
                    **{f"train/{k}": v for k, v in stats.items()}}
         if every and done % every == 0 and done != steps:
             model.eval()
