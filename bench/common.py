@@ -15,6 +15,10 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
+# the bundled task's lengths, as the demo runs it (trainer.pipeline.STAGE_DEFAULTS), so results stay comparable
+BUNDLED_LENGTHS = {"max_length": 64, "max_prompt_length": 48}
+
+
 def task_and_sft(tmp: Path, sft_steps: int) -> tuple[Path, Path]:
     """The bundled task and a short SFT run on it, as the benchmarks' starting point: (task dir, SFT dir)."""
     from services.common.config import build_config
@@ -24,8 +28,24 @@ def task_and_sft(tmp: Path, sft_steps: int) -> tuple[Path, Path]:
     task, sft = Path(tmp) / "task", Path(tmp) / "sft"
     make_task(TaskConfig(), task)
     run_sft(build_config(SFTConfig, {"model": task / "base", "train": task / "sft.jsonl", "output": sft,
-                                     "max_steps": sft_steps, "learning_rate": 3e-3, "gold_eval_prompts": 8}))
+                                     "max_steps": sft_steps, "learning_rate": 3e-3, "gold_eval_prompts": 8,
+                                     **BUNDLED_LENGTHS}))
     return task, sft
+
+
+def bundled_repository(tmp: Path, sft_steps: int = 150, rm_steps: int = 50) -> Path:
+    """The bundled task, short SFT and RM runs and their exported repository (tmp/repo): the cost
+    of a PPO step does not depend on how well they are trained."""
+    from trainer.export import ExportConfig, run_export
+    from trainer.reward import RewardConfig, run_train_rm
+
+    tmp = Path(tmp)
+    task_and_sft(tmp, sft_steps=sft_steps)
+    run_train_rm(RewardConfig(model=tmp / "sft", train=tmp / "task" / "prefs_train.jsonl",
+                              eval=tmp / "task" / "prefs_eval.jsonl", output=tmp / "rm", max_steps=rm_steps,
+                              stats_samples=32, **BUNDLED_LENGTHS))
+    run_export(ExportConfig(reward=tmp / "rm", reference=tmp / "sft", output=tmp / "repo"))
+    return tmp / "repo"
 
 
 def write_result(out_dir: Path, name: str, result: dict) -> Path:

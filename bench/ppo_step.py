@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import task_and_sft, write_result  # noqa: E402
+from bench.common import bundled_repository, write_result  # noqa: E402
 
 
 def summarise(metrics_jsonl: Path, skip: int) -> dict:
@@ -39,18 +39,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from services.launcher import start_serve
-    from trainer.export import ExportConfig, run_export
     from trainer.ppo import run_ppo
     from trainer.ppo_config import PPOConfig
-    from trainer.reward import RewardConfig, run_train_rm
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        task_and_sft(tmp, sft_steps=150)
-        run_train_rm(RewardConfig(model=tmp / "sft", train=tmp / "task" / "prefs_train.jsonl",
-                                  eval=tmp / "task" / "prefs_eval.jsonl", output=tmp / "rm", max_steps=50,
-                                  stats_samples=32))
-        run_export(ExportConfig(reward=tmp / "rm", reference=tmp / "sft", output=tmp / "repo"))
+        bundled_repository(tmp)
         results = {}
         with start_serve(tmp / "repo") as server:
             for mode, overlap in (("overlapped", True), ("sequential", False)):

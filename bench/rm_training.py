@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import task_and_sft, write_result  # noqa: E402
+from bench.common import BUNDLED_LENGTHS, task_and_sft, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         cfg = RewardConfig(model=tmp / "sft", train=tmp / "task" / "prefs_train.jsonl",
                            eval=tmp / "task" / "prefs_eval.jsonl", output=tmp / "rm", max_steps=args.steps,
                            batch_size=args.batch_size, log_every=args.steps, stats_samples=8,
-                           checkpoint_every=10 ** 9)
+                           checkpoint_every=10 ** 9, **BUNDLED_LENGTHS)
         t0 = time.perf_counter()
         run_train_rm(cfg)
         rows = [json.loads(l) for l in (tmp / "rm" / "metrics.jsonl").read_text().splitlines()]

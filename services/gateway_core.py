@@ -129,10 +129,9 @@ class Tokenisation:
                 continue
             if not item.prompt:
                 raise InvalidInput(f"{where}.prompt is required (or messages)")
-            if not item.response:
-                raise InvalidInput(f"{where}.response is required (non-empty)")
             self._check_text(f"{where}.prompt", item.prompt)
-            self._check_text(f"{where}.response", item.response)
+            # an empty response is scored as the token path scores it: prompt + EOS
+            self._check_text(f"{where}.response", item.response or "")
 
     def _check_text(self, where: str, text: str) -> None:
         if "\ufffd" in text:
@@ -146,7 +145,7 @@ class Tokenisation:
         if item.messages:
             prompt, response = render_chat(self.tokenizer, [{"role": r, "content": c} for r, c in item.messages])
         max_prompt = self.cfg.max_prompt_length or facts.max_prompt_length
-        return encode_pair(self.tokenizer, prompt, response, max_prompt, facts.max_length)[0]
+        return encode_pair(self.tokenizer, prompt, response or "", max_prompt, facts.max_length)[0]
 
 
 # ---------------------------------------------------------------- Triton backend and micro-batching

@@ -19,7 +19,7 @@ from services.client import ClientConfig, ScorerRequestError, ScorerServerError,
 from services.common.config import field
 from services.common.errors import UserError
 from services.common.jsonl import read_jsonl
-from services.common.text import encode_pair, load_tokenizer, pad
+from services.common.text import encode_pair, load_tokenizer, pad, split_messages
 from services.contract import REWARD_MODEL, ContractError
 from services.repository import tokenizer_fingerprint
 
@@ -29,7 +29,8 @@ log = logging.getLogger("tribune")
 @dataclass(kw_only=True)
 class ScoreConfig(ClientConfig):
     """Score a JSONL file through a served reward model."""
-    input: Path = field(help="JSONL of {prompt, response}")
+    input: Path = field(help="JSONL of {prompt, response} or {messages} (the last turn, the assistant's, is scored; "
+                        "rendered with the tokenizer's chat template)")
     output: Path = field(help="JSONL to write: each input row plus reward and reward_normalized")
     tokenizer: Path | None = field(None, help="tokenizer directory (default: the one the server ships with its models)")
     batch_size: int = field(256, help="rows sent per scoring call (split further into server-sized chunks)")
@@ -68,9 +69,13 @@ def run_score(cfg: ScoreConfig) -> dict:
             batch = rows[start:start + cfg.batch_size]
             seqs, where = [], []
             for i, (lineno, row) in enumerate(batch):
-                p, r = row.get("prompt"), row.get("response")
+                if "messages" in row:
+                    p, r = split_messages(tok, row["messages"]) or (None, None)
+                else:
+                    p, r = row.get("prompt"), row.get("response")
                 if not isinstance(p, str) or not isinstance(r, str) or not p.strip():
-                    batch[i] = (lineno, {**row, "error": "needs a non-empty string 'prompt' and a string 'response'"})
+                    batch[i] = (lineno, {**row, "error": "needs a non-empty string 'prompt' and a string 'response', "
+                                         "or 'messages' ending with the assistant's turn"})
                     errors += 1
                     continue
                 seqs.append(encode_pair(tok, p, r, max_prompt, max_len)[0])

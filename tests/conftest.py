@@ -15,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # the bundled task's gold judge, plugged in like any other (`--judge module:function`)
 JUDGE = ("--judge", "trainer.task.judge:gold_score")
+# the pipeline's lengths (trainer.pipeline.STAGE_DEFAULTS), so the session's models match the demo's
+LENGTHS = ("--max-length", "64", "--max-prompt-length", "48")
 
 
 def tribune(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None
@@ -45,7 +47,7 @@ def task_dir(tmp_path_factory) -> Path:
 def sft_dir(task_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft") / "sft"
     tribune("sft", "--model", task_dir / "base", "--train", task_dir / "sft.jsonl", "--output", out,
-            "--epochs", "3", "--learning-rate", "3e-3", *JUDGE)
+            "--epochs", "3", "--learning-rate", "3e-3", *LENGTHS, *JUDGE)
     return out
 
 
@@ -53,7 +55,7 @@ def sft_dir(task_dir, tmp_path_factory) -> Path:
 def rm_dir(task_dir, sft_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm") / "rm"
     tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl",
-            "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4", *JUDGE)
+            "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4", *LENGTHS, *JUDGE)
     return out
 
 

@@ -31,7 +31,7 @@ def test_yaml_then_flags(tmp_path):
 
 def test_validation_raises_naming_the_field():
     with pytest.raises(UserError, match="max_prompt_length"):
-        build_config(SFTConfig, {"model": "m", "train": "t", "output": "o", "max_prompt_length": 80})
+        build_config(SFTConfig, {"model": "m", "train": "t", "output": "o", "max_length": 64, "max_prompt_length": 80})
     with pytest.raises(UserError, match="unknown SFTConfig field"):
         build_config(SFTConfig, {"model": "m", "train": "t", "output": "o", "lr": 1})
     with pytest.raises(UserError, match="--train"):

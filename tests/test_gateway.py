@@ -134,8 +134,8 @@ def test_bad_inputs_get_status_codes_naming_the_field_and_fuzz_never_crashes(gat
     cases = [
         (pb.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "items"),
         (pb.ScoreRequest(items=[pb.ScoreItem(response="x")]), grpc.StatusCode.INVALID_ARGUMENT, "items[0].prompt"),
-        (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b"), pb.ScoreItem(prompt="a")]),
-         grpc.StatusCode.INVALID_ARGUMENT, "items[1].response"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b"), pb.ScoreItem(prompt="a", response=long_text)]),
+         grpc.StatusCode.INVALID_ARGUMENT, "items[1].response is longer"),
         (pb.ScoreRequest(items=[pb.ScoreItem(prompt=long_text, response="b")]), grpc.StatusCode.INVALID_ARGUMENT,
          "items[0].prompt is longer"),
         (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")] * 257), grpc.StatusCode.INVALID_ARGUMENT,

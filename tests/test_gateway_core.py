@@ -34,9 +34,16 @@ def test_messages_use_the_chat_template(tok):
     assert tok.encode(item, FACTS) == tok.encode(Item("name two fruits", "fig kiwi"), FACTS)
 
 
+def test_an_empty_response_is_scored_as_prompt_and_eos(tok):
+    """As the token path scores a policy that stops at once (proto3: unset and empty are one)."""
+    tok.validate([Item("name two fruits", None)])
+    assert tok.encode(Item("name two fruits", None), FACTS) == tok.tokenizer("name two fruits")["input_ids"] + [
+        tok.tokenizer.eos_token_id]
+
+
 def test_validation_names_the_field(tok):
-    with pytest.raises(InvalidInput, match=r"items\[1\]\.response"):
-        tok.validate([Item("a", "b"), Item("a", None)])
+    with pytest.raises(InvalidInput, match=r"items\[1\]\.response is longer"):
+        tok.validate([Item("a", "b"), Item("a", "é" * 21)])
     with pytest.raises(InvalidInput, match="limit is 3"):
         tok.validate([Item("a", "b")] * 4)
     with pytest.raises(InvalidInput, match=r"items\[0\]\.prompt is longer than 40 bytes"):

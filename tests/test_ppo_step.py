@@ -32,10 +32,13 @@ class LocalScorers:
         f.set_result(value)
         return f
 
-    def score_members_async(self, ids: np.ndarray, mask: np.ndarray) -> Future:
+    def score_members_async(self, chunk) -> Future:
         self.calls += 1
-        scores = np.asarray(self.reward_fn(ids, mask), dtype=np.float32)
+        scores = np.asarray(self.reward_fn(chunk.query_responses, chunk.attention_mask), dtype=np.float32)
         return self._done(scores if scores.ndim == 2 else scores[:, None])            # (B, K)
+
+    def score(self, chunk) -> np.ndarray:
+        return self.score_members_async(chunk).result().mean(-1)
 
     def logprobs_async(self, ids: np.ndarray, mask: np.ndarray, temperature: float) -> Future:
         with torch.no_grad():
@@ -53,7 +56,7 @@ def _learner(task_dir, tmp_path, **overrides):
     cfg = build_config(PPOConfig, {
         "policy": task_dir / "base", "prompts": task_dir / "prompts_train.jsonl", "reward_url": "local:1",
         "reference_url": "local:1", "output": tmp_path, "rollout_batch_size": 16, "mini_batch_size": 8,
-        "ppo_epochs": 2, "scoring_chunk": 8, "max_new_tokens": 6, "normalize_reward": False, **overrides})
+        "ppo_epochs": 2, "scoring_chunk": 8, "max_new_tokens": 6, "max_prompt_length": 48, "normalize_reward": False, **overrides})
     seed_everything(0)
     tok = load_tokenizer(task_dir / "base")
     return cfg, make_learner(cfg, make_accelerator(), tok)

@@ -80,7 +80,7 @@ def policy_id(policy_dir: Path) -> str:
 def load_prompt_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[dict[str, Any]]:
     """``{"prompt"}`` rows as they are; ``{"messages"}`` rows gain ``prompt`` rendered with the
     policy's chat template (generation prompt added)."""
-    from services.common.text import render_chat_prompt
+    from services.common.text import render_prompt
 
     rows = []
     for _, obj in read_jsonl(path):
@@ -91,7 +91,7 @@ def load_prompt_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[dict[s
                     or msgs[-1].get("role") == "assistant"):
                 skipped.skip("invalid messages (a list of {role, content} ending before an assistant turn)")
                 continue
-            rows.append({"messages": msgs, "prompt": render_chat_prompt(tokenizer, msgs)})
+            rows.append({"messages": msgs, "prompt": render_prompt(tokenizer, msgs)})
         elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
             rows.append({"prompt": obj["prompt"]})
         else:

@@ -15,7 +15,7 @@ import torch
 
 from services.common.errors import UserError
 from services.common.jsonl import SkipCounter, read_jsonl
-from services.common.text import pad, render_chat
+from services.common.text import pad, render_prompt, split_messages
 
 
 def _is_text(v: Any) -> bool:
@@ -27,7 +27,7 @@ def load_sft_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[tuple[str
     rows = []
     for _, obj in read_jsonl(path):
         if "messages" in obj:
-            pair = _split_messages(obj["messages"], tokenizer)
+            pair = split_messages(tokenizer, obj["messages"])
             if pair is None:
                 skipped.skip("invalid messages")
                 continue
@@ -39,15 +39,6 @@ def load_sft_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[tuple[str
     if not rows:
         raise UserError(f"{path}: no usable SFT rows (skipped: {skipped.summary()})")
     return rows
-
-
-def _split_messages(messages: Any, tokenizer) -> tuple[str, str] | None:
-    """Chat rows: everything before the last assistant turn is the prompt (chat template)."""
-    if (not isinstance(messages, list) or len(messages) < 2
-            or not all(isinstance(m, dict) and _is_text(m.get("content")) for m in messages)
-            or messages[-1].get("role") != "assistant"):
-        return None
-    return render_chat(tokenizer, messages)
 
 
 @dataclass
@@ -92,10 +83,37 @@ def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceG
     return groups
 
 
-def load_prompts(path: Path, skipped: SkipCounter) -> list[str]:
-    prompts = []
+class ChatPrompt(str):
+    """A prompt given as a conversation: the text is the conversation rendered with the policy's
+    chat template (generation prompt added); ``messages`` keeps the turns, so a reward model
+    with another tokenizer can apply its own template (``tribune ppo --reward-gateway``)."""
+    messages: tuple[dict[str, str], ...]
+
+    def __new__(cls, text: str, messages: list[dict[str, str]]):
+        self = super().__new__(cls, text)
+        self.messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        return self
+
+
+def _prompt_messages(messages: Any) -> bool:
+    """A conversation PPO can continue: user/system turns (and earlier assistant turns), not ending
+    with the assistant's."""
+    return (isinstance(messages, list) and len(messages) >= 1
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and _is_text(m.get("content"))
+                    for m in messages) and messages[-1]["role"] != "assistant")
+
+
+def load_prompts(path: Path, skipped: SkipCounter, tokenizer=None) -> list[str]:
+    """Prompts from ``{"prompt"}`` rows (str) or ``{"messages"}`` rows (``ChatPrompt``, rendered with
+    ``tokenizer``'s chat template; contents joined by newlines without one)."""
+    prompts: list[str] = []
     for _, obj in read_jsonl(path):
-        if _is_text(obj.get("prompt")):
+        if "messages" in obj:
+            if _prompt_messages(obj["messages"]):
+                prompts.append(ChatPrompt(render_prompt(tokenizer, obj["messages"]), obj["messages"]))
+            else:
+                skipped.skip("invalid messages")
+        elif _is_text(obj.get("prompt")):
             prompts.append(obj["prompt"])
         else:
             skipped.skip("missing prompt")

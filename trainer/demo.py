@@ -32,23 +32,16 @@ class DemoConfig:
 
 
 def gateway_score_call(target: str) -> dict:
-    """What another system does: one Score call with the generated stubs."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from tribune.v1 import reward_pb2, reward_pb2_grpc
+    """What another system does: wait until the gateway serves, then one Score call (``RewardClient``)."""
+    from services.client import ClientOptions
+    from services.reward_client import RewardClient
 
     items = [{"prompt": "name three fruits", "response": "apple pear plum"},
              {"prompt": "name three fruits", "response": "apple red"}]
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.time() + 30
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
-                health_pb2.HealthCheckResponse.SERVING and time.time() < deadline:
-            time.sleep(0.2)
-        reply = reward_pb2_grpc.RewardServiceStub(channel).Score(
-            reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(**i) for i in items]), timeout=30)
-    return {"items": items, "rewards": list(reply.rewards), "normalized_rewards": list(reply.normalized_rewards),
+    with RewardClient(ClientOptions(timeout_s=30.0, connect_timeout_s=30.0).at(target)) as client:
+        client.wait_for_ready()
+        reply = client.score(items)
+    return {"items": items, "rewards": reply.rewards.tolist(), "normalized_rewards": reply.normalized.tolist(),
             "model_id": reply.model_id}
 
 

@@ -75,12 +75,16 @@ def load_reward_model(path: Path, dropout: bool = False, attn_implementation: st
     return model
 
 
-def reward_head(model: nn.Module) -> nn.Module:
+def reward_head_name(model: nn.Module) -> str:
+    """The attribute that holds a sequence-classification model's scalar head."""
     for name in HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
     raise UserError(f"{type(model).__name__} has no scalar head named score/classifier")
+
+
+def reward_head(model: nn.Module) -> nn.Module:
+    return getattr(model, reward_head_name(model))
 
 
 def scalar_head_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,7 +95,7 @@ def scalar_head_values(model: nn.Module, input_ids: torch.Tensor, attention_mask
     The head is one linear layer, so applying it to every position costs little.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return reward_head(model)(hidden).squeeze(-1).float()                     # (B, T)
 
 

@@ -40,10 +40,11 @@ _PLACEHOLDER_URL = "127.0.0.1:1"   # replaced by the served address once `tribun
 # are merged over these (``--sft epochs=5`` keeps the learning rate below).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "task": {},
-    "sft": {"epochs": 3.0, "learning_rate": 3e-3},
-    "rm": {},
+    # the bundled task's small lengths, given explicitly (each command derives its own from the model and the data)
+    "sft": {"epochs": 3.0, "learning_rate": 3e-3, "max_length": 64, "max_prompt_length": 48},
+    "rm": {"max_length": 64, "max_prompt_length": 48},
     "export": {},
-    "ppo": {"iterations": 60, "scoring_chunk": 32},
+    "ppo": {"iterations": 60, "scoring_chunk": 32, "max_new_tokens": 16, "max_prompt_length": 48},
     "collect": {"k": 4, "max_prompts": 1000},
     "label": {},
 }

@@ -1,67 +1,53 @@
 """Stage 3, `tribune ppo`: PPO against the remote reward and reference services.
 
 The trainer holds only the policy πθ (from πSFT) and a value model; rewards and reference
-log-probs come from Triton through ``services.client.TritonScorer``. The run itself (resume,
+log-probs come from the remote services (``trainer.scorers``: token ids to Triton, or text to
+a RewardService with the reward model's own tokenizer). The run itself (resume,
 logs, checkpoints, final save) is the shared ``trainer.run.Run``; one iteration is
 ``trainer.ppo_step.ppo_iteration``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
-from services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
+from services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable
 from services.common.errors import UserError
 from services.common.jsonl import SkipCounter
-from services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError
+from services.common.text import encode_prompt
 from services.judge import load_judge
 from services.repository import tokenizer_fingerprint
+from trainer.adapters import prepare_model
 from trainer.checkpoints import latest_checkpoint
 from trainer.data import load_prompts
 from trainer.defences import DriftMonitor, KLBudget
-from trainer.modeling import ValueModel, load_causal_lm, load_reward_model
+from trainer.lengths import fit_generation, model_context, trained_lengths
+from trainer.modeling import ValueModel, load_causal_lm, load_reward_model, reward_head_name
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
 from trainer.ppo_step import Learner, ppo_iteration
 from trainer.rl_math import AdaptiveKLController
 from trainer.run import Run, StopTraining
+from trainer.scorers import connect
 
 log = logging.getLogger("tribune")
 
 
-class RemoteScorers:
-    """The `reward` and `reference` services (possibly on different servers) behind one ``Scorer``."""
-
-    def __init__(self, cfg: PPOConfig, fingerprint: str):
-        self.reward = TritonScorer(cfg.client.at(cfg.reward_url), fingerprint, models=(REWARD_MODEL,))
-        self.reference = TritonScorer(cfg.client.at(cfg.reference_url), fingerprint, models=(REFERENCE_MODEL,))
-        self.facts = self.reward.facts
-
-    def score_members_async(self, ids, mask):
-        return self.reward.score_members_async(ids, mask)
-
-    def score(self, ids, mask):
-        return self.reward.score(ids, mask)
-
-    def logprobs_async(self, ids, mask, temperature):
-        return self.reference.logprobs_async(ids, mask, temperature)
-
-    def close(self) -> None:
-        self.reward.close()
-        self.reference.close()
-
-
-def _connect(cfg: PPOConfig, fingerprint: str) -> RemoteScorers:
-    try:
-        return RemoteScorers(cfg, fingerprint)
-    except (ContractError, ScorerUnavailable) as e:
-        raise UserError(f"cannot use the scoring services: {e}") from None
+def with_fitted_generation(cfg: PPOConfig, lengths: list[int]) -> PPOConfig:
+    """``cfg`` with max_new_tokens / max_prompt_length from the policy and the prompts' token counts when unset."""
+    if cfg.max_new_tokens is not None and cfg.max_prompt_length is not None:
+        return cfg
+    new, prompt = fit_generation(lengths, model_context(cfg.policy), trained_lengths(cfg.policy),
+                                 cfg.max_new_tokens, cfg.max_prompt_length)
+    return dataclasses.replace(cfg, max_new_tokens=new, max_prompt_length=prompt)
 
 
 def make_learner(cfg: PPOConfig, acc, tokenizer) -> Learner:
     """Policy and value model with their optimisers and schedulers, prepared by accelerate."""
-    policy = load_causal_lm(cfg.policy)
-    value = ValueModel(load_reward_model(cfg.value_init or cfg.policy))
+    policy = prepare_model(load_causal_lm(cfg.policy), cfg.memory, name="ppo policy")
+    critic = load_reward_model(cfg.value_init or cfg.policy)
+    value = ValueModel(prepare_model(critic, cfg.memory, head=reward_head_name(critic), name="ppo value model"))
     steps = cfg.total_iterations * cfg.optimizer_steps_per_iteration()
     opt_p, sched_p = cfg.optim.build(policy.parameters(), steps)
     opt_v, sched_v = cfg.optim.build(value.parameters(), steps, learning_rate=cfg.value_learning_rate)
@@ -77,14 +63,19 @@ def run_ppo(cfg: PPOConfig) -> dict:
     run = Run(cfg, cfg.policy, desc="ppo", unit="iteration")
     acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
     skipped = SkipCounter()
-    prompts = load_prompts(cfg.prompts, skipped)
-    eval_prompts = load_prompts(cfg.eval_prompts, SkipCounter())[:cfg.gold_eval_size] if cfg.eval_prompts else []
+    prompts = load_prompts(cfg.prompts, skipped, tokenizer)
+    eval_prompts = (load_prompts(cfg.eval_prompts, SkipCounter(), tokenizer)[:cfg.gold_eval_size]
+                    if cfg.eval_prompts else [])
+    lengths = [len(encode_prompt(tokenizer, p, 1 << 30)) for p in prompts]
+    cfg = run.cfg = with_fitted_generation(cfg, lengths)
+    cut = sum(n > cfg.max_prompt_length for n in lengths)
     world = acc.num_processes
     if cfg.rollout_batch_size % world or cfg.mini_batch_size % world:
         raise UserError(f"rollout_batch_size and mini_batch_size must be multiples of the {world} processes")
-    scorers = _connect(cfg, tokenizer_fingerprint(tokenizer))
-    log.info("ppo: %d prompts (skipped %s); reward model %s; %d process(es)", len(prompts), skipped.summary(),
-             scorers.facts.reward_model_id, world)
+    scorers = connect(cfg, tokenizer, tokenizer_fingerprint(tokenizer))
+    log.info("ppo: %d prompts (skipped %s); max_prompt_length %d (%d prompts cut), max_new_tokens %d; reward model "
+             "%s (%s); %d process(es)", len(prompts), skipped.summary(), cfg.max_prompt_length, cut,
+             cfg.max_new_tokens, scorers.facts.reward_model_id, "text" if cfg.reward_gateway else "token ids", world)
     learner = make_learner(cfg, acc, tokenizer)
     hacking = HackingDetector()
     budget = KLBudget(cfg.kl_budget, cfg.kl_budget_action)

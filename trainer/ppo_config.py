@@ -22,12 +22,19 @@ from trainer.run import OptimizerConfig, RunConfig, default
 class PPOConfig(RunConfig):
     """PPO against remote scorers (Triton: models `reward` and `reference`)."""
     policy: Path = field(help="SFT model directory: the initial policy (and its tokenizer)")
-    prompts: Path = field(help="JSONL of {prompt}")
-    reward_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reward`")
-    reference_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reference`")
+    prompts: Path = field(help="JSONL of {prompt} or {messages} (a conversation, rendered with the policy's chat "
+                          "template and the generation prompt)")
+    reward_url: str | None = field(None, help="host:port (or dns:///host:port) of the Triton serving `reward` "
+                                   "(token ids: the reward model shares the policy's tokenizer)")
+    reward_gateway: str | None = field(None, help="instead of --reward-url: host:port of a tribune.v1.RewardService "
+                                       "(`tribune gateway`) that scores the decoded text with the reward model's "
+                                       "own tokenizer and chat template")
+    reference_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reference` (must "
+                               "share the policy's tokenizer)")
     value_init: Path | None = field(None, help="initialise the value model from this directory, e.g. the reward "
                                     "model (N+ details); default: the policy's weights with a fresh head")
-    eval_prompts: Path | None = field(None, help="held-out JSONL of {prompt} for the gold score (with a judge)")
+    eval_prompts: Path | None = field(None, help="held-out JSONL of {prompt} or {messages} for the gold score "
+                                      "(with a judge)")
     log_every: int = default(RunConfig, "log_every", 1)
     checkpoint_every: int = default(RunConfig, "checkpoint_every", 20)
     iterations: int = field(100, help="PPO iterations (rollout batch → updates)")
@@ -64,8 +71,11 @@ class PPOConfig(RunConfig):
     reward_clip: float | None = field(None, help="clip normalised rewards to ±this")
     missing_eos_penalty: float = field(-1.0, help="added to the score of a response that never emits EOS")
     temperature: float = field(1.0, help="sampling temperature; also sent to `reference` and used for πθ's log-probs")
-    max_new_tokens: int = field(16, help="longest response")
-    max_prompt_length: int = field(48, help="prompt tokens kept (cut from the left)")
+    max_new_tokens: int | None = field(None, help="longest response (default: the response room of the policy's "
+                                       "SFT run, else what the model's context leaves after the longest prompt, "
+                                       "at most 256)")
+    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: the longest "
+                                          "prompt, at most the context less max_new_tokens)")
     scoring_chunk: int = field(32, help="rollouts per scoring request chunk (overlapped with generation)")
     overlap_scoring: bool = field(True, help="score one chunk while generating the next")
     gold: JudgeConfig = group(JudgeConfig(), help="gold judge of the held-out monitor (never used for training)")
@@ -77,10 +87,13 @@ class PPOConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positives = ("iterations", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs", "max_new_tokens", "scoring_chunk", "gold_every", "gold_eval_size")
+                     "ppo_epochs", "max_new_tokens", "max_prompt_length", "scoring_chunk", "gold_every",
+                     "gold_eval_size")
         for name in positives:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if (self.reward_url is None) == (self.reward_gateway is None):
+            raise ValueError("give exactly one of reward_url (token ids to Triton) and reward_gateway (text)")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
         if self.temperature <= 0:

@@ -16,6 +16,7 @@ import torch
 
 from services.judge import Judge
 from trainer.modeling import sample_responses
+from trainer.rollout import Generated
 
 log = logging.getLogger("tribune")
 
@@ -29,7 +30,8 @@ def gold_and_proxy(policy, tokenizer, judge: Judge, scorer, prompts: list[str], 
                               max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, chunk=chunk):
         golds += judge.score(s.prompts, s.texts)
         lengths += [len(t.split()) for t in s.texts]
-        proxies += scorer.score(s.query_responses.cpu().numpy(), s.mask.cpu().numpy()).tolist()
+        proxies += scorer.score(Generated(s.prompts, s.query_responses.cpu().numpy(), s.mask.cpu().numpy(),
+                                          s.P)).tolist()
     n = len(golds)
     return {"gold/score": sum(golds) / n, "gold/proxy_score": sum(proxies) / n, "gold/response_words": sum(lengths) / n}
 

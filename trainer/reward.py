@@ -27,9 +27,12 @@ from services.common.errors import UserError
 from services.common.jsonl import SkipCounter, write_json
 from services.common.text import Truncation, encode_pair, load_tokenizer
 from services.judge import Judge, JudgeConfig, load_judge
+from trainer.adapters import prepare_model
+from trainer.lengths import check_lengths, with_fitted_lengths
 from trainer.data import PreferenceGroup, load_preference_groups, pad_right
 from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
-from trainer.modeling import check_model_dir, load_causal_lm, load_reward_model, sample_responses, score_sequences
+from trainer.modeling import (check_model_dir, load_causal_lm, load_reward_model, reward_head_name, sample_responses,
+                              score_sequences)
 from trainer.run import Run, TrainingConfig, default, train_supervised
 
 log = logging.getLogger("tribune")
@@ -52,8 +55,10 @@ class RewardConfig(TrainingConfig):
                              "to warm-start from (its scalar head kept)")
     train: Path = field(help="JSONL of {prompt, chosen, rejected} or {prompt, ranking}")
     eval: Path = field(help="held-out preference JSONL in the same format")
-    max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
-    max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
+    max_length: int | None = field(None, help="maximum tokens of prompt + response + EOS (default: the longest "
+                                   "sequence of the data, at most the model's max_position_embeddings)")
+    max_prompt_length: int | None = field(None, help="prompts longer than this are cut from the left (default: the "
+                                          "longest prompt, at most 3/4 of max_length when some sequences are cut)")
     epochs: float = default(TrainingConfig, "epochs", 4.0)
     evals_per_epoch: float = default(TrainingConfig, "evals_per_epoch", 4.0)
     keep_best: bool = default(TrainingConfig, "keep_best", True)
@@ -73,8 +78,7 @@ class RewardConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
+        check_lengths(self.max_length, self.max_prompt_length)
         if self.center_rewards_coefficient < 0:
             raise ValueError("center_rewards_coefficient must be non-negative")
         if self.stats_samples < 2:
@@ -188,6 +192,11 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
 def evaluate_rm_dir(rm_dir: Path, path: Path, cfg: RewardConfig, judge: Judge | None) -> dict[str, float]:
     """``evaluate_rm`` of a saved reward model (an ensemble: its members' mean) on any preference file,
     e.g. gold-ordered rankings of the policy's own samples."""
+    if cfg.max_length is None or cfg.max_prompt_length is None:     # the lengths the model was trained with
+        saved = Path(rm_dir) / "config.resolved.json"
+        trained = json.loads(saved.read_text()) if saved.is_file() else {}
+        cfg = dataclasses.replace(cfg, max_length=trained.get("max_length") or 512,
+                                  max_prompt_length=trained.get("max_prompt_length") or 384)
     members = [RewardScorer(load_reward_model(m)).eval() for m in reward_members(rm_dir)]
     scorer = members[0] if len(members) == 1 else (lambda ids, mask: torch.stack([m(ids, mask) for m in members]).mean(0))
     return evaluate_rm(scorer, load_tokenizer(rm_dir), load_preference_groups(path, SkipCounter()), cfg, "cpu", judge)
@@ -238,6 +247,10 @@ def reward_members(rm_dir: Path) -> list[Path]:
 
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     """One reward model, or with ``--ensemble K`` K members and OUTPUT/ensemble.json."""
+    # one truncation for every member (text clients need one), fitted on all the training rows
+    cfg = with_fitted_lengths(cfg, cfg.model, load_tokenizer(cfg.model),
+                              [(g.prompt, r) for g in load_preference_groups(cfg.train, SkipCounter())
+                               for r in g.responses])
     if cfg.ensemble == 1:
         return train_one_rm(cfg)
     out = Path(cfg.output)
@@ -285,10 +298,12 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     collate_groups(tokenizer, train, cfg.max_prompt_length, cfg.max_length, trunc)
     n_pairs = sum(math.comb(len(g.responses), 2) for g in train)
     log.info("train-rm: %d train rows (%d pairs), %d eval rows; skipped train: %s; skipped eval: %s; "
-             "truncated prompts: %d, responses: %d", len(train), n_pairs, len(evals), skipped.summary(),
-             eval_skipped.summary(), trunc.prompts, trunc.responses)
+             "max_length %d, max_prompt_length %d; truncated prompts: %d, responses: %d", len(train), n_pairs,
+             len(evals), skipped.summary(), eval_skipped.summary(), cfg.max_length, cfg.max_prompt_length,
+             trunc.prompts, trunc.responses)
 
-    scorer = RewardScorer(load_reward_model(cfg.model, dropout=cfg.dropout))
+    rm = load_reward_model(cfg.model, dropout=cfg.dropout)
+    scorer = RewardScorer(prepare_model(rm, cfg.memory, head=reward_head_name(rm), name="train-rm"))
 
     def loss_on(module, idx):
         batch = collate_groups(tokenizer, [train[i] for i in idx], cfg.max_prompt_length, cfg.max_length)

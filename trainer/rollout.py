@@ -23,12 +23,26 @@ from services.contract import ServedFacts
 from trainer.modeling import generate
 
 
+@dataclass
+class Generated:
+    """One generated chunk as the scorers see it: the prompts as given (a ``ChatPrompt`` keeps its
+    conversation), query_responses and attention_mask (B, P+R) int64 (prompts left-padded), and P."""
+    prompts: list[str]
+    query_responses: np.ndarray
+    attention_mask: np.ndarray
+    P: int
+
+
 class Scorer(Protocol):
-    """What PPO needs from the scoring services (``trainer.ppo.RemoteScorers`` over Triton)."""
+    """What PPO needs from the scoring services (``trainer.scorers``: token ids to Triton, or text
+    to a RewardService for the reward and token ids to Triton for the reference)."""
     facts: ServedFacts
 
-    def score_members_async(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Future:
-        """Future of the raw scores of every reward-model member (B, K) for (B, T) ids and mask."""
+    def score_members_async(self, chunk: Generated) -> Future:
+        """Future of the raw scores of every reward-model member (B, K) of a generated chunk."""
+
+    def score(self, chunk: Generated) -> np.ndarray:
+        """Raw rewards (B,) of a generated chunk (blocking; the held-out monitor)."""
 
     def logprobs_async(self, input_ids: np.ndarray, attention_mask: np.ndarray, temperature: float) -> Future:
         """Future of reference log-probs (B, T−1), the contract's columns."""
@@ -137,7 +151,7 @@ def start_rollouts(policy: nn.Module, tokenizer, scorer: Scorer, prompts: list[s
         qr, mask, P = generate(policy, tokenizer, ids, max_new_tokens, temperature=temperature, generator=generator)
         qr, mask = qr.cpu(), mask.cpu()
         times.generation_s += time.perf_counter() - t0
-        score_f = scorer.score_members_async(qr.numpy(), mask.numpy())
+        score_f = scorer.score_members_async(Generated(prompts[i:i + chunk_size], qr.numpy(), mask.numpy(), P))
         ref_f = scorer.logprobs_async(qr.numpy(), mask.numpy(), temperature)
         if not overlap:
             t0 = time.perf_counter()

@@ -32,6 +32,7 @@ from services.common.console import log_to_file
 from services.common.errors import UserError
 from services.common.jsonl import write_json
 from services.common.text import load_tokenizer
+from trainer.adapters import MemoryConfig, check_precision, plain_model
 from trainer.checkpoints import (StopRequested, check_ranks_agree, drop_tied_aliases, load_checkpoint,
                                  save_checkpoint)
 from trainer.tracking import PROJECT, check_installed, hparams, init_kwargs, log_with, parse_report_to, tracker_row
@@ -88,6 +89,7 @@ class RunConfig:
     resume: bool = field(False, help="continue from the newest checkpoint in --output")
     report_to: str = field("tensorboard", help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, "
                            "trackio, or none (metrics.jsonl is always written)")
+    memory: MemoryConfig = group(MemoryConfig(), help="mixed precision, gradient checkpointing and LoRA")
 
     def __post_init__(self) -> None:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -157,13 +159,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_accelerator(log_with: list | None = None):
+def make_accelerator(mixed_precision: str | None = None, log_with: list | None = None):
     """One Accelerator per run. Without CUDA, ranks started by a launcher (torchrun or
     ``accelerate launch --multi_gpu --num_processes N``) join one gloo process group on CPU.
+    ``mixed_precision`` None keeps accelerate's own setting (its launcher's flag or config).
     Checkpoints store tied weights once (see ``drop_tied_aliases``)."""
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with or None)
+    cuda = torch.cuda.is_available()
+    check_precision(mixed_precision, cuda)
+    acc = Accelerator(cpu=not cuda, mixed_precision=mixed_precision, log_with=log_with or None)
     acc.register_save_state_pre_hook(drop_tied_aliases)
     return acc
 
@@ -219,7 +224,7 @@ class Run:
         self.cfg, self.desc, self.unit = cfg, desc, unit
         self.out = Path(cfg.output)
         check_installed(cfg.trackers)
-        self.acc = make_accelerator(log_with(cfg.trackers, self.out))
+        self.acc = make_accelerator(cfg.memory.mixed_precision, log_with(cfg.trackers, self.out))
         seed_everything(cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
@@ -296,12 +301,14 @@ class Run:
 
     def finish(self, model, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """save_pretrained (model + tokenizer, and ``extra`` models in sub-directories) and
-        metrics.json from the main process, after checking that every rank holds the same weights."""
+        metrics.json from the main process, after checking that every rank holds the same weights.
+        LoRA adapters are merged first, so the saved models are plain weights."""
         metrics = {**metrics, "rank_weight_sha256": check_ranks_agree(self.acc, model)}
+        model, extra = plain_model(model), {sub: plain_model(m) for sub, m in (extra or {}).items()}
         if self.is_main:
             model.save_pretrained(self.out)
             self.tokenizer.save_pretrained(self.out)
-            for sub, m in (extra or {}).items():
+            for sub, m in extra.items():
                 m.save_pretrained(self.out / sub)
             write_json(self.out / "metrics.json", metrics)
         if self.cfg.trackers:

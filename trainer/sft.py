@@ -16,6 +16,8 @@ from services.common.config import field, group
 from services.common.jsonl import SkipCounter
 from services.common.text import Truncation, encode_pair
 from services.judge import Judge, JudgeConfig, load_judge
+from trainer.adapters import prepare_model
+from trainer.lengths import check_lengths, with_fitted_lengths
 from trainer.data import load_sft_rows, pad_right
 from trainer.modeling import causal_logits, load_causal_lm, sample_responses
 from trainer.run import Run, TrainingConfig, train_supervised
@@ -29,16 +31,17 @@ class SFTConfig(TrainingConfig):
     model: Path = field(help="local Hugging Face model directory to start from")
     train: Path = field(help="JSONL of {prompt, response} or {messages}")
     eval: Path | None = field(None, help="held-out JSONL in the same format (default: 5% of --train)")
-    max_length: int = field(64, help="maximum tokens of prompt + response + EOS")
-    max_prompt_length: int = field(48, help="prompts longer than this are cut from the left")
+    max_length: int | None = field(None, help="maximum tokens of prompt + response + EOS (default: the longest "
+                                   "sequence of the data, at most the model's max_position_embeddings)")
+    max_prompt_length: int | None = field(None, help="prompts longer than this are cut from the left (default: the "
+                                          "longest prompt, at most 3/4 of max_length when some sequences are cut)")
     eval_fraction: float = field(0.05, help="share of --train held out when --eval is not given")
     gold: JudgeConfig = group(JudgeConfig(), help="gold judge for evaluation")
     gold_eval_prompts: int = field(200, help="held-out prompts sampled for the gold score (with a judge)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
+        check_lengths(self.max_length, self.max_prompt_length)
         if not 0 < self.eval_fraction < 1:
             raise ValueError("eval_fraction must be in (0, 1)")
 
@@ -86,13 +89,15 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
         perm = torch.randperm(len(rows), generator=g).tolist()
         n_eval = max(1, int(len(rows) * cfg.eval_fraction))
         eval_rows, rows = [rows[i] for i in perm[:n_eval]], [rows[i] for i in perm[n_eval:]]
+    cfg = run.cfg = with_fitted_lengths(cfg, cfg.model, tokenizer, rows + eval_rows)
     trunc = Truncation()
     for p, r in rows:  # count truncations once, up front
         encode_pair(tokenizer, p, r, cfg.max_prompt_length, cfg.max_length, trunc)
-    log.info("sft: %d train rows, %d eval rows; skipped: %s; truncated prompts: %d, responses: %d",
-             len(rows), len(eval_rows), skipped.summary(), trunc.prompts, trunc.responses)
+    log.info("sft: %d train rows, %d eval rows; skipped: %s; max_length %d, max_prompt_length %d; truncated "
+             "prompts: %d, responses: %d", len(rows), len(eval_rows), skipped.summary(), cfg.max_length,
+             cfg.max_prompt_length, trunc.prompts, trunc.responses)
 
-    model = load_causal_lm(cfg.model, dropout=cfg.dropout)
+    model = prepare_model(load_causal_lm(cfg.model, dropout=cfg.dropout), cfg.memory, name="sft")
 
     def loss_on(module, idx):
         ids, mask, labels = sft_batch(tokenizer, [rows[i] for i in idx], cfg)

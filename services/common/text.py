@@ -62,20 +62,29 @@ def _saved_as_generic_backend(path: Path) -> bool:
     return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def render_chat(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
-    """(prompt text, last assistant turn) of a conversation, with the tokenizer's chat template.
-
-    Everything before the last message is rendered with the generation prompt added; a
-    tokenizer without a template joins the contents with newlines.
-    """
-    return render_chat_prompt(tokenizer, messages[:-1]), messages[-1]["content"]
-
-
-def render_chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
-    """A conversation as the prompt text of its next assistant turn (generation prompt added)."""
+def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
+    """A conversation as prompt text: the tokenizer's chat template with the generation prompt
+    added; a tokenizer without a template joins the contents with newlines."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n".join(m["content"] for m in messages)
+
+
+def render_chat(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """(prompt text, last assistant turn) of a conversation: everything before the last
+    message rendered by ``render_prompt``."""
+    return render_prompt(tokenizer, messages[:-1]), messages[-1]["content"]
+
+
+def split_messages(tokenizer, messages: Any) -> tuple[str, str] | None:
+    """(prompt text, response) of a conversation whose last turn is the assistant's (``render_chat``);
+    None when it is not one (not a list of at least two {role, content} turns with text)."""
+    if (not isinstance(messages, list) or len(messages) < 2
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       and m["content"].strip() for m in messages)
+            or messages[-1].get("role") != "assistant"):
+        return None
+    return render_chat(tokenizer, messages)
 
 
 @dataclass
