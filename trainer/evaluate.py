@@ -133,9 +133,7 @@ def best_of_n(gateway: str, candidates: Path, judge: Judge) -> dict:
     with grpc.insecure_channel(gateway) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         for _, row in read_jsonl(candidates):
-            cands = [c for c in dict.fromkeys(row["candidates"]) if c.strip()]   # TEMP: until the gateway scores ""
-            if len(cands) < 2:
-                continue
+            cands = list(dict.fromkeys(row["candidates"]))      # an empty one is scored as prompt + EOS
             golds = judge.score([row["prompt"]] * len(cands), cands)
             reply = stub.ScoreBestOfN(reward_pb2.BestOfNRequest(prompt=row["prompt"], candidates=cands),
                                       timeout=60, wait_for_ready=True)
