@@ -6,7 +6,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-min eval bench proto clean
+.PHONY: install demo test test-min eval bench proto node-client clean
+
+# the cross-language test's RewardService client (tests/test_gateway.py): two npm packages,
+# pinned by clients/node/package-lock.json, into clients/node/node_modules (git-ignored);
+# skipped where node is not installed
+NODE := $(shell command -v node 2>/dev/null)
+NODE_CLIENT := clients/node/node_modules/.package-lock.json
+
+$(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund
+
+node-client: $(NODE_CLIENT)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +31,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tribune demo --output runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(if $(NODE),$(NODE_CLIENT))
 	$(PY) -m pytest -q
 
 # The tests at the lowest versions pyproject allows of the libraries whose APIs move most;
@@ -41,13 +52,16 @@ test-min:
 eval: $(STAMP)
 	$(VENV)/bin/tribune evaluate --output runs/evaluate
 
-BENCHES := rm_training serving ppo_step gateway_load
+BENCHES := rm_training serving mixed_lengths ppo_step gateway_load
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(PY) bench/$$b.py --output bench/results || exit 1; done
 
+# regenerates the Python code; then the lint and breaking-change check against protos/api_snapshot.json
+# (after a deliberate compatible change: python protos/api_check.py --accept)
 proto: $(STAMP)
 	$(PY) protos/generate.py
+	$(PY) protos/api_check.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache

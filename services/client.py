@@ -10,8 +10,10 @@ Triton serving an exported repository, or `tribune serve`):
   metadata (an ensemble's `reward` with its member_rewards [K], K from the manifest); it
   refuses otherwise;
 * a large batch is split into chunks of at most the server's max batch size, each chunk
-  is trimmed to the columns that hold tokens, several chunks are in flight at once, and
-  results are reassembled in order;
+  is trimmed to the columns that hold tokens and left-padded up to a length bucket (a
+  multiple of ``length_bucket``: Triton's dynamic batcher merges only requests of equal
+  shape, so exact lengths would make every request its own execution), several chunks are
+  in flight at once, and results are reassembled in order;
 * every request has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED (and a model that is
   still loading) are retried with exponential backoff until a time budget runs out, then
   a ``ScorerUnavailable`` says what happened; every other error is raised at once.
@@ -87,6 +89,8 @@ class ClientOptions:
     auth_token_file: Path | None = field(None, help=f"file holding the bearer token (default: ${AUTH_TOKEN_ENV} "
                                          "when set, else no token)")
     load_balancing: Literal["round_robin", "pick_first"] = field("round_robin", help="gRPC load-balancing policy")
+    length_bucket: int = field(16, help="pad each request's length up to a multiple of this (0: exact lengths), "
+                                        "so that Triton can batch requests of nearby lengths together")
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0 or self.retry_budget_s < 0:
@@ -95,6 +99,8 @@ class ClientOptions:
             raise ValueError("max_in_flight must be at least 1")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
+        if self.length_bucket < 0:
+            raise ValueError("length_bucket must be >= 0 (0: exact lengths)")
         if (self.private_key is None) != (self.certificate_chain is None):
             raise ValueError("private_key and certificate_chain (mutual TLS) go together")
         if self.auth_token and self.auth_token_file is not None:
@@ -128,6 +134,14 @@ def _trim(mask: np.ndarray) -> tuple[int, int]:
     """[lo, hi] columns that hold any token (mask 1) in a chunk."""
     cols = np.flatnonzero(mask.any(0))
     return (int(cols[0]), int(cols[-1])) if cols.size else (0, mask.shape[1] - 1)
+
+
+def bucket_length(length: int, bucket: int, max_length: int) -> int:
+    """``length`` rounded up to a multiple of ``bucket``, never past ``max_length`` (nor below
+    ``length``); ``bucket`` 0 keeps it exact."""
+    if bucket <= 0 or length >= max_length:
+        return length
+    return min(-(-length // bucket) * bucket, max_length)
 
 
 class TritonScorer:
@@ -238,15 +252,12 @@ class TritonScorer:
     def _message(e: Exception) -> str:
         msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
         msg = msg or str(e)
-        for marker in ("PyTritonBadParameterError: ", "BadRequest: "):
-            if marker in msg:   # the embedded server's validation message, without its traceback
-                return msg.split(marker, 1)[1].splitlines()[0].strip()
         return msg.strip().splitlines()[0] if msg.strip() else repr(e)
 
     @staticmethod
     def _is_bad_request(e: Exception) -> bool:
         status = e.status() if hasattr(e, "status") and callable(e.status) else None
-        return status == "StatusCode.INVALID_ARGUMENT" or "PyTritonBadParameterError" in str(e)
+        return status == "StatusCode.INVALID_ARGUMENT"
 
     @staticmethod
     def _retryable(e: Exception) -> bool:
@@ -304,7 +315,11 @@ class TritonScorer:
         import tritonclient.grpc as grpcclient
 
         lo, hi = _trim(mask)
-        feeds = [(INPUT_IDS, ids[:, lo:hi + 1]), (ATTENTION_MASK, mask[:, lo:hi + 1])]
+        L = hi + 1 - lo
+        pad = bucket_length(L, self.cfg.length_bucket, self.facts.max_sequence_length) - L
+        # left padding (mask 0) up to the bucket: positions come from the mask, so the scores are unchanged
+        feeds = [(INPUT_IDS, np.pad(ids[:, lo:hi + 1], ((0, 0), (pad, 0)))),
+                 (ATTENTION_MASK, np.pad(mask[:, lo:hi + 1], ((0, 0), (pad, 0))))]
         if temperature is not None:
             feeds.append((TEMPERATURE, np.full((ids.shape[0], 1), temperature, dtype=np.float32)))
         inputs = []
@@ -321,7 +336,7 @@ class TritonScorer:
             rewards, scores = self._call(model, inputs, (REWARDS.name, MEMBER_REWARDS_NAME), timeout_s)
             return np.concatenate([rewards, scores], 1)                                  # (b, 1 + K)
         out = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.float32)              # (b, T−1)
-        out[:, lo:hi] = self._call(model, inputs, (LOGPROBS.name,), timeout_s)[0]
+        out[:, lo:hi] = self._call(model, inputs, (LOGPROBS.name,), timeout_s)[0][:, pad:]   # our padding dropped
         return out
 
     def _map(self, model: str, ids: np.ndarray, mask: np.ndarray, temperature: float | None,

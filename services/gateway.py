@@ -86,6 +86,32 @@ def _check_parsed(request):
     return request
 
 
+def rich_details(code: grpc.StatusCode, error: GatewayError) -> tuple[tuple[str, bytes], ...]:
+    """The error as a google.rpc.Status in the ``grpc-status-details-bin`` trailer (the gRPC
+    richer error model): BadRequest with the failing field, RetryInfo on RESOURCE_EXHAUSTED.
+    Clients read it with ``grpc_status.rpc_status.from_call``; those that do not see code and text."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    details = []
+    if isinstance(error, InvalidInput) and error.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=str(error))]))
+    if isinstance(error, Overloaded):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if not details:
+        return ()
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    status = status_pb2.Status(code=code.value[0], message=str(error), details=packed)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Domain errors → status codes; unexpected errors → INTERNAL (logged); metrics and logs per call."""
 
@@ -111,7 +137,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return await coro_fn(rid)
             except GatewayError as e:
                 code = STATUS[type(e)]
-                await context.abort(code, str(e))
+                await context.abort(code, str(e), (("x-request-id", rid), *rich_details(code, e)))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -180,8 +206,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _items(proto_items) -> list[Item]:
-    """proto3 cannot tell an unset string from an empty one: both count as missing."""
-    return [Item(i.prompt or None, i.response or None, tuple((m.role, m.content) for m in i.messages))
+    """proto3 cannot tell an unset string from an empty one: a missing prompt is refused, a
+    missing response is the empty response (prompt + EOS)."""
+    return [Item(i.prompt or None, i.response, tuple((m.role, m.content) for m in i.messages))
             for i in proto_items]
 
 
@@ -207,7 +234,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     async def ScoreBestOfN(self, request, context, rid=None):
         if not request.prompt:
-            raise InvalidInput("prompt is required")
+            raise InvalidInput("prompt is required", "prompt")
         items = [Item(request.prompt, c) for c in request.candidates]
         s = await self._score(items, context, "candidates")
         rewards = s.rewards.tolist()
@@ -311,7 +338,8 @@ def create_server(cfg: GatewayConfig) -> tuple[Gateway, int]:
     return gw, gw.port
 
 
-async def serve(cfg: GatewayConfig, stop_event: asyncio.Event | None = None) -> None:
+async def serve(cfg: GatewayConfig, stop_event: asyncio.Event | None = None, on_started=None) -> None:
+    """Runs the gateway until ``stop_event`` (or SIGINT/SIGTERM); ``on_started()`` once it listens."""
     gw, port = create_server(cfg)
     await gw.start()
     stop_event = stop_event or asyncio.Event()
@@ -324,6 +352,8 @@ async def serve(cfg: GatewayConfig, stop_event: asyncio.Event | None = None) -> 
     print(f"tribune gateway: ready on {cfg.host}:{port} ({'TLS' if cfg.tls_cert else 'plaintext'}"
           f"{', mTLS' if cfg.tls_client_ca else ''}{', bearer auth' if gw.token else ''}); "
           f"Triton {cfg.triton_url}; metrics {cfg.host}:{cfg.metrics_port or 'off'}", flush=True)
+    if on_started is not None:
+        on_started()
     await stop_event.wait()
     print("tribune gateway: stopping", flush=True)
     await gw.stop()
@@ -348,8 +378,7 @@ class GatewayThread:
 
         async def main():
             self.stop_event = asyncio.Event()
-            self.started.set()
-            await serve(self.cfg, self.stop_event)
+            await serve(self.cfg, self.stop_event, on_started=self.started.set)   # set once it listens
 
         try:
             self.loop.run_until_complete(main())
@@ -359,7 +388,8 @@ class GatewayThread:
 
     def start(self) -> "GatewayThread":
         self.thread.start()
-        self.started.wait(60)
+        if not self.started.wait(120) and not self.error:
+            raise UserError(f"the gateway did not start listening on {self.cfg.host}:{self.cfg.port} in 120s")
         if self.error:
             raise self.error
         return self

@@ -75,11 +75,20 @@ class GatewayError(Exception):
 
 
 class InvalidInput(GatewayError):
-    """A request field is wrong; the message names the field."""
+    """A request field is wrong; the message names the field, ``field`` is its path (items[3].prompt),
+    sent to clients as a google.rpc.BadRequest field violation."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
 
 
 class Overloaded(GatewayError):
-    """The queue is full."""
+    """The queue is full; ``retry_after_s`` is sent to clients as google.rpc.RetryInfo."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotReady(GatewayError):
@@ -113,35 +122,37 @@ class Tokenisation:
 
     def validate(self, items: list[Item], field_name: str = "items") -> None:
         if not items:
-            raise InvalidInput(f"{field_name}: at least one item is required")
+            raise InvalidInput(f"{field_name}: at least one item is required", field_name)
         if len(items) > self.cfg.max_items:
-            raise InvalidInput(f"{field_name}: {len(items)} items, the limit is {self.cfg.max_items}")
+            raise InvalidInput(f"{field_name}: {len(items)} items, the limit is {self.cfg.max_items}", field_name)
         for i, item in enumerate(items):
             where = f"{field_name}[{i}]"
             if item.messages:
                 if item.messages[-1][0] != "assistant":
-                    raise InvalidInput(f"{where}.messages: the last message must be the assistant's response")
+                    raise InvalidInput(f"{where}.messages: the last message must be the assistant's response",
+                                       f"{where}.messages")
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise InvalidInput(f"{where}.messages: this model's tokenizer has no chat template; "
-                                       "send prompt and response instead")
+                                       "send prompt and response instead", f"{where}.messages")
                 for j, (_, content) in enumerate(item.messages):
                     self._check_text(f"{where}.messages[{j}].content", content)
                 continue
             if not item.prompt:
-                raise InvalidInput(f"{where}.prompt is required (or messages)")
+                raise InvalidInput(f"{where}.prompt is required (or messages)", f"{where}.prompt")
+            # an empty response is valid: a policy that stops at once produced it, and it is scored
+            # as the token path scores it, prompt + EOS (encode_pair)
             self._check_text(f"{where}.prompt", item.prompt)
-            # an empty response is scored as the token path scores it: prompt + EOS
             self._check_text(f"{where}.response", item.response or "")
 
     def _check_text(self, where: str, text: str) -> None:
         if "\ufffd" in text:
-            raise InvalidInput(f"{where} is not valid UTF-8")
+            raise InvalidInput(f"{where} is not valid UTF-8", where)
         if len(text.encode("utf-8", "surrogatepass")) > self.cfg.max_text_bytes:
-            raise InvalidInput(f"{where} is longer than {self.cfg.max_text_bytes} bytes")
+            raise InvalidInput(f"{where} is longer than {self.cfg.max_text_bytes} bytes", where)
 
     def encode(self, item: Item, facts: ServedFacts) -> list[int]:
         """Token ids as the reward model was trained: its truncation policy comes with the facts."""
-        prompt, response = item.prompt, item.response
+        prompt, response = item.prompt, item.response or ""
         if item.messages:
             prompt, response = render_chat(self.tokenizer, [{"role": r, "content": c} for r, c in item.messages])
         max_prompt = self.cfg.max_prompt_length or facts.max_prompt_length
@@ -247,7 +258,10 @@ class MicroBatcher:
         if not self.backend.ready:
             raise NotReady(f"the reward model is not available: {self.backend.last_error}")
         if self.queued_items + len(seqs) > self.cfg.max_queue_items:
-            raise Overloaded(f"{self.queued_items} items queued (limit {self.cfg.max_queue_items}); retry later")
+            # a hint, not a promise: the queue drains by about one batch per batching delay
+            batches = -(-self.queued_items // self.cfg.batch_max_items)
+            raise Overloaded(f"{self.queued_items} items queued (limit {self.cfg.max_queue_items}); retry later",
+                             retry_after_s=max(0.05, batches * self.cfg.batch_max_delay_ms / 1000))
         fut = asyncio.get_running_loop().create_future()
         self.queued_items += len(seqs)
         self.observe_queue(self.queued_items)

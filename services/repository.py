@@ -48,6 +48,12 @@ class TritonSettings:
     warmup_length: int
 
 
+# Where stock Triton's TensorRT execution accelerator keeps its engine and timing caches
+# (k8s/overlays/prod mounts a persistent volume there); ONNX Runtime names engines by model
+# and GPU architecture, so one directory serves every model of a pod.
+TRT_CACHE_DIR = "/var/cache/tensorrt"
+
+
 def model_config(spec: ModelSpec, s: TritonSettings, parameters: dict[str, str]):
     """The ModelConfig protobuf for a contract model (``ServedFacts.model_spec(name)``)."""
     from tritonclient.grpc import model_config_pb2 as mc
@@ -67,6 +73,11 @@ def model_config(spec: ModelSpec, s: TritonSettings, parameters: dict[str, str])
             acc.name = "tensorrt"
             acc.parameters["precision_mode"] = s.precision_mode
             acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
+            # engines and kernel timings persist across pods (a volume there in the prod overlay),
+            # so a new pod loads its engines instead of rebuilding them inside its startup probe
+            for cache in ("engine", "timing"):
+                acc.parameters[f"trt_{cache}_cache_enable"] = "1"
+                acc.parameters[f"trt_{cache}_cache_path"] = TRT_CACHE_DIR
         else:
             acc.name = "cuda"
     if s.warmup:

@@ -10,8 +10,15 @@ serving the same repository.
 
 The manifest's sha256s are verified before anything starts: a tampered repository is
 refused. Requests are validated (token ids in the vocabulary, 0/1 masks, lengths within
-the model's maximum, positive temperatures); a bad request gets an error and the server
-keeps serving.
+the model's maximum, positive temperatures); a bad request gets INVALID_ARGUMENT with one
+sentence naming the input and the rule, alone (the good requests Triton merged with it are
+answered), and the server keeps serving (services/triton_proxy.py carries the refusal).
+
+Readiness is honest: tritonserver loads every model from a local model store before it
+opens its endpoints, so /v2/health/ready (the probe of every k8s overlay) is never 200
+while a model is loading; "tribune serve: ready" is printed once the models answer (and,
+with --with-gateway, once the gateway listens). Requests of unequal lengths are merged by
+the dynamic batcher (ragged batching) and padded together by OnnxModel.
 """
 from __future__ import annotations
 
@@ -24,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from services.client import bucket_length
 from services.common.config import field
 from services.common.errors import UserError
-from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, PROBE, REFERENCE, REWARD_MODEL,
+from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, MODELS, PROBE, REFERENCE, REWARD_MODEL,
                                TEMPERATURE, ContractError, ModelSpec, ServedFacts)
 from services.repository import ONNX_FILE, read_config, verify_repository
 from services.runtime import ensure_libpython_on_loader_path, execution_providers
@@ -48,6 +56,8 @@ class ServeConfig:
     with_gateway: bool = field(False, help="also start the tribune.v1.RewardService gateway in front of it")
     gateway_port: int = field(50051, help="gateway gRPC port (with --with-gateway)")
     gateway_metrics_port: int = field(9090, help="gateway Prometheus port (with --with-gateway; 0: off)")
+    ragged_batching: bool = field(True, help="let the dynamic batcher merge requests of unequal lengths "
+                                             "(off: stock Triton's rule, equal shapes only)")
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port", "gateway_port"):
@@ -61,32 +71,54 @@ class BadRequest(ValueError):
     """A request that breaks the contract; reported to the client, the server goes on."""
 
 
+# Requests whose lengths round up to the same multiple of this run as one ORT call (OnnxModel.run).
+MERGE_BUCKET = 16
+
+# The output that carries a refusal from the inference callable to the proxy model, which turns it
+# into that request's INVALID_ARGUMENT (services/triton_proxy.py; not part of the wire contract).
+ERROR_OUTPUT = "tribune_error"
+
+
 def validate(spec: ModelSpec, inputs: dict[str, np.ndarray], vocab_size: int, max_len: int) -> None:
-    ids, mask = inputs.get(INPUT_IDS.name), inputs.get(ATTENTION_MASK.name)
-    if ids is None or mask is None:
-        raise BadRequest(f"{spec.name}: input_ids and attention_mask are required")
-    if ids.shape != mask.shape or ids.ndim != 2:
-        raise BadRequest(f"{spec.name}: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} "
-                         "must both be (batch, sequence)")
+    """Raises BadRequest with one sentence naming the input and the rule it breaks.
+
+    ``inputs`` of one request: input_ids and attention_mask (B, T), for `reference` also
+    temperature (B, 1). Dtypes, a missing input and the batch size are Triton's own checks
+    (it knows the model config); this is what only the contract knows.
+    """
+    for t in spec.inputs:
+        if inputs.get(t.name) is None:
+            raise BadRequest(f"{t.name}: required by model {spec.name}")
+    ids, mask = inputs[INPUT_IDS.name], inputs[ATTENTION_MASK.name]
+    if ids.ndim != 2:
+        raise BadRequest(f"input_ids: shape {list(ids.shape)} is not (batch, sequence)")
+    if mask.shape != ids.shape:
+        raise BadRequest(f"attention_mask: shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
     B, T = ids.shape
-    if B == 0 or T == 0:
-        raise BadRequest(f"{spec.name}: empty batch or empty sequences")
+    if B == 0:
+        raise BadRequest("input_ids: empty batch; send at least one row")
+    if T == 0:
+        raise BadRequest("input_ids: empty sequence; a sequence needs at least one token")
     if T > max_len:
-        raise BadRequest(f"{spec.name}: sequence length {T} exceeds the model's maximum {max_len}")
+        raise BadRequest(f"input_ids: length {T} over the maximum sequence length of {max_len}")
     if T < 2 and spec is REFERENCE:
-        raise BadRequest("reference: sequences need at least 2 tokens to have log-probs")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise BadRequest(f"{spec.name}: input_ids must be in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
-    if not np.isin(mask, (0, 1)).all():
-        raise BadRequest(f"{spec.name}: attention_mask must be 0 or 1")
-    if (mask.sum(-1) == 0).any():
-        raise BadRequest(f"{spec.name}: a row has no token with attention_mask 1")
+        raise BadRequest("input_ids: length 1; reference log-probs need at least 2 tokens")
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.size:
+        raise BadRequest(f"input_ids: id {outside[0]} outside the vocabulary of {vocab_size}")
+    not_binary = mask[(mask != 0) & (mask != 1)]
+    if not_binary.size:
+        raise BadRequest(f"attention_mask: value {not_binary[0]} is not 0 or 1")
+    empty_rows = np.flatnonzero(mask.sum(-1) == 0)
+    if empty_rows.size:
+        raise BadRequest(f"attention_mask: row {empty_rows[0]} is all 0, so it has no token to score")
     if spec is REFERENCE:
-        temp = inputs.get(TEMPERATURE.name)
-        if temp is None or temp.shape != (B, 1):
-            raise BadRequest("reference: temperature must be (batch, 1)")
-        if not (np.isfinite(temp).all() and (temp > 0).all()):
-            raise BadRequest("reference: temperature must be finite and > 0")
+        temp = inputs[TEMPERATURE.name]
+        if temp.shape != (B, 1):
+            raise BadRequest(f"temperature: shape {list(temp.shape)} is not (batch, 1) = {[B, 1]}")
+        bad = temp[~(np.isfinite(temp) & (temp > 0))]
+        if bad.size:
+            raise BadRequest(f"temperature: {bad[0]:g} is not a finite number > 0")
 
 
 class OnnxModel:
@@ -105,14 +137,39 @@ class OnnxModel:
             raise ContractError(f"{onnx_path} has no output {', '.join(sorted(missing))}")
 
     def __call__(self, requests):
-        """Triton hands over the requests of one dynamic batch; we run them as one ORT call."""
-        from pytriton.exceptions import PyTritonBadParameterError
-
-        try:
-            for r in requests:
+        """Triton hands over the requests of one dynamic batch, equal lengths or not (the inputs
+        are ragged-batched); the valid ones run as one ORT call, each invalid one is refused alone."""
+        refusals = []
+        for r in requests:
+            try:
                 validate(self.spec, {k: np.asarray(v) for k, v in r.items()}, self.vocab_size, self.max_len)
-        except BadRequest as e:
-            raise PyTritonBadParameterError(str(e)) from None
+                refusals.append(None)
+            except BadRequest as e:
+                refusals.append(str(e))
+        good = [r for r, why in zip(requests, refusals) if why is None]
+        answers = iter(self.run(good) if good else [])
+        return [{ERROR_OUTPUT: np.array([why.encode()], dtype=np.object_)} if why else next(answers)
+                for why in refusals]
+
+    def run(self, requests) -> list[dict[str, np.ndarray]]:
+        """Valid requests of any lengths: those within one length bucket run as one ORT call.
+
+        On a CPU a forward pass costs about the same per token at any batch size, so padding a
+        16-token request to the 64 of another would cost more than a second call; grouping by
+        bucket (as the client pads) bounds the padding and keeps each call batched.
+        """
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            L = r[INPUT_IDS.name].shape[1]
+            groups.setdefault(bucket_length(L, MERGE_BUCKET, self.max_len), []).append(i)
+        responses: list = [None] * len(requests)
+        for members in groups.values():
+            for i, response in zip(members, self._run_padded([requests[i] for i in members])):
+                responses[i] = response
+        return responses
+
+    def _run_padded(self, requests) -> list[dict[str, np.ndarray]]:
+        """Requests left-padded to the longest of them (positions come from the mask), one ORT call."""
         sizes = [r[INPUT_IDS.name].shape[0] for r in requests]
         lengths = [r[INPUT_IDS.name].shape[1] for r in requests]
         T = max(lengths)
@@ -121,10 +178,10 @@ class OnnxModel:
             parts = []
             for r, L in zip(requests, lengths):
                 x = np.asarray(r[t.name], dtype=t.numpy_dtype)
-                if t.dims == (-1,) and L < T:   # left-pad to a common length: positions come from the mask
+                if t.dims == (-1,) and L < T:
                     x = np.pad(x, ((0, 0), (T - L, 0)))
                 parts.append(x)
-            feeds[t.name] = np.concatenate(parts, 0)
+            feeds[t.name] = np.concatenate(parts, 0)                     # (ΣB, T)
         outs = self.session.run(self.outputs, feeds)
         responses, start = [], 0
         for n, L in zip(sizes, lengths):
@@ -180,13 +237,36 @@ def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
             model_name=spec.name, infer_func=fns,
             inputs=[Tensor(name=t.name, dtype=t.numpy_dtype, shape=t.dims) for t in spec.inputs],
             outputs=[Tensor(name=t.name, dtype=t.numpy_dtype, shape=t.dims) for t in spec.outputs],
-            config=ModelConfig(max_batch_size=pb.max_batch_size, batcher=batcher), strict=True)
+            # not strict: a refused request's response holds ERROR_OUTPUT, which the config does not list
+            config=ModelConfig(max_batch_size=pb.max_batch_size, batcher=batcher), strict=False)
         limits[spec.name] = pb.max_batch_size
     return limits
 
 
+def install_proxy(model_dir: Path, spec: ModelSpec, ragged: bool = True) -> None:
+    """Per-request errors and ragged batching for one model in PyTriton's local model store.
+
+    PyTriton's proxy ``model.py`` becomes ``pytriton_model.py`` under ours (services/triton_proxy.py,
+    which turns ERROR_OUTPUT into INVALID_ARGUMENT). The variable-length inputs get
+    ``allow_ragged_batch``: Triton's dynamic batcher merges only requests of equal shapes
+    otherwise, and OnnxModel pads a batch of unequal lengths itself (PyTriton's ModelConfig has
+    no such option, so its generated config.pbtxt is amended before Triton reads it).
+    """
+    from google.protobuf import text_format
+
+    version = model_dir / "1"
+    (version / "model.py").rename(version / "pytriton_model.py")
+    (version / "model.py").write_text((Path(__file__).parent / "triton_proxy.py").read_text())
+    config = read_config(model_dir / "config.pbtxt")
+    for tensor in config.input:
+        if ragged and tuple(spec.input(tensor.name).dims) == (-1,):
+            tensor.allow_ragged_batch = True
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
 def run_serve(cfg: ServeConfig) -> None:
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+    from pytriton.utils.workspace import Workspace
 
     repo = Path(cfg.repository)
     try:
@@ -205,8 +285,15 @@ def run_serve(cfg: ServeConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
-    with Triton(config=tconfig) as triton:
+    # Honest readiness: the models are written to a local model store that tritonserver loads at
+    # startup, before it opens its endpoints, so /v2/health/ready never answers 200 before every
+    # model is loaded (PyTriton's default loads them through the API after the server is up).
+    workspace = Workspace()
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    with Triton(config=tconfig, workspace=workspace, triton_lifecycle_policy=policy) as triton:
         limits = bind_repository(triton, repo, cfg)
+        for name in limits:
+            install_proxy(workspace.model_store_path / name, MODELS[name], cfg.ragged_batching)   # inputs: the same for any K
         triton.run()
         gateway = None
         if cfg.with_gateway:

@@ -75,6 +75,45 @@ def gateway(served, repo_dir):
     assert gw.stop() == 0
 
 
+def _details(error: grpc.RpcError, kind: str):
+    """The one google.rpc detail of type ``kind`` (BadRequest, RetryInfo) in an error's trailer."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    assert status is not None and status.code == error.code().value[0], "no grpc-status-details-bin trailer"
+    found = []
+    for any_ in status.details:
+        message = getattr(error_details_pb2, kind)()
+        if any_.Unpack(message):
+            found.append(message)
+    assert len(found) == 1, (kind, status)
+    return found[0]
+
+
+def test_an_empty_response_is_scored_as_prompt_plus_eos_by_every_method(gateway, served, repo_dir):
+    """A policy that stops at once answers "": the token path scores prompt + EOS, so does the gateway."""
+    from services.client import ClientConfig, TritonScorer
+    from services.common.text import encode_pair, load_tokenizer
+    from services.repository import tokenizer_fingerprint
+    from trainer.data import pad_left
+
+    tok = load_tokenizer(repo_dir / "tokenizer")
+    pairs = [("name two fruits", ""), ("name two fruits", "fig kiwi")]
+    with TritonScorer(ClientConfig(url=served.url), tokenizer_fingerprint(tok), models=("reward",)) as scorer:
+        seqs = [encode_pair(tok, p, r, 48, 64)[0] for p, r in pairs]
+        assert seqs[0][-1] == tok.eos_token_id and seqs[0][:-1] == seqs[1][:len(seqs[0]) - 1]   # prompt + EOS
+        direct = scorer.score(*[t.numpy() for t in pad_left(seqs, tok.pad_token_id)])
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        items = [pb.ScoreItem(prompt=p, response=r) for p, r in pairs]
+        np.testing.assert_allclose(stub.Score(pb.ScoreRequest(items=items), timeout=30).rewards, direct, atol=1e-5)
+        best = stub.ScoreBestOfN(pb.BestOfNRequest(prompt=pairs[0][0], candidates=[r for _, r in pairs]), timeout=30)
+        np.testing.assert_allclose(best.rewards, direct, atol=1e-5)
+        streamed = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[i]) for i in items]), timeout=30))
+        np.testing.assert_allclose([s.rewards[0] for s in streamed], direct, atol=1e-5)
+
+
 def _items():
     return [("name two fruits", "fig kiwi"), ("name two fruits", "fig red"), ("count from one to three", "one two three"),
             ("name three animals", "cat dog"), ("name four tools", "saw drill awl vise clamp")]
@@ -136,6 +175,8 @@ def test_bad_inputs_get_status_codes_naming_the_field_and_fuzz_never_crashes(gat
         (pb.ScoreRequest(items=[pb.ScoreItem(response="x")]), grpc.StatusCode.INVALID_ARGUMENT, "items[0].prompt"),
         (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b"), pb.ScoreItem(prompt="a", response=long_text)]),
          grpc.StatusCode.INVALID_ARGUMENT, "items[1].response is longer"),
+        (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")] * 3 + [pb.ScoreItem(response="b")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "items[3].prompt"),
         (pb.ScoreRequest(items=[pb.ScoreItem(prompt=long_text, response="b")]), grpc.StatusCode.INVALID_ARGUMENT,
          "items[0].prompt is longer"),
         (pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")] * 257), grpc.StatusCode.INVALID_ARGUMENT,
@@ -150,6 +191,12 @@ def test_bad_inputs_get_status_codes_naming_the_field_and_fuzz_never_crashes(gat
             with pytest.raises(grpc.RpcError) as err:
                 stub.Score(request, timeout=30)
             assert err.value.code() == code and text in err.value.details(), (text, err.value.details())
+        # the richer error model: the failing field as a google.rpc.BadRequest field violation
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(cases[2][0], timeout=30)
+        (violation,) = _details(err.value, "BadRequest").field_violations
+        assert violation.field == "items[3].prompt" and "required" in violation.description
+        assert ("x-request-id" in dict(err.value.trailing_metadata()))
         with pytest.raises(grpc.RpcError) as err:
             stub.ScoreBestOfN(pb.BestOfNRequest(prompt="", candidates=["a"]), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
@@ -285,14 +332,17 @@ def test_bounded_queue_answers_resource_exhausted(served, repo_dir):
             wait_health(ch, SERVING)
             stub = reward_pb2_grpc.RewardServiceStub(ch)
             futures = [stub.Score.future(request, timeout=30) for _ in range(6)]
-            codes = []
+            codes, retry = [], []
             for f in futures:
                 try:
                     f.result()
                     codes.append("OK")
                 except grpc.RpcError as e:
                     codes.append(e.code().name)
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        retry.append(_details(e, "RetryInfo").retry_delay.ToTimedelta().total_seconds())
             assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+            assert retry and all(0 < s <= 5 for s in retry), retry
             assert len(stub.Score(request, timeout=30).rewards) == 3
     finally:
         gw.stop()
@@ -346,3 +396,40 @@ def test_judge_plugins_callable_and_service(gateway):
         load_judge(JudgeConfig(judge="trainer.task.judge:no_such_judge"))
     with pytest.raises(ValueError, match="one of them"):
         JudgeConfig(judge="a:b", judge_url="127.0.0.1:1")
+
+
+NODE_CLIENT = REPO / "clients" / "node"
+
+
+def test_a_node_client_built_from_the_protos_alone_scores_through_the_gateway(gateway, served, repo_dir):
+    """Another language, from protos/ alone (@grpc/proto-loader reads the .proto at runtime), an
+    empty response included. Skipped only where node is not installed; its two npm packages come
+    from `make node-client` (run by `make test`), installed here if missing."""
+    import json
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    if not (NODE_CLIENT / "node_modules" / "@grpc" / "proto-loader").is_dir():
+        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"`make node-client` (npm ci) failed:\n{proc.stderr[-2000:]}"
+    pairs = [("name two fruits", "fig kiwi"), ("name two fruits", ""), ("count from one to three", "one two three")]
+    request = {"items": [{"prompt": p, "response": r} for p, r in pairs],
+               "best_of_n": {"prompt": "name two fruits", "candidates": ["fig red", "", "fig kiwi"]}}
+    proc = subprocess.run([node, str(NODE_CLIENT / "score.js"), gateway.target], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        want = stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in pairs]), timeout=30)
+        best = stub.ScoreBestOfN(pb.BestOfNRequest(**request["best_of_n"]), timeout=30)
+    np.testing.assert_allclose(got["score"]["rewards"], want.rewards, atol=1e-6)
+    np.testing.assert_allclose(got["score"]["normalized_rewards"], want.normalized_rewards, atol=1e-6)
+    assert got["score"]["request_id"] == "node-1" and got["score"]["model_id"] == want.model_id
+    np.testing.assert_allclose(got["best_of_n"]["rewards"], best.rewards, atol=1e-6)
+    assert got["best_of_n"]["best_index"] == best.best_index and got["best_of_n"]["ranking"] == list(best.ranking)
+    np.testing.assert_allclose([r["rewards"][0] for r in got["stream"]], want.rewards, atol=1e-6)
+    assert got["invalid"]["code"] == "INVALID_ARGUMENT" and "items[0].prompt" in got["invalid"]["details"]

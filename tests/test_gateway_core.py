@@ -44,6 +44,12 @@ def test_an_empty_response_is_scored_as_prompt_and_eos(tok):
 def test_validation_names_the_field(tok):
     with pytest.raises(InvalidInput, match=r"items\[1\]\.response is longer"):
         tok.validate([Item("a", "b"), Item("a", "é" * 21)])
+    with pytest.raises(InvalidInput, match=r"items\[2\]\.prompt") as err:
+        tok.validate([Item("a", "b")] * 2 + [Item(None, "b")])
+    assert err.value.field == "items[2].prompt"          # sent as a google.rpc.BadRequest field violation
+    tok.validate([Item("a", ""), Item("a", None)])        # an empty response is valid: scored as prompt + EOS
+    assert tok.encode(Item("a", ""), FACTS) == tok.encode(Item("a", None), FACTS)
+    assert tok.encode(Item("a", ""), FACTS)[-1] == tok.tokenizer.eos_token_id
     with pytest.raises(InvalidInput, match="limit is 3"):
         tok.validate([Item("a", "b")] * 4)
     with pytest.raises(InvalidInput, match=r"items\[0\]\.prompt is longer than 40 bytes"):

@@ -507,6 +507,32 @@ def test_pdbs_protect_every_deployment_without_blocking_drains(rendered):
                 assert int(spec["maxUnavailable"]) >= 1
 
 
+def test_prod_keeps_tensorrt_caches_on_a_volume_where_the_export_points(rendered):
+    """`export --accelerator tensorrt` names TRT_CACHE_DIR for the engine and timing caches; in prod
+    every Triton pod mounts a shared persistent volume there (one sub-directory per model)."""
+    from services.contract import REFERENCE
+    from services.repository import TRT_CACHE_DIR, TritonSettings, model_config
+
+    settings = TritonSettings(max_batch_size=8, queue_delay_us=100, max_queue_size=8, instance_count=1,
+                              instance_kind="KIND_GPU", accelerator="tensorrt", precision_mode="FP16", warmup=False,
+                              warmup_length=8)
+    (acc,) = model_config(REFERENCE, settings, {}).optimization.execution_accelerators.gpu_execution_accelerator
+    for cache in ("engine", "timing"):
+        assert acc.parameters[f"trt_{cache}_cache_enable"] == "1"
+        assert acc.parameters[f"trt_{cache}_cache_path"] == TRT_CACHE_DIR
+    docs = rendered["prod"]
+    sub_paths = set()
+    for model, name in TRITON_MODELS.items():
+        dep = one(docs, "Deployment", name)
+        mount = next((m for m in main_container(dep)["volumeMounts"] if m["mountPath"] == TRT_CACHE_DIR), None)
+        assert mount is not None and not mount.get("readOnly"), f"{name}: no writable volume at {TRT_CACHE_DIR}"
+        volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        claim = one(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "replicas on different nodes share it"
+        sub_paths.add(mount.get("subPath"))
+    assert len(sub_paths) == len(TRITON_MODELS) and None not in sub_paths, sub_paths
+
+
 def test_prod_autoscaling_and_spreading(rendered):
     docs = rendered["prod"]
     adapter = yaml.safe_load((K8S / "monitoring/prometheus-adapter-values.yaml").read_text())

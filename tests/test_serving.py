@@ -154,46 +154,136 @@ def test_wrong_tokenizer_is_refused_at_connect(served, repo_dir):
         TritonScorer(ClientConfig(url=served.url), tokenizer_fingerprint(other))
 
 
-def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served, repo_dir):
+def _infer(client, model="reward", **inputs):
+    """One raw tritonclient call: inputs given as name=(array, Triton dtype)."""
+    import tritonclient.grpc as g
+
+    feeds = []
+    for name, (value, dtype) in inputs.items():
+        x = g.InferInput(name, list(value.shape), dtype)
+        x.set_data_from_numpy(value)
+        feeds.append(x)
+    return client.infer(model, feeds, client_timeout=30)
+
+
+def _i64(rows):
+    return np.array(rows, dtype=np.int64), "INT64"
+
+
+# The twelve malformed requests of issue 13: (model, inputs, what the one-line reason must say)
+MALFORMED = {
+    "out-of-vocabulary id": ("reward", dict(input_ids=_i64([[5, 1_000_000_000]]), attention_mask=_i64([[1, 1]])),
+                             r"^input_ids: id 1000000000 outside the vocabulary of \d+$"),
+    "negative id": ("reward", dict(input_ids=_i64([[5, -3]]), attention_mask=_i64([[1, 1]])),
+                    r"^input_ids: id -3 outside the vocabulary of \d+$"),
+    "mask not 0/1": ("reward", dict(input_ids=_i64([[5, 6]]), attention_mask=_i64([[1, 2]])),
+                     r"^attention_mask: value 2 is not 0 or 1$"),
+    "all-zero mask": ("reward", dict(input_ids=_i64([[5, 6]]), attention_mask=_i64([[0, 0]])),
+                      r"^attention_mask: row 0 is all 0"),
+    "mismatched shapes": ("reward", dict(input_ids=_i64([[5, 6, 7]]), attention_mask=_i64([[1, 1]])),
+                          r"^attention_mask: shape \[1, 2\] differs from input_ids \[1, 3\]$"),
+    "over-long sequence": ("reward", dict(input_ids=_i64([[5] * 65]), attention_mask=_i64([[1] * 65])),
+                           r"^input_ids: length 65 over the maximum sequence length of 64$"),
+    "empty sequence": ("reward", dict(input_ids=(np.zeros((1, 0), np.int64), "INT64"),
+                                      attention_mask=(np.zeros((1, 0), np.int64), "INT64")),
+                       r"^input_ids: empty"),
+    "batch over the maximum": ("reward", dict(input_ids=_i64([[5, 6]] * 9), attention_mask=_i64([[1, 1]] * 9)),
+                               r"batch-size must be <= 8 for 'reward'$"),
+    "wrong dtype": ("reward", dict(input_ids=(np.array([[5, 6]], np.float32), "FP32"), attention_mask=_i64([[1, 1]])),
+                    r"input 'input_ids' data-type is 'FP32', but model 'reward' expects 'INT64'$"),
+    "temperature 0": ("reference", dict(input_ids=_i64([[5, 6, 7]]), attention_mask=_i64([[1, 1, 1]]),
+                                        temperature=(np.array([[0.0]], np.float32), "FP32")),
+                      r"^temperature: 0 is not a finite number > 0$"),
+    "temperature NaN": ("reference", dict(input_ids=_i64([[5, 6, 7]]), attention_mask=_i64([[1, 1, 1]]),
+                                          temperature=(np.array([[np.nan]], np.float32), "FP32")),
+                        r"^temperature: nan is not a finite number > 0$"),
+    "missing input": ("reward", dict(input_ids=_i64([[5, 6]])), r"missing required input\(s\) \['attention_mask'\]"),
+}
+
+
+def test_malformed_requests_get_invalid_argument_and_one_line_and_the_server_keeps_serving(served, repo_dir):
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
     import tritonclient.grpc as g
     from tritonclient.utils import InferenceServerException
 
     client = g.InferenceServerClient(served.url)
-
-    def infer(ids, mask, dtype="INT64", model="reward"):
-        inputs = []
-        for name, value in (("input_ids", ids), ("attention_mask", mask)):
-            x = g.InferInput(name, list(value.shape), dtype if name == "input_ids" else "INT64")
-            x.set_data_from_numpy(value)
-            inputs.append(x)
-        return client.infer(model, inputs, client_timeout=30)
-
-    good = np.array([[5, 6, 7, 1]], dtype=np.int64)
-    ones = np.ones_like(good)
-    cases = {
-        "wrong dtype": (lambda: infer(good.astype(np.float32), ones, dtype="FP32"), "input_ids"),
-        "wrong rank": (lambda: infer(good[None], ones[None]), "unexpected shape"),
-        "out-of-vocab ids": (lambda: infer(np.array([[5, 100000]]), np.ones((1, 2), np.int64)), "input_ids must be in"),
-        "negative ids": (lambda: infer(np.array([[-1, 5]]), np.ones((1, 2), np.int64)), "input_ids must be in"),
-        "empty batch": (lambda: infer(np.zeros((0, 4), np.int64), np.zeros((0, 4), np.int64)), ""),
-        "too long": (lambda: infer(np.full((1, 65), 5), np.ones((1, 65), np.int64)), "exceeds the model's maximum"),
-        "mask not 0/1": (lambda: infer(good, ones * 2), "attention_mask must be 0 or 1"),
-        "all-masked row": (lambda: infer(good, ones * 0), "no token"),
-    }
-    for name, (call, text) in cases.items():
+    good = dict(input_ids=_i64([[5, 6, 7, 1]]), attention_mask=_i64([[1, 1, 1, 1]]))
+    for name, (model, inputs, reason) in MALFORMED.items():
         with pytest.raises(InferenceServerException) as err:
-            call()
-        assert text in str(err.value), (name, str(err.value)[:500])
-        assert infer(good, ones).as_numpy("rewards").shape == (1, 1), f"server stopped answering after {name}"
+            _infer(client, model, **inputs)
+        e = err.value
+        message = re.sub(r"^\[request id: [^]]*\] ", "", e.message())
+        assert e.status() == "StatusCode.INVALID_ARGUMENT", (name, e.status(), str(e)[:300])
+        assert "\n" not in message and "Traceback" not in message and len(message) < 200, (name, message)
+        assert re.search(reason, message), (name, message)
+        assert _infer(client, **good).as_numpy("rewards").shape == (1, 1), f"server stopped answering after {name}"
+    # a refused request does not fail the good ones Triton merged into its batch
+    bad = MALFORMED["out-of-vocabulary id"][1]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_infer, client, **(bad if k % 4 == 0 else good)) for k in range(16)]
+    outcomes = [f.exception() is None for f in futures]
+    assert outcomes == [k % 4 != 0 for k in range(16)]
 
     with TritonScorer(ClientConfig(url=served.url), _fingerprint(repo_dir)) as scorer:
-        with pytest.raises(ScorerRequestError, match=r"input_ids must be in \[0, \d+\)"):
+        with pytest.raises(ScorerRequestError, match=r"^reward: input_ids: id 100000 outside the vocabulary of \d+$"):
             scorer.score(np.array([[5, 100000]]), np.ones((1, 2), np.int64))
         with pytest.raises(ScorerRequestError, match="exceeds"):
             scorer.score(np.full((1, 65), 5), np.ones((1, 65), np.int64))
         with pytest.raises(ScorerRequestError, match="empty batch"):
             scorer.score(np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64))
-        assert scorer.score(good, ones).shape == (1,)
+        assert scorer.score(*(v for v, _ in good.values())).shape == (1,)
+
+
+def test_serve_is_never_ready_before_its_models(repo_dir):
+    """Polls from the first moment: no readiness endpoint says 200 while a model is not loaded."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tests.servers import free_port
+
+    grpc_port, http, metrics, gw = free_port(), free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--repository", str(repo_dir),
+                             "--grpc-port", str(grpc_port), "--http-port", str(http), "--metrics-port", str(metrics),
+                             "--intra-op-threads", "1", "--with-gateway", "--gateway-port", str(gw),
+                             "--gateway-metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+    def ok(path):
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=2).status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    paths = ["/v2/health/ready", "/v2/models/reward/ready", "/v2/models/reference/ready",
+             "/v2/models/tribune_manifest/ready"]
+    seen = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            health = ok(paths[0])                 # first the server's word, then the models' own
+            models = [ok(p) for p in paths[1:]]
+            printed = any("tribune serve: ready" in line for line in lines)
+            seen.append((health, all(models), printed))
+            if printed and health:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        assert seen[-1] == (True, True, True), ("".join(lines)[-3000:], seen[-5:])
+        assert not seen[0][0], "the first poll came too late to see the server starting"
+        # health said ready only where the models already were (polled right after it)
+        assert all(models for health, models, _ in seen if health), seen
+        # the gateway had bound when serve said ready
+        gateway_line = next(i for i, line in enumerate(lines) if "tribune gateway: ready" in line)
+        assert gateway_line < next(i for i, line in enumerate(lines) if "tribune serve: ready" in line)
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_a_restart_during_a_call_is_retried_and_a_dead_server_fails_clearly(repo_dir, task_dir):

@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class RewardServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Errors: INVALID_ARGUMENT names the failing field in its message and, in the
+    grpc-status-details-bin trailer (google.rpc.Status), as a google.rpc.BadRequest field violation
+    (e.g. items[3].prompt); RESOURCE_EXHAUSTED carries a google.rpc.RetryInfo with a suggested delay;
+    UNAVAILABLE while the reward model is not ready (retry), DEADLINE_EXCEEDED past the caller's deadline.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +61,11 @@ class RewardServiceStub:
 
 
 class RewardServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Errors: INVALID_ARGUMENT names the failing field in its message and, in the
+    grpc-status-details-bin trailer (google.rpc.Status), as a google.rpc.BadRequest field violation
+    (e.g. items[3].prompt); RESOURCE_EXHAUSTED carries a google.rpc.RetryInfo with a suggested delay;
+    UNAVAILABLE while the reward model is not ready (retry), DEADLINE_EXCEEDED past the caller's deadline.
+    """
 
     def Score(self, request, context):
         """Scores every item; rewards come back in the order of the items.
@@ -120,7 +128,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardService:
-    """Missing associated documentation comment in .proto file."""
+    """Errors: INVALID_ARGUMENT names the failing field in its message and, in the
+    grpc-status-details-bin trailer (google.rpc.Status), as a google.rpc.BadRequest field violation
+    (e.g. items[3].prompt); RESOURCE_EXHAUSTED carries a google.rpc.RetryInfo with a suggested delay;
+    UNAVAILABLE while the reward model is not ready (retry), DEADLINE_EXCEEDED past the caller's deadline.
+    """
 
     @staticmethod
     def Score(request,
