@@ -1,5 +1,5 @@
 """One PPO iteration in this process against served scorers: the trainer's own connector
-(``trainer.ppo.RemoteScorers``), learner and iteration, without a subprocess per model."""
+(``trainer.scorers.connect``), learner and iteration, without a subprocess per model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,7 @@ def ppo_config(policy: Path, prompts: Path, reward_url: str, reference_url: str,
     return build_config(PPOConfig, {
         "policy": policy, "prompts": prompts, "reward_url": reward_url, "reference_url": reference_url,
         "output": output, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "scoring_chunk": 4,
-        "max_new_tokens": 4, "normalize_reward": False, "client": {"connect_timeout_s": 30, "retry_budget_s": 10},
+        "max_new_tokens": 4, "max_prompt_length": 48, "normalize_reward": False, "client": {"connect_timeout_s": 30, "retry_budget_s": 10},
         **overrides})
 
 
@@ -24,13 +24,14 @@ def one_iteration(cfg) -> tuple[dict, bool]:
     from services.common.text import load_tokenizer
     from services.repository import tokenizer_fingerprint
     from trainer.data import load_prompts
-    from trainer.ppo import _connect, make_learner
+    from trainer.ppo import make_learner
     from trainer.ppo_step import ppo_iteration
     from trainer.run import make_accelerator, seed_everything
+    from trainer.scorers import connect
 
     seed_everything(0)
     tok = load_tokenizer(cfg.policy)
-    scorers = _connect(cfg, tokenizer_fingerprint(tok))
+    scorers = connect(cfg, tok, tokenizer_fingerprint(tok))
     try:
         learner = make_learner(cfg, make_accelerator(), tok)
         before = [p.detach().clone() for p in learner.policy.parameters()]

@@ -128,7 +128,7 @@ def test_two_urls_serve_their_own_models_and_ppo_runs_across_them(split, task_di
 
 
 def test_the_token_path_refuses_a_model_with_another_tokenizer(split, task_dir, sft_dir, tmp_path):
-    from trainer.ppo import _connect
+    from trainer.scorers import connect
 
     root, servers = split
     fp = tokenizer_fingerprint(load_tokenizer(sft_dir))
@@ -136,7 +136,7 @@ def test_the_token_path_refuses_a_model_with_another_tokenizer(split, task_dir, 
     for role, urls in (("reward", (servers["other"].url, servers["ref"].url)),
                        ("reference", (servers["rm"].url, servers["other"].url))):
         with pytest.raises(UserError, match=f"tokenizer mismatch: the {role} at {urls[role == 'reference']}"):
-            _connect(ppo_config(sft_dir, prompts, *urls, tmp_path / role), fp)
+            connect(ppo_config(sft_dir, prompts, *urls, tmp_path / role), load_tokenizer(sft_dir), fp)
     # the same refusal through the command line: one short sentence, no traceback
     proc = tribune("ppo", "--policy", sft_dir, "--prompts", prompts, "--reward-url", servers["rm"].url,
                    "--reference-url", servers["other"].url, "--output", tmp_path / "cli", check=False)
