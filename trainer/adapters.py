@@ -77,7 +77,10 @@ def prepare_model(model: nn.Module, cfg: MemoryConfig, *, head: str | None = Non
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError(f"{type(model).__name__} does not support --gradient-checkpointing")
         # non-reentrant: works with frozen inputs (LoRA) and without use_cache
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):        # transformers >= 5.x (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:                                                         # transformers 4.56 – 5.x before the rename
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
         try:
             from peft import LoraConfig, get_peft_model
