@@ -193,7 +193,7 @@ def test_bad_inputs_get_status_codes_naming_the_field_and_fuzz_never_crashes(gat
             assert err.value.code() == code and text in err.value.details(), (text, err.value.details())
         # the richer error model: the failing field as a google.rpc.BadRequest field violation
         with pytest.raises(grpc.RpcError) as err:
-            stub.Score(cases[2][0], timeout=30)
+            stub.Score(cases[3][0], timeout=30)
         (violation,) = _details(err.value, "BadRequest").field_violations
         assert violation.field == "items[3].prompt" and "required" in violation.description
         assert ("x-request-id" in dict(err.value.trailing_metadata()))
