@@ -311,9 +311,9 @@ class Run:
             for sub, m in extra.items():
                 m.save_pretrained(self.out / sub)
             write_json(self.out / "metrics.json", metrics)
-        if self.cfg.trackers:
-            self.acc.end_training()
         self.acc.wait_for_everyone()
+        if self.cfg.trackers:       # last: accelerate's end_training also destroys the process group
+            self.acc.end_training()
         if self.is_main:
             log_to_file(None)
         return metrics
