@@ -75,7 +75,9 @@ def test_external_data_sits_in_the_version_folder_and_is_hashed(split, tmp_path)
     assert _manifest(root / "rm")["export"]["external_data"] == {REWARD_MODEL: False}
     version = root / "ref" / "reference" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.onnx.data"]
-    assert (version / "model.onnx").stat().st_size < (version / "model.onnx.data").stat().st_size / 20
+    # the weights are in the data file; the dynamo graph keeps its small constant nodes (rotary
+    # tables, masks) inline, whose size depends on the context length, not on the parameter count
+    assert (version / "model.onnx").stat().st_size < (version / "model.onnx.data").stat().st_size / 4
     for name in ("model.onnx", "model.onnx.data"):
         assert manifest["files"][f"reference/1/{name}"] == sha256_file(version / name)
         assert (version / name).stat().st_mode & 0o044 == 0o044, name     # readable by Triton's own user

@@ -230,7 +230,8 @@ def _export_onnx(module: nn.Module, args: tuple, version_dir: Path, spec: ModelS
             shapes = {t.name: ({0: dim} if t is TEMPERATURE else {0: dim, 1: dim}) for t in spec.inputs}
             torch.onnx.export(module, args, str(scratch / ONNX_FILE), input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_shapes=shapes, opset_version=cfg.opset,
-                              dynamo=True, verbose=False, optimize=True)
+                              dynamo=True, verbose=False, optimize=True,
+                              external_data=external_data_wanted(module))   # its default writes .data always
         else:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
