@@ -129,8 +129,15 @@ def best_of_n(gateway: str, candidates: Path, judge: Judge) -> dict:
     from services.common.jsonl import read_jsonl
     from tribune.v1 import reward_pb2, reward_pb2_grpc
 
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     picked, mean, oracle = [], [], []
     with grpc.insecure_channel(gateway) as channel:
+        # the gateway listens before its Triton connection is up: wait until it says SERVING
+        for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120,
+                                                              wait_for_ready=True):
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         for _, row in read_jsonl(candidates):
             cands = list(dict.fromkeys(row["candidates"]))      # an empty one is scored as prompt + EOS
