@@ -14,7 +14,6 @@ and counted.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Literal
 
 from services.common.config import field, group
 from services.common.errors import UserError
-from services.common.jsonl import SkipCounter, read_jsonl, write_json
+from services.common.jsonl import SkipCounter, read_jsonl, write_json, write_jsonl
 from services.judge import JudgeConfig, load_judge
 from trainer.raters import plackett_luce_order
 
@@ -123,21 +122,6 @@ def simulated_labels(rows: list[CandidateRow], scores: list[list[float]], fmt: s
         order = plackett_luce_order([s[i] for i in shown], rng, tau)
         out.append(preference_row(row, [shown[i] for i in order], fmt))
     return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomic JSONL write."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_label(cfg: LabelConfig) -> dict:

@@ -138,7 +138,7 @@ class LabelStore:
                 for (who, item), order in sorted(self.answers.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
 
     def _write_preferences(self) -> None:
-        from trainer.label import write_jsonl
+        from services.common.jsonl import write_jsonl
 
         write_jsonl(self.output, self.preference_rows())
 
