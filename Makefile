@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-min eval bench proto node-client clean
+.PHONY: install demo test test-min eval bench proto node-client lock clean
 
 # the cross-language test's RewardService client (tests/test_gateway.py): two npm packages,
 # pinned by clients/node/package-lock.json, into clients/node/node_modules (git-ignored);
@@ -19,11 +19,13 @@ $(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json
 
 node-client: $(NODE_CLIENT)
 
-$(STAMP): pyproject.toml Makefile
+# .[dev] holds the [train] and [serve] extras (and so [gateway]); constraints.txt pins every
+# version, the same file the images install from
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -62,6 +64,10 @@ bench: $(STAMP)
 proto: $(STAMP)
 	$(PY) protos/generate.py
 	$(PY) protos/api_check.py
+
+# rewrites constraints.txt from the versions in .venv (after a dependency change and a green `make test`)
+lock: $(STAMP)
+	$(PY) docker/lock.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache

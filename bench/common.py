@@ -15,15 +15,15 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
-# the bundled task's lengths, as the demo runs it (trainer.pipeline.STAGE_DEFAULTS), so results stay comparable
+# the bundled task's lengths, as the demo runs it (tribune.trainer.pipeline.STAGE_DEFAULTS), so results stay comparable
 BUNDLED_LENGTHS = {"max_length": 64, "max_prompt_length": 48}
 
 
 def task_and_sft(tmp: Path, sft_steps: int) -> tuple[Path, Path]:
     """The bundled task and a short SFT run on it, as the benchmarks' starting point: (task dir, SFT dir)."""
-    from services.common.config import build_config
-    from trainer.sft import SFTConfig, run_sft
-    from trainer.task.make import TaskConfig, make_task
+    from tribune.services.common.config import build_config
+    from tribune.trainer.sft import SFTConfig, run_sft
+    from tribune.trainer.task.make import TaskConfig, make_task
 
     task, sft = Path(tmp) / "task", Path(tmp) / "sft"
     make_task(TaskConfig(), task)
@@ -36,8 +36,8 @@ def task_and_sft(tmp: Path, sft_steps: int) -> tuple[Path, Path]:
 def bundled_repository(tmp: Path, sft_steps: int = 150, rm_steps: int = 50) -> Path:
     """The bundled task, short SFT and RM runs and their exported repository (tmp/repo): the cost
     of a PPO step does not depend on how well they are trained."""
-    from trainer.export import ExportConfig, run_export
-    from trainer.reward import RewardConfig, run_train_rm
+    from tribune.trainer.export import ExportConfig, run_export
+    from tribune.trainer.reward import RewardConfig, run_train_rm
 
     tmp = Path(tmp)
     task_and_sft(tmp, sft_steps=sft_steps)

@@ -67,11 +67,11 @@ def _run_clients(call, clients: int, requests: int) -> dict:
 def load_generator(gateway: str, triton: str, tokenizer: Path, clients: int, requests: int) -> dict:
     import grpc
 
-    from services.client import ClientConfig, TritonScorer
-    from services.common.text import encode_pair, load_tokenizer
-    from services.contract import REWARD_MODEL
-    from services.repository import tokenizer_fingerprint
-    from trainer.data import pad_left
+    from tribune.services.client import ClientConfig, TritonScorer
+    from tribune.services.common.text import encode_pair, load_tokenizer
+    from tribune.services.contract import REWARD_MODEL
+    from tribune.services.repository import tokenizer_fingerprint
+    from tribune.trainer.data import pad_left
     from tribune.v1 import reward_pb2 as pb
     from tribune.v1 import reward_pb2_grpc
 
@@ -136,9 +136,9 @@ def main() -> None:
         return
 
     from bench.common import write_result
-    from services.launcher import free_port, start_serve
-    from trainer.export import ExportConfig, run_export
-    from trainer.task.make import TaskConfig, make_task
+    from tribune.services.launcher import free_port, start_serve
+    from tribune.trainer.export import ExportConfig, run_export
+    from tribune.trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -148,7 +148,7 @@ def main() -> None:
         gw_port = free_port()
         with start_serve(tmp / "repo") as server:
             # the gateway in its own process, as deployed (k8s/): it shares no GIL with Triton's side
-            gateway = subprocess.Popen([sys.executable, "-m", "trainer", "gateway", "--repository", str(tmp / "repo"),
+            gateway = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "gateway", "--repository", str(tmp / "repo"),
                                         "--triton-url", server.url, "--port", str(gw_port), "--metrics-port", "0"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_serving(f"127.0.0.1:{gw_port}")

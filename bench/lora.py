@@ -3,7 +3,7 @@
     python bench/lora.py --output bench/results [--hidden 512 --layers 8 --steps 5]
 
 Each setting runs in its own process (peak resident memory, ``ru_maxrss``, is a process-wide
-high-water mark) on the same seeded random-weight Llama: the SFT loss of ``trainer.sft``
+high-water mark) on the same seeded random-weight Llama: the SFT loss of ``tribune.trainer.sft``
 (forward, backward, AdamW step) through the same ``prepare_model`` and accelerate set-up the
 training commands use. Reports trainable parameters, the median step time after a warm-up,
 and the peak memory above the process's baseline before the model was built.
@@ -42,9 +42,9 @@ def one(setting: str, args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.adapters import MemoryConfig, prepare_model, trainable_parameters
-    from trainer.run import make_accelerator
-    from trainer.sft import response_nll
+    from tribune.trainer.adapters import MemoryConfig, prepare_model, trainable_parameters
+    from tribune.trainer.run import make_accelerator
+    from tribune.trainer.sft import response_nll
 
     torch.manual_seed(0)
     baseline = _maxrss_mb()

@@ -79,8 +79,8 @@ def cpu_seconds(pid: int) -> float:
 
 def run(server, fp: str, rows: list[np.ndarray], clients: int, bucket: int) -> dict:
     """Scores every row (batch 1) with ``clients`` concurrent clients; req/s and Triton's executions."""
-    from services.client import ClientConfig, TritonScorer
-    from services.contract import REWARD_MODEL
+    from tribune.services.client import ClientConfig, TritonScorer
+    from tribune.services.contract import REWARD_MODEL
 
     cfg = ClientConfig(url=server.url, max_in_flight=1, length_bucket=bucket)
     scorers = [TritonScorer(cfg, fp, models=(REWARD_MODEL,)) for _ in range(clients)]
@@ -129,12 +129,12 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=1, help="ONNX Runtime sessions per model")
     args = ap.parse_args()
 
-    from services.client import bucket_length
-    from services.common.text import load_tokenizer
-    from services.launcher import start_serve
-    from services.repository import tokenizer_fingerprint
-    from trainer.export import ExportConfig, run_export
-    from trainer.task.make import TaskConfig, make_task
+    from tribune.services.client import bucket_length
+    from tribune.services.common.text import load_tokenizer
+    from tribune.services.launcher import start_serve
+    from tribune.services.repository import tokenizer_fingerprint
+    from tribune.trainer.export import ExportConfig, run_export
+    from tribune.trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

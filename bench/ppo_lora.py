@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def run_ppo(tmp: Path, url: str, name: str, iterations: int, extra: list[str]) -> dict:
     out = tmp / name
     log = (tmp / f"{name}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "ppo", "--policy", str(tmp / "sft"), "--prompts",
+    proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "ppo", "--policy", str(tmp / "sft"), "--prompts",
                              str(tmp / "task" / "prompts_train.jsonl"), "--reward-url", url, "--reference-url", url,
                              "--value-init", str(tmp / "rm"), "--output", str(out), "--iterations", str(iterations),
                              "--gold-every", str(10 ** 6), "--checkpoint-every", str(10 ** 6), *extra],
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=8)
     args = ap.parse_args()
 
-    from services.launcher import start_serve
+    from tribune.services.launcher import start_serve
 
     settings = {"full_fp32": [], f"lora_r{args.lora_r}_fp32": ["--lora-r", str(args.lora_r)],
                 "full_bf16": ["--mixed-precision", "bf16"],

@@ -38,9 +38,9 @@ def main() -> None:
     ap.add_argument("--rollout-batch-size", type=int, default=64)
     args = ap.parse_args()
 
-    from services.launcher import start_serve
-    from trainer.ppo import run_ppo
-    from trainer.ppo_config import PPOConfig
+    from tribune.services.launcher import start_serve
+    from tribune.trainer.ppo import run_ppo
+    from tribune.trainer.ppo_config import PPOConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

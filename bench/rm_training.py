@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
 
-    from trainer.reward import RewardConfig, run_train_rm
+    from tribune.trainer.reward import RewardConfig, run_train_rm
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -52,14 +52,14 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from services.client import ClientConfig, TritonScorer
-    from services.common.text import load_tokenizer
-    from services.contract import ATTENTION_MASK, INPUT_IDS, REWARD_MODEL
-    from services.launcher import start_serve
-    from services.repository import tokenizer_fingerprint
-    from trainer.export import ExportConfig, run_export
-    from trainer.modeling import load_reward_model, score_sequences
-    from trainer.task.make import TaskConfig, make_task
+    from tribune.services.client import ClientConfig, TritonScorer
+    from tribune.services.common.text import load_tokenizer
+    from tribune.services.contract import ATTENTION_MASK, INPUT_IDS, REWARD_MODEL
+    from tribune.services.launcher import start_serve
+    from tribune.services.repository import tokenizer_fingerprint
+    from tribune.trainer.export import ExportConfig, run_export
+    from tribune.trainer.modeling import load_reward_model, score_sequences
+    from tribune.trainer.task.make import TaskConfig, make_task
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

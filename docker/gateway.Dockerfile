@@ -19,14 +19,12 @@ RUN groupadd --system --gid 10001 tribune \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin tribune
 
 WORKDIR /opt/tribune
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY trainer ./trainer
 COPY services ./services
 COPY protos ./protos
-RUN pip install --no-deps . \
- && pip install "numpy>=1.24,<2" "transformers>=4.56" "tokenizers>=0.20" "tritonclient[grpc]>=2.50" "grpcio>=1.81" \
-      "grpcio-health-checking>=1.81,<1.82" "grpcio-reflection>=1.81,<1.82" "protobuf>=5.26,<7" "pyyaml>=6" \
-      "prometheus-client>=0.20" "jinja2>=3.1" \
+# the [gateway] extra, at the versions CI tested (constraints.txt)
+RUN pip install -c constraints.txt ".[gateway]" \
  && ! python -c "import torch" 2>/dev/null \
  && python -m compileall -q "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && tribune gateway --help > /dev/null

@@ -11,9 +11,6 @@
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -26,12 +23,13 @@ RUN groupadd --system --gid 10001 tribune \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin tribune
 
 WORKDIR /opt/tribune
-RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY trainer ./trainer
 COPY services ./services
 COPY protos ./protos
-RUN pip install . "${TORCH_SPEC}" \
+# the [serve] extra (PyTriton, ONNX Runtime and the gateway; no torch: serving runs the ONNX
+# graphs), at the versions CI tested (constraints.txt)
+RUN pip install -c constraints.txt ".[serve]" \
  && python -m compileall -q "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && tribune serve --help > /dev/null
 

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The PPO trainer image: `accelerate launch ... -m trainer ppo ...` on NVIDIA GPUs. It holds
+# The PPO trainer image: `accelerate launch ... -m tribune.trainer ppo ...` on NVIDIA GPUs. It holds
 # the whole project, so every `tribune` command (sft, train-rm, export, score) runs in it too.
 #
 #   docker build -f docker/trainer.Dockerfile -t REGISTRY/tribune/trainer:0.1.0 .
@@ -30,11 +30,13 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 # the project, from this repository (non-editable install; tests, runs and venvs are excluded
 # by .dockerignore)
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY trainer ./trainer
 COPY services ./services
 COPY protos ./protos
-RUN pip install . "${TORCH_SPEC}" \
+# the [train] extra at the versions CI tested (constraints.txt; its torch pin matches the
+# CUDA build installed above)
+RUN pip install -c constraints.txt ".[train]" "${TORCH_SPEC}" \
  && python -m compileall -q "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && tribune --help > /dev/null \
  && accelerate launch --help > /dev/null

@@ -36,9 +36,9 @@ from typing import Literal
 
 import numpy as np
 
-from services.common.config import field
-from services.common.secrets import resolve_secret
-from services.contract import (ATTENTION_MASK, INPUT_IDS, LOGPROBS, MANIFEST, MANIFEST_SPEC, MEMBER_REWARDS_NAME,
+from tribune.services.common.config import field
+from tribune.services.common.secrets import resolve_secret
+from tribune.services.contract import (ATTENTION_MASK, INPUT_IDS, LOGPROBS, MANIFEST, MANIFEST_SPEC, MEMBER_REWARDS_NAME,
                                PROBE, REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE, TOKENIZER_FILES,
                                ContractError, ServedFacts, check_metadata)
 
@@ -148,7 +148,7 @@ class TritonScorer:
     """Rewards and reference log-probs from the remote services, batched and retried.
 
     ``expected_fingerprint`` is the caller's tokenizer fingerprint
-    (``services.repository.tokenizer_fingerprint(tokenizer)``); None skips the check,
+    (``tribune.services.repository.tokenizer_fingerprint(tokenizer)``); None skips the check,
     for callers that send text through the server's own tokenizer.
     """
 

@@ -20,10 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import UserError
-from services.common.secrets import same_secret
-from services.contract import ContractError
-from services.gateway_core import (Backend, DeadlineExceeded, GatewayConfig, GatewayError, InvalidInput, Item,
+from tribune.services.common.errors import UserError
+from tribune.services.common.secrets import same_secret
+from tribune.services.contract import ContractError
+from tribune.services.gateway_core import (Backend, DeadlineExceeded, GatewayConfig, GatewayError, InvalidInput, Item,
                                    MicroBatcher, NotReady, Overloaded, Scores, Tokenisation, Unauthenticated,
                                    model_info)
 from tribune.v1 import reward_pb2, reward_pb2_grpc

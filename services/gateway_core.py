@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.client import ClientOptions, ScorerRequestError, ScorerTimeout, ScorerUnavailable, TritonScorer
-from services.common.config import field, group
-from services.common.secrets import resolve_secret
-from services.common.text import encode_pair, load_tokenizer, pad, render_chat
-from services.contract import REWARD_MODEL, TOKENIZER_DIR, ContractError, ServedFacts
-from services.repository import read_manifest, tokenizer_fingerprint
+from tribune.services.client import ClientOptions, ScorerRequestError, ScorerTimeout, ScorerUnavailable, TritonScorer
+from tribune.services.common.config import field, group
+from tribune.services.common.secrets import resolve_secret
+from tribune.services.common.text import encode_pair, load_tokenizer, pad, render_chat
+from tribune.services.contract import REWARD_MODEL, TOKENIZER_DIR, ContractError, ServedFacts
+from tribune.services.repository import read_manifest, tokenizer_fingerprint
 
 log = logging.getLogger("tribune.gateway")
 # the token clients must send, when --auth-token-file is not given (unset: no auth)

@@ -3,7 +3,7 @@
 A judge plays the human rater in evaluation only; it never trains anything. Two kinds:
 
 * ``--judge module:function`` — any importable Python callable ``(prompt, response) -> float``
-  (the suite tasks register theirs this way, e.g. ``trainer.task.judge:gold_score``);
+  (the suite tasks register theirs this way, e.g. ``tribune.trainer.task.judge:gold_score``);
 * ``--judge-url H:P`` — a ``tribune.v1.RewardService`` (e.g. a larger reward model served by
   `tribune gateway`), used only to evaluate, as in Gao et al. 2022.
 """
@@ -13,8 +13,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.config import field
-from services.common.errors import UserError
+from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
 
 
 @dataclass(kw_only=True)

@@ -62,11 +62,13 @@ def _pump(stream, lines: list[str], echo: bool) -> None:
 
 
 def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = None, timeout: float = 180,
-                echo: bool = False, ready: str = READY) -> ServeProcess:
-    """Starts `tribune serve --repository REPO` on free (or given) ports; returns once ready."""
+                echo: bool = False, ready: str = READY, command: list[str] | None = None) -> ServeProcess:
+    """Starts `tribune serve --repository REPO` on free (or given) ports; returns once ready.
+    ``command`` runs another `tribune` than this interpreter's (default ``python -m tribune.trainer``)."""
     grpc, http, metrics = ports or (free_port(), free_port(), free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "serve", "--repository", str(repo), "--grpc-port", str(grpc),
+        [*(command or [sys.executable, "-m", "tribune.trainer"]), "serve", "--repository", str(repo),
+         "--grpc-port", str(grpc),
          "--http-port", str(http), "--metrics-port", str(metrics), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, MANIFEST, MANIFEST_FILE, MANIFEST_SPEC, MODELS,
+from tribune.services.contract import (ATTENTION_MASK, CONTRACT_VERSION, MANIFEST, MANIFEST_FILE, MANIFEST_SPEC, MODELS,
                                PARAM_CONTRACT_VERSION, PARAM_MAX_SEQUENCE_LENGTH, PARAM_TOKENIZER_FINGERPRINT,
                                PARAM_VOCAB_SIZE, PROBE, TEMPERATURE, TOKENIZER_DIR, TOKENIZER_FILES, ContractError,
                                ModelSpec, ServedFacts)

@@ -6,7 +6,7 @@
   cap). Over that, each call has a time budget (``retry_budget_s``): UNAVAILABLE,
   DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (a full queue) are retried with exponential
   backoff and jitter until it runs out. Every other status is raised at once.
-* Errors are the token client's (``services.client``): ``ScorerUnavailable`` /
+* Errors are the token client's (``tribune.services.client``): ``ScorerUnavailable`` /
   ``ScorerTimeout`` after the budget, ``ScorerRequestError`` for INVALID_ARGUMENT,
   ``ScorerServerError`` otherwise, so callers handle both paths alike.
 * ``score_async`` splits a large list into requests of at most the gateway's ``max_items``,
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from services.client import (ClientConfig, ScorerRequestError, ScorerServerError, ScorerTimeout, ScorerUnavailable,
+from tribune.services.client import (ClientConfig, ScorerRequestError, ScorerServerError, ScorerTimeout, ScorerUnavailable,
                              _gather, _then)
 
 SERVICE = "tribune.v1.RewardService"
@@ -226,7 +226,7 @@ def facts_from_model_info(info, max_prompt_length: int = 0):
     The gateway serves one score per item (an ensemble's members' mean, with the statistics
     of that mean), so the facts describe a single member; the spread comes per item instead.
     """
-    from services.contract import ContractError, ServedFacts
+    from tribune.services.contract import ContractError, ServedFacts
 
     if not info.reward_std > 0:
         raise ContractError(f"the reward service reports reward_std {info.reward_std}; it must be positive")

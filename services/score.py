@@ -15,13 +15,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.client import ClientConfig, ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
-from services.common.config import field
-from services.common.errors import UserError
-from services.common.jsonl import read_jsonl
-from services.common.text import encode_pair, load_tokenizer, pad, split_messages
-from services.contract import REWARD_MODEL, ContractError
-from services.repository import tokenizer_fingerprint
+from tribune.services.client import ClientConfig, ScorerRequestError, ScorerServerError, ScorerUnavailable, TritonScorer
+from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import read_jsonl
+from tribune.services.common.text import encode_pair, load_tokenizer, pad, split_messages
+from tribune.services.contract import REWARD_MODEL, ContractError
+from tribune.services.repository import tokenizer_fingerprint
 
 log = logging.getLogger("tribune")
 

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from services.client import bucket_length
-from services.common.config import field
-from services.common.errors import UserError
-from services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, MODELS, PROBE, REFERENCE, REWARD_MODEL,
+from tribune.services.client import bucket_length
+from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
+from tribune.services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, MODELS, PROBE, REFERENCE, REWARD_MODEL,
                                TEMPERATURE, ContractError, ModelSpec, ServedFacts)
-from services.repository import ONNX_FILE, read_config, verify_repository
-from services.runtime import ensure_libpython_on_loader_path, execution_providers
+from tribune.services.repository import ONNX_FILE, read_config, verify_repository
+from tribune.services.runtime import ensure_libpython_on_loader_path, execution_providers
 
 log = logging.getLogger("tribune")
 
@@ -297,8 +297,8 @@ def run_serve(cfg: ServeConfig) -> None:
         triton.run()
         gateway = None
         if cfg.with_gateway:
-            from services.gateway import GatewayThread
-            from services.gateway_core import GatewayConfig
+            from tribune.services.gateway import GatewayThread
+            from tribune.services.gateway_core import GatewayConfig
 
             gateway = GatewayThread(GatewayConfig(
                 repository=repo, triton_url=f"127.0.0.1:{cfg.grpc_port}" if cfg.host == "0.0.0.0" else

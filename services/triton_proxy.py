@@ -3,7 +3,7 @@
 Runs inside Triton's Python-backend stub, never in Tribune's process (it imports
 ``triton_python_backend_utils``, which exists only there). `tribune serve` writes it as
 ``model.py`` of every batched model in PyTriton's model store, next to PyTriton's own proxy
-renamed ``pytriton_model.py`` (see ``services.serve.install_proxy``).
+renamed ``pytriton_model.py`` (see ``tribune.services.serve.install_proxy``).
 
 PyTriton answers an exception of the inference callable with one INTERNAL error, carrying
 the Python traceback, for every request of the dynamic batch: one bad request fails the
@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils  # only inside Triton's Python ba
 
 from . import pytriton_model
 
-ERROR_OUTPUT = "tribune_error"       # services.serve.ERROR_OUTPUT: the same name on both sides
+ERROR_OUTPUT = "tribune_error"       # tribune.services.serve.ERROR_OUTPUT: the same name on both sides
 _wrap_response = pytriton_model._wrap_response
 
 

@@ -14,20 +14,37 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # the bundled task's gold judge, plugged in like any other (`--judge module:function`)
-JUDGE = ("--judge", "trainer.task.judge:gold_score")
-# the pipeline's lengths (trainer.pipeline.STAGE_DEFAULTS), so the session's models match the demo's
+JUDGE = ("--judge", "tribune.trainer.task.judge:gold_score")
+# the pipeline's lengths (tribune.trainer.pipeline.STAGE_DEFAULTS), so the session's models match the demo's
 LENGTHS = ("--max-length", "64", "--max-prompt-length", "48")
 
 
 def tribune(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None
             ) -> subprocess.CompletedProcess:
-    """Runs the real console script (as `python -m trainer`) and returns the finished process."""
-    proc = subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=REPO, capture_output=True,
+    """Runs the real console script (as `python -m tribune.trainer`) and returns the finished process."""
+    proc = subprocess.run([sys.executable, "-m", "tribune.trainer", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"tribune {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# what `pip install .` needs of the repository (the images COPY the same)
+SOURCE = ("pyproject.toml", "README.md", "constraints.txt", "protos", "services", "trainer")
+
+
+def copy_source(dest: Path) -> Path:
+    """The installable source in a fresh directory (a build writes build/ and *.egg-info beside it)."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for name in SOURCE:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(REPO / name, dest / name)
+    return dest
 
 
 def last_json(stdout: str) -> dict:
@@ -109,9 +126,13 @@ def repo_dir(rm_dir, sft_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def served(repo_dir):
-    """`tribune serve` on free ports for the whole session; stopped (SIGTERM) at the end."""
-    from tests.servers import start_serve
+    """`tribune serve` on free ports for the whole session; stopped (SIGTERM) at the end. It runs
+    with `import torch` failing, as the serve image ships no torch: every test against it shows
+    that serving needs none."""
+    import sys
 
-    server = start_serve(repo_dir)
+    from tests.servers import WITHOUT_TORCH, start_serve
+
+    server = start_serve(repo_dir, command=[sys.executable, "-c", WITHOUT_TORCH])
     yield server
     assert server.stop() == 0, "".join(server.lines)[-3000:]

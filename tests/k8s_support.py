@@ -228,7 +228,7 @@ def service_for_url(docs: list[dict], url: str, env: dict) -> tuple[dict, int]:
 # ---------------------------------------------------------------- the flag sets
 
 def tribune_subparser(command: str):
-    from trainer.cli import build_parser
+    from tribune.trainer.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
@@ -257,11 +257,11 @@ def triton_flags() -> dict[str, str | None]:
     return types
 
 def ppo_parts(c: dict, env: dict) -> tuple[list[str], list[str]]:
-    """accelerate launch args, and the `trainer ppo` args after `-m trainer`."""
+    """accelerate launch args, and the `trainer ppo` args after `-m tribune.trainer`."""
     args = [expand(a, env) for a in c["args"]]
     assert args[:2] == ["accelerate", "launch"], args
     i = args.index("-m")
-    assert args[i + 1] == "trainer" and args[i + 2] == "ppo", args
+    assert args[i + 1] == "tribune.trainer" and args[i + 2] == "ppo", args
     return args[2:i], args[i + 3:]
 
 

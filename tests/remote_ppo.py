@@ -1,13 +1,13 @@
 """One PPO iteration in this process against served scorers: the trainer's own connector
-(``trainer.scorers.connect``), learner and iteration, without a subprocess per model."""
+(``tribune.trainer.scorers.connect``), learner and iteration, without a subprocess per model."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def ppo_config(policy: Path, prompts: Path, reward_url: str, reference_url: str, output: Path, **overrides):
-    from services.common.config import build_config
-    from trainer.ppo_config import PPOConfig
+    from tribune.services.common.config import build_config
+    from tribune.trainer.ppo_config import PPOConfig
 
     return build_config(PPOConfig, {
         "policy": policy, "prompts": prompts, "reward_url": reward_url, "reference_url": reference_url,
@@ -20,14 +20,14 @@ def one_iteration(cfg) -> tuple[dict, bool]:
     """(the iteration's metrics, whether the policy's weights moved)."""
     import torch
 
-    from services.common.jsonl import SkipCounter
-    from services.common.text import load_tokenizer
-    from services.repository import tokenizer_fingerprint
-    from trainer.data import load_prompts
-    from trainer.ppo import make_learner
-    from trainer.ppo_step import ppo_iteration
-    from trainer.run import make_accelerator, seed_everything
-    from trainer.scorers import connect
+    from tribune.services.common.jsonl import SkipCounter
+    from tribune.services.common.text import load_tokenizer
+    from tribune.services.repository import tokenizer_fingerprint
+    from tribune.trainer.data import load_prompts
+    from tribune.trainer.ppo import make_learner
+    from tribune.trainer.ppo_step import ppo_iteration
+    from tribune.trainer.run import make_accelerator, seed_everything
+    from tribune.trainer.scorers import connect
 
     seed_everything(0)
     tok = load_tokenizer(cfg.policy)

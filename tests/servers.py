@@ -1,7 +1,12 @@
 """Test helpers for real servers (the same launcher `tribune demo` uses)."""
-from services.launcher import ServeProcess, free_port, start_serve as _start
+from tribune.services.launcher import ServeProcess, free_port, start_serve as _start
 
-__all__ = ["ServeProcess", "free_port", "start_serve", "start_serves", "stop_serves"]
+__all__ = ["ServeProcess", "WITHOUT_TORCH", "free_port", "start_serve", "start_serves", "stop_serves"]
+
+
+# the CLI with `import torch` failing, as in the serve and gateway images (which ship no torch)
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from tribune.trainer.cli import main; "
+                 "sys.exit(main(sys.argv[1:]))")
 
 
 def start_serve(repo, *extra, **kw) -> ServeProcess:

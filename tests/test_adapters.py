@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import JUDGE, last_json, tribune
-from trainer.lengths import fit_generation, fit_lengths
+from tribune.trainer.lengths import fit_generation, fit_lengths
 
 
 def test_lengths_fit_the_data_and_the_model():
@@ -24,8 +24,8 @@ def test_lengths_fit_the_data_and_the_model():
 
 
 def test_lora_trains_adapters_and_the_head_then_merges_into_plain_weights(task_dir):
-    from trainer.adapters import MemoryConfig, plain_model, prepare_model, trainable_parameters
-    from trainer.modeling import load_reward_model, reward_head_name, score_sequences
+    from tribune.trainer.adapters import MemoryConfig, plain_model, prepare_model, trainable_parameters
+    from tribune.trainer.modeling import load_reward_model, reward_head_name, score_sequences
 
     rm = load_reward_model(task_dir / "base")
     full = trainable_parameters(rm)[1]
@@ -61,7 +61,7 @@ def test_fp16_on_cpu_is_refused_clearly(task_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sft_and_train_rm_with_lora_bf16_and_checkpointing_save_plain_models(task_dir, tmp_path):
-    from trainer.modeling import load_causal_lm, load_reward_model
+    from tribune.trainer.modeling import load_causal_lm, load_reward_model
 
     memory = ("--lora-r", "4", "--lora-alpha", "8", "--mixed-precision", "bf16", "--gradient-checkpointing")
     sft = tmp_path / "sft"
@@ -100,9 +100,9 @@ def test_ppo_with_lora_trains_and_exports(served, sft_dir, rm_dir, task_dir, tmp
 
 
 def test_ppo_takes_exactly_one_reward_service_and_the_shared_memory_flags():
-    from services.common.config import build_config
-    from services.common.errors import UserError
-    from trainer.ppo_config import PPOConfig
+    from tribune.services.common.config import build_config
+    from tribune.services.common.errors import UserError
+    from tribune.trainer.ppo_config import PPOConfig
 
     base = {"policy": "p", "prompts": "x", "reference_url": "f:1", "output": "o"}
     for extra in ({}, {"reward_url": "r:1", "reward_gateway": "g:1"}):

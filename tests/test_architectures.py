@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.client import ClientConfig, TritonScorer
-from services.common.text import load_tokenizer
-from services.contract import REFERENCE_MODEL, REWARD_MODEL
-from services.repository import tokenizer_fingerprint
+from tribune.services.client import ClientConfig, TritonScorer
+from tribune.services.common.text import load_tokenizer
+from tribune.services.contract import REFERENCE_MODEL, REWARD_MODEL
+from tribune.services.repository import tokenizer_fingerprint
 from tests.remote_ppo import one_iteration, ppo_config
 from tests.servers import start_serves, stop_serves
 
@@ -55,7 +55,7 @@ def tiny_models(model_type: str, tok, out):
 @pytest.fixture(scope="module")
 def exported(task_dir, tmp_path_factory):
     """{model type: (reference dir, reward dir, repository)}; export raises if parity fails."""
-    from trainer.export import ExportConfig, run_export
+    from tribune.trainer.export import ExportConfig, run_export
 
     root = tmp_path_factory.mktemp("architectures")
     tok = load_tokenizer(task_dir / "tokenizer")
@@ -71,8 +71,8 @@ def exported(task_dir, tmp_path_factory):
 
 
 def _batch(task_dir, side):
-    from services.common.text import encode_pair
-    from trainer.data import pad_left, pad_right
+    from tribune.services.common.text import encode_pair
+    from tribune.trainer.data import pad_left, pad_right
 
     tok = load_tokenizer(task_dir / "tokenizer")
     rows = [json.loads(line) for line in (task_dir / "sft.jsonl").read_text().splitlines()[:10]]
@@ -81,7 +81,7 @@ def _batch(task_dir, side):
 
 
 def check_architecture(ref_dir, rm_dir, url, task_dir, out) -> None:
-    from trainer.modeling import load_causal_lm, load_reward_model, score_sequences, sequence_logprobs
+    from tribune.trainer.modeling import load_causal_lm, load_reward_model, score_sequences, sequence_logprobs
 
     rm, ref = load_reward_model(rm_dir).eval(), load_causal_lm(ref_dir).eval()
     fp = tokenizer_fingerprint(load_tokenizer(ref_dir))

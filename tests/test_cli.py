@@ -4,10 +4,10 @@ import json
 import pytest
 
 from tests.conftest import tribune
-from services.common.config import build_config, config_from_args, flat_fields
-from services.common.errors import UserError
-from trainer.reward import RewardConfig
-from trainer.sft import SFTConfig
+from tribune.services.common.config import build_config, config_from_args, flat_fields
+from tribune.services.common.errors import UserError
+from tribune.trainer.reward import RewardConfig
+from tribune.trainer.sft import SFTConfig
 
 
 def test_help_documents_every_field():
@@ -20,7 +20,7 @@ def test_help_documents_every_field():
 
 
 def test_yaml_then_flags(tmp_path):
-    from trainer.cli import build_parser
+    from tribune.trainer.cli import build_parser
 
     yml = tmp_path / "c.yaml"
     yml.write_text("model: m\ntrain: t.jsonl\noutput: o\nlearning_rate: 0.01\nbatch_size: 8\n")
@@ -76,9 +76,9 @@ def test_skipped_rows_are_counted_and_logged(tmp_path, sft_dir):
 
 def test_client_options_are_one_group_with_full_tls_for_ppo_and_the_gateway(tmp_path):
     """PPO (flat flags) and the gateway (--triton-…) take the same client group, mutual TLS included."""
-    from services.gateway_core import GatewayConfig
-    from trainer.cli import build_parser
-    from trainer.ppo_config import PPOConfig
+    from tribune.services.gateway_core import GatewayConfig
+    from tribune.trainer.cli import build_parser
+    from tribune.trainer.ppo_config import PPOConfig
 
     key, cert, ca = tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "ca.pem"
     ppo = config_from_args(PPOConfig, build_parser(["ppo"]).parse_args([

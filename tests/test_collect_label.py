@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, tribune
-from trainer.data import load_preference_groups
-from trainer.raters import bradley_terry_probability, plackett_luce_order
-from services.common.jsonl import SkipCounter
+from tribune.trainer.data import load_preference_groups
+from tribune.trainer.raters import bradley_terry_probability, plackett_luce_order
+from tribune.services.common.jsonl import SkipCounter
 
 
 def score_by_number(prompt: str, response: str) -> float:
@@ -175,7 +175,7 @@ def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 
 def _start_page(tmp_path: Path, cands: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "label", "--serve", "--input", str(cands), "--output",
+    proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "label", "--serve", "--input", str(cands), "--output",
                              str(tmp_path / "human.jsonl"), "--port", "0", *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -238,7 +238,7 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
 
 
 def test_labelling_page_pair_mode_shows_the_seeded_pair(tmp_path):
-    from trainer.label import CandidateRow, pair_of
+    from tribune.trainer.label import CandidateRow, pair_of
 
     cands = tmp_path / "cands.jsonl"
     cands.write_text(json.dumps({"prompt": "p", "candidates": ["a", "b", "c", "d"]}) + "\n")

@@ -63,7 +63,7 @@ def test_training_commands_print_their_own_lines_the_summary_last_and_report_to_
 
 def _uncached_greedy(model, ids, mask, steps):
     """Greedy decoding by a full forward per token, no cache: the obviously-correct reference."""
-    from trainer.modeling import causal_logits
+    from tribune.trainer.modeling import causal_logits
 
     for _ in range(steps):
         nxt = causal_logits(model, ids, mask)[:, -1].argmax(-1)
@@ -74,9 +74,9 @@ def _uncached_greedy(model, ids, mask, steps):
 def test_cached_sampling_is_exact_and_raises_no_deprecation(task_dir):
     from transformers.utils import logging as hf_logging
 
-    from services.common.text import load_tokenizer
-    from trainer.data import pad_left
-    from trainer.modeling import generate, load_causal_lm
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.data import pad_left
+    from tribune.trainer.modeling import generate, load_causal_lm
 
     tok = load_tokenizer(task_dir / "base")
     model = load_causal_lm(task_dir / "base").eval()

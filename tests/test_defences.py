@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer.defences import (DriftMonitor, KLBudget, ensemble_reward, member_disagreement,
+from tribune.trainer.defences import (DriftMonitor, KLBudget, ensemble_reward, member_disagreement,
                               standardise_members)
 
 torch.manual_seed(0)

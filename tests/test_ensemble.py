@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.client import ClientConfig, TritonScorer
-from services.contract import REWARD, ContractError, ServedFacts, check_metadata
-from services.launcher import free_port
-from services.repository import read_config, verify_repository, write_config, write_manifest
+from tribune.services.client import ClientConfig, TritonScorer
+from tribune.services.contract import REWARD, ContractError, ServedFacts, check_metadata
+from tribune.services.launcher import free_port
+from tribune.services.repository import read_config, verify_repository, write_config, write_manifest
 from tests.conftest import tribune
 from tests.servers import start_serve
 from tests.test_serving import _batch, _fingerprint
@@ -28,7 +28,7 @@ FACTS = dict(contract_version=1, tokenizer_fingerprint="f", reward_mean=0.5, rew
 
 
 def _members(ensemble_rm_dir):
-    from trainer.modeling import load_reward_model
+    from tribune.trainer.modeling import load_reward_model
 
     names = json.loads((ensemble_rm_dir / "ensemble.json").read_text())["members"]
     return [load_reward_model(ensemble_rm_dir / n).eval() for n in names]
@@ -66,8 +66,8 @@ def test_served_facts_standardise_each_member_with_its_own_statistics():
 # ---------------------------------------------------------------- export
 
 def test_a_malformed_ensemble_directory_is_refused_naming_the_problem(tmp_path):
-    from services.common.errors import UserError
-    from trainer.export import reward_members
+    from tribune.services.common.errors import UserError
+    from tribune.trainer.export import reward_members
 
     for i in range(2):
         (tmp_path / f"member-{i}").mkdir()
@@ -91,7 +91,7 @@ def test_ensemble_export_is_one_graph_with_per_member_parity(ensemble_repo, ense
     import onnxruntime as ort
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from trainer.modeling import score_sequences
+    from tribune.trainer.modeling import score_sequences
 
     cfg = read_config(ensemble_repo / "reward" / "config.pbtxt")      # Triton's own ModelConfig schema
     assert [(o.name, list(o.dims), o.data_type) for o in cfg.output] == [
@@ -157,7 +157,7 @@ def test_served_members_equal_pytorch_and_rewards_are_their_mean(served_ensemble
                                                                  task_dir):
     import tritonclient.grpc as g
 
-    from trainer.modeling import score_sequences
+    from tribune.trainer.modeling import score_sequences
 
     members = _members(ensemble_rm_dir)
     with TritonScorer(ClientConfig(url=served_ensemble.url, max_in_flight=3), _fingerprint(ensemble_repo)) as scorer:
@@ -185,9 +185,9 @@ def test_served_members_equal_pytorch_and_rewards_are_their_mean(served_ensemble
 
 @pytest.mark.slow
 def test_gateway_returns_the_spread_of_standardised_members(served_ensemble, ensemble_repo):
-    from services.common.text import encode_pair, load_tokenizer
+    from tribune.services.common.text import encode_pair, load_tokenizer
     from tests.test_gateway import _items
-    from trainer.data import pad_left
+    from tribune.trainer.data import pad_left
 
     tok = load_tokenizer(ensemble_repo / "tokenizer")
     seqs = [encode_pair(tok, p, r, 48, 64)[0] for p, r in _items()]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.launcher import free_port
-from tests.conftest import REPO
-from tests.servers import start_serve
+from tribune.services.launcher import free_port
+from tests.conftest import REPO, copy_source
+from tests.servers import WITHOUT_TORCH, start_serve
 from tribune.v1 import reward_pb2 as pb
 from tribune.v1 import reward_pb2_grpc
 
@@ -22,22 +22,20 @@ pytestmark = pytest.mark.slow
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-# runs the CLI with `import torch` failing, as in the gateway image (which ships no torch)
-WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from trainer.cli import main; "
-                 "sys.exit(main(sys.argv[1:]))")
 
 
 class Gateway:
     """`tribune gateway` as a child process."""
 
-    def __init__(self, repo, triton_url, *extra, without_torch=False):
+    def __init__(self, repo, triton_url, *extra, without_torch=False, command=None, env=None):
         self.port = free_port()
-        python = [sys.executable, "-c", WITHOUT_TORCH] if without_torch else [sys.executable, "-m", "trainer"]
+        python = command or ([sys.executable, "-c", WITHOUT_TORCH] if without_torch
+                             else [sys.executable, "-m", "tribune.trainer"])
         self.proc = subprocess.Popen(
             [*python, "gateway", "--repository", str(repo), "--triton-url", triton_url,
              "--port", str(self.port), "--metrics-port", str(free_port()), "--health-interval-s", "0.3", *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
         self.lines = []
         threading.Thread(target=lambda: [self.lines.append(l) for l in self.proc.stdout], daemon=True).start()
         deadline = time.time() + 60
@@ -93,10 +91,10 @@ def _details(error: grpc.RpcError, kind: str):
 
 def test_an_empty_response_is_scored_as_prompt_plus_eos_by_every_method(gateway, served, repo_dir):
     """A policy that stops at once answers "": the token path scores prompt + EOS, so does the gateway."""
-    from services.client import ClientConfig, TritonScorer
-    from services.common.text import encode_pair, load_tokenizer
-    from services.repository import tokenizer_fingerprint
-    from trainer.data import pad_left
+    from tribune.services.client import ClientConfig, TritonScorer
+    from tribune.services.common.text import encode_pair, load_tokenizer
+    from tribune.services.repository import tokenizer_fingerprint
+    from tribune.trainer.data import pad_left
 
     tok = load_tokenizer(repo_dir / "tokenizer")
     pairs = [("name two fruits", ""), ("name two fruits", "fig kiwi")]
@@ -120,10 +118,10 @@ def _items():
 
 
 def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
-    from services.client import ClientConfig, TritonScorer
-    from services.repository import tokenizer_fingerprint
-    from services.common.text import encode_pair, load_tokenizer
-    from trainer.data import pad_left
+    from tribune.services.client import ClientConfig, TritonScorer
+    from tribune.services.repository import tokenizer_fingerprint
+    from tribune.services.common.text import encode_pair, load_tokenizer
+    from tribune.trainer.data import pad_left
 
     tok = load_tokenizer(repo_dir / "tokenizer")
     with TritonScorer(ClientConfig(url=served.url), tokenizer_fingerprint(tok), models=("reward",)) as scorer:
@@ -377,14 +375,42 @@ def test_gateway_runs_without_torch_and_scores_like_the_one_with_it(gateway, ser
         assert bare.stop() == 0, "".join(bare.lines)[-3000:]
 
 
+def test_the_gateway_extra_installs_alone_and_scores_without_torch(gateway, served, repo_dir, tmp_path):
+    """`pip install "tribune-rlhf[gateway]"` (constraints.txt's versions) into a fresh virtual
+    environment: no torch, no PyTriton, no ONNX Runtime, and its `tribune gateway` scores like the
+    development install's."""
+    src = copy_source(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", "constraints.txt",
+                           ".[gateway]"], cwd=src, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for absent in ("torch", "pytriton", "onnxruntime"):
+        probe = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {absent}"], cwd=tmp_path,
+                               capture_output=True, env=env)
+        assert probe.returncode != 0, f"{absent} is importable from the [gateway] install"
+    items = pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()])
+    with grpc.insecure_channel(gateway.target) as ch:
+        expected = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
+    installed = Gateway(repo_dir, served.url, command=[str(venv / "bin" / "tribune")], env=env)
+    try:
+        with grpc.insecure_channel(installed.target) as ch:
+            wait_health(ch, SERVING)
+            got = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    finally:
+        assert installed.stop() == 0, "".join(installed.lines)[-3000:]
+
+
 def test_judge_plugins_callable_and_service(gateway):
     """`--judge module:function` and `--judge-url H:P` (a RewardService) give the same kind of scores."""
-    from services.common.errors import UserError
-    from services.judge import JudgeConfig, load_judge
-    from trainer.task.judge import gold_score
+    from tribune.services.common.errors import UserError
+    from tribune.services.judge import JudgeConfig, load_judge
+    from tribune.trainer.task.judge import gold_score
 
     prompts, responses = zip(*_items())
-    callable_judge = load_judge(JudgeConfig(judge="trainer.task.judge:gold_score"))
+    callable_judge = load_judge(JudgeConfig(judge="tribune.trainer.task.judge:gold_score"))
     assert callable_judge.score(list(prompts), list(responses)) == [gold_score(p, r) for p, r in _items()]
     service = load_judge(JudgeConfig(judge_url=gateway.target))
     with grpc.insecure_channel(gateway.target) as ch:
@@ -393,7 +419,7 @@ def test_judge_plugins_callable_and_service(gateway):
     np.testing.assert_allclose(service.score(list(prompts), list(responses)), direct, atol=1e-6)
     assert load_judge(JudgeConfig()) is None
     with pytest.raises(UserError, match="cannot import"):
-        load_judge(JudgeConfig(judge="trainer.task.judge:no_such_judge"))
+        load_judge(JudgeConfig(judge="tribune.trainer.task.judge:no_such_judge"))
     with pytest.raises(ValueError, match="one of them"):
         JudgeConfig(judge="a:b", judge_url="127.0.0.1:1")
 

@@ -1,9 +1,9 @@
 """The gateway's text → tokens step, against the training code's encoding."""
 import pytest
 
-from services.common.text import encode_pair
-from services.contract import ServedFacts
-from services.gateway_core import GatewayConfig, InvalidInput, Item, Tokenisation
+from tribune.services.common.text import encode_pair
+from tribune.services.contract import ServedFacts
+from tribune.services.gateway_core import GatewayConfig, InvalidInput, Item, Tokenisation
 
 # what a repository serves: the reward model was trained with 64 tokens, prompts cut to 48
 FACTS = ServedFacts(contract_version=1, tokenizer_fingerprint="f", reward_mean=0.0, reward_std=1.0,

@@ -21,8 +21,8 @@ def test_every_tribune_flag_exists_and_parses(rendered, overlay, tmp_path):
     """Flags of `tribune gateway|serve|ppo` and `accelerate launch`: each appears in the command's
     --help, and the whole command line (with the PPO ConfigMap as --config) builds a valid config."""
     from accelerate.commands.launch import launch_command_parser
-    from trainer.cli import _load
-    from services.common.config import config_from_args
+    from tribune.trainer.cli import _load
+    from tribune.services.common.config import config_from_args
 
     docs = rendered[overlay]
     seen = set()
@@ -56,8 +56,8 @@ def test_every_tribune_flag_exists_and_parses(rendered, overlay, tmp_path):
 
 
 def test_ppo_configmap_keys_are_ppo_options(rendered):
-    from services.common.config import build_config
-    from trainer.ppo_config import PPOConfig
+    from tribune.services.common.config import build_config
+    from tribune.trainer.ppo_config import PPOConfig
 
     for docs in rendered.values():
         (cm,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("tribune-ppo-config")]
@@ -172,10 +172,13 @@ def test_dockerfiles_install_the_project_with_an_init(tmp_path):
 
     (whl,) = (tmp_path / "wheel").glob("*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
-    for needed in ("trainer/cli.py", "trainer/__main__.py", "services/gateway.py", "services/serve.py",
-                   "tribune/v1/reward_pb2.py", "tribune/v1/reward_pb2_grpc.py"):
+    for needed in ("tribune/trainer/cli.py", "tribune/trainer/__main__.py", "tribune/services/gateway.py",
+                   "tribune/services/serve.py", "tribune/v1/reward_pb2.py", "tribune/v1/reward_pb2_grpc.py"):
         assert needed in names, f"{needed} missing from the image's install"
-    assert any(n.endswith("entry_points.txt") and "tribune" in zipfile.ZipFile(whl).read(n).decode() for n in names)
+    # one import package: nothing at the top level that the published `trainer` or `services` could clobber
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"tribune"}, names
+    assert any(n.endswith("entry_points.txt") and "tribune = tribune.trainer.cli:main" in
+               zipfile.ZipFile(whl).read(n).decode() for n in names)
 
 
 # ================================================================ availability and scaling

@@ -224,7 +224,7 @@ def test_triton_services_are_headless_and_select_only_their_pods(rendered, overl
 def test_clients_target_the_headless_services_round_robin(rendered, overlay):
     """Each gRPC target in an args list is dns:///SERVICE.NS.svc.cluster.local:PORT of a headless
     Service whose port leads to the gRPC port of the right Triton, and the client accepts it."""
-    from services.client import ClientConfig
+    from tribune.services.client import ClientConfig
 
     docs = rendered[overlay]
     targets = {("tribune-ppo", "--reward-url"): "reward", ("tribune-ppo", "--reference-url"): "reference",
@@ -510,8 +510,8 @@ def test_pdbs_protect_every_deployment_without_blocking_drains(rendered):
 def test_prod_keeps_tensorrt_caches_on_a_volume_where_the_export_points(rendered):
     """`export --accelerator tensorrt` names TRT_CACHE_DIR for the engine and timing caches; in prod
     every Triton pod mounts a shared persistent volume there (one sub-directory per model)."""
-    from services.contract import REFERENCE
-    from services.repository import TRT_CACHE_DIR, TritonSettings, model_config
+    from tribune.services.contract import REFERENCE
+    from tribune.services.repository import TRT_CACHE_DIR, TritonSettings, model_config
 
     settings = TritonSettings(max_batch_size=8, queue_delay_us=100, max_queue_size=8, instance_count=1,
                               instance_kind="KIND_GPU", accelerator="tensorrt", precision_mode="FP16", warmup=False,

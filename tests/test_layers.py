@@ -8,11 +8,11 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ("trainer", "services")
+PACKAGES = ("trainer", "services")      # folders of the repository: tribune.trainer, tribune.services
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    parts = ["tribune", *path.relative_to(REPO).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -26,7 +26,7 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-    return {m for m in found if m.split(".")[0] in PACKAGES}
+    return {m for m in found if m.split(".")[:2] in [["tribune", p] for p in PACKAGES]}
 
 
 def _files():
@@ -34,11 +34,11 @@ def _files():
 
 
 def test_services_never_import_trainer():
-    """training → serving → shared base (services.common) and the generated protos."""
-    offenders = {str(p.relative_to(REPO)): sorted(m for m in _imports(p, False) if m.startswith("trainer"))
+    """training → serving → shared base (tribune.services.common) and the generated protos."""
+    offenders = {str(p.relative_to(REPO)): sorted(m for m in _imports(p, False) if m.startswith("tribune.trainer"))
                  for p in (REPO / "services").rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
-    base = {str(p.relative_to(REPO)): sorted(m for m in _imports(p, False) if not m.startswith("services.common"))
+    base = {str(p.relative_to(REPO)): sorted(m for m in _imports(p, False) if not m.startswith("tribune.services.common"))
             for p in (REPO / "services" / "common").rglob("*.py")}
     assert not {k: v for k, v in base.items() if v}, "the shared base imports only itself"
 
@@ -69,7 +69,7 @@ def test_no_module_level_import_cycle():
 
 @pytest.mark.parametrize("argv", [["gateway", "--help"], ["score", "--help"], ["serve", "--help"]])
 def test_serving_commands_load_no_torch(argv):
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer", *argv], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tribune.trainer", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
-from trainer.sequences import gather_last, last_token_index, position_ids_from_mask, token_logprobs
+from tribune.trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
+from tribune.trainer.sequences import gather_last, last_token_index, position_ids_from_mask, token_logprobs
 
 
 def _sigmoid(x: float) -> float:
@@ -91,8 +91,8 @@ def test_last_token_pooling_is_padding_side_invariant(tmp_path):
     """A real (tiny, random) HF reward model scores left- and right-padded batches alike."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from trainer.data import pad_left, pad_right
-    from trainer.modeling import score_sequences
+    from tribune.trainer.data import pad_left, pad_right
+    from tribune.trainer.modeling import score_sequences
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(

@@ -9,9 +9,9 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from services.client import ScorerUnavailable
-from services.contract import ServedFacts
-from services.gateway_core import DeadlineExceeded, GatewayConfig, MicroBatcher, NotReady, Overloaded
+from tribune.services.client import ScorerUnavailable
+from tribune.services.contract import ServedFacts
+from tribune.services.gateway_core import DeadlineExceeded, GatewayConfig, MicroBatcher, NotReady, Overloaded
 
 
 class FakeScorer:

@@ -39,9 +39,9 @@ def test_reward_model_ranks_held_out_pairs_like_the_gold_judge(rm_dir):
 def test_saved_reward_model_reloads_with_auto_class_and_same_scores(rm_dir, task_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from services.common.text import encode_pair
-    from trainer.data import pad_left, pad_right
-    from trainer.modeling import load_reward_model, score_sequences
+    from tribune.services.common.text import encode_pair
+    from tribune.trainer.data import pad_left, pad_right
+    from tribune.trainer.modeling import load_reward_model, score_sequences
 
     hf = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     assert hf.config.num_labels == 1
@@ -67,7 +67,7 @@ def test_interrupted_training_resumes_to_the_same_weights(task_dir, tmp_path):
     tribune(*common, "--output", straight)
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, common), "--output", str(broken)],
+    proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", *map(str, common), "--output", str(broken)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = broken / "metrics.jsonl"
     deadline = time.time() + 120
@@ -95,7 +95,7 @@ def test_two_process_accelerate_launch_trains_identical_ranks(task_dir, sft_dir,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "trainer", "train-rm",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "tribune.trainer", "train-rm",
          "--model", str(sft_dir), "--train", str(task_dir / "prefs_train.jsonl"),
          "--eval", str(task_dir / "prefs_eval.jsonl"), "--output", str(out), "--max-steps", "30",
          "--stats-samples", "32"],

@@ -60,7 +60,7 @@ def test_ppo_resumes_after_an_interruption_like_an_uninterrupted_run(served, sft
     tribune(*ppo_args(served.url, sft_dir, rm_dir, task_dir, straight, *common))
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer",
+    proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer",
                              *map(str, ppo_args(served.url, sft_dir, rm_dir, task_dir, broken, *common))],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(broken, 3, proc)
@@ -87,7 +87,7 @@ def test_two_process_ppo(served, sft_dir, rm_dir, task_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-         "-m", "trainer", *map(str, ppo_args(served.url, sft_dir, rm_dir, task_dir, out, "--iterations", "3",
+         "-m", "tribune.trainer", *map(str, ppo_args(served.url, sft_dir, rm_dir, task_dir, out, "--iterations", "3",
                                              "--gold-every", "100"))],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -100,7 +100,7 @@ def test_scorer_restarted_mid_run_and_scorer_gone_for_good(repo_dir, sft_dir, rm
     ports = (server.grpc_port, server.http_port, server.metrics_port)
     try:
         out = tmp_path / "restart"
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, ppo_args(
+        proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", *map(str, ppo_args(
             server.url, sft_dir, rm_dir, task_dir, out, "--iterations", "6", "--gold-every", "100",
             "--retry-budget-s", "120", "--rollout-batch-size", "32"))],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -115,7 +115,7 @@ def test_scorer_restarted_mid_run_and_scorer_gone_for_good(repo_dir, sft_dir, rm
         assert steps == list(range(1, 7)), "a step was skipped or applied twice"
 
         gone = tmp_path / "gone"
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, ppo_args(
+        proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", *map(str, ppo_args(
             server.url, sft_dir, rm_dir, task_dir, gone, "--iterations", "50", "--gold-every", "100",
             "--retry-budget-s", "3", "--checkpoint-every", "2", "--rollout-batch-size", "32"))],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,7 +2,7 @@
 import json
 import logging
 
-from trainer.ppo_monitor import HackingDetector, plot_metrics
+from tribune.trainer.ppo_monitor import HackingDetector, plot_metrics
 
 
 def test_warns_when_proxy_rises_while_gold_falls(caplog):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from services.contract import ServedFacts
-from trainer.modeling import load_causal_lm, sequence_logprobs
+from tribune.services.contract import ServedFacts
+from tribune.trainer.modeling import load_causal_lm, sequence_logprobs
 
 
 class LocalScorers:
-    """The ``trainer.rollout.Scorer`` protocol over a reward function and a local reference model."""
+    """The ``tribune.trainer.rollout.Scorer`` protocol over a reward function and a local reference model."""
 
     def __init__(self, reference, reward_fn, members: int = 1):
         self.reference, self.reward_fn = reference.eval(), reward_fn
@@ -47,11 +47,11 @@ class LocalScorers:
 
 
 def _learner(task_dir, tmp_path, **overrides):
-    from services.common.config import build_config
-    from services.common.text import load_tokenizer
-    from trainer.ppo import make_learner
-    from trainer.ppo_config import PPOConfig
-    from trainer.run import make_accelerator, seed_everything
+    from tribune.services.common.config import build_config
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.ppo import make_learner
+    from tribune.trainer.ppo_config import PPOConfig
+    from tribune.trainer.run import make_accelerator, seed_everything
 
     cfg = build_config(PPOConfig, {
         "policy": task_dir / "base", "prompts": task_dir / "prompts_train.jsonl", "reward_url": "local:1",
@@ -63,14 +63,14 @@ def _learner(task_dir, tmp_path, **overrides):
 
 
 def _prompts(task_dir):
-    from services.common.jsonl import SkipCounter
-    from trainer.data import load_prompts
+    from tribune.services.common.jsonl import SkipCounter
+    from tribune.trainer.data import load_prompts
 
     return load_prompts(task_dir / "prompts_train.jsonl", SkipCounter())
 
 
 def test_first_iteration_has_zero_kl_and_updates_both_models(task_dir, tmp_path):
-    from trainer.ppo_step import ppo_iteration
+    from tribune.trainer.ppo_step import ppo_iteration
 
     cfg, learner = _learner(task_dir, tmp_path)
     scorer = LocalScorers(load_causal_lm(task_dir / "base"), lambda ids, mask: -mask.sum(-1).astype(float))
@@ -91,7 +91,7 @@ def test_first_iteration_has_zero_kl_and_updates_both_models(task_dir, tmp_path)
 
 def test_iterations_follow_the_reward(task_dir, tmp_path):
     """A reward for ending early: a few iterations shorten the responses (the maths points the right way)."""
-    from trainer.ppo_step import ppo_iteration
+    from tribune.trainer.ppo_step import ppo_iteration
 
     cfg, learner = _learner(task_dir, tmp_path, learning_rate=1e-2, kl_coef=0.0)
     scorer = LocalScorers(load_causal_lm(task_dir / "base"), lambda ids, mask: -mask.sum(-1).astype(float))
@@ -103,7 +103,7 @@ def test_iterations_follow_the_reward(task_dir, tmp_path):
 def test_ensemble_members_penalise_disagreement(task_dir, tmp_path):
     """Two members that disagree on long responses: the uncertainty penalty and the worst case
     score a batch lower than the members' mean, and the disagreement is logged."""
-    from trainer.ppo_step import ppo_iteration
+    from tribune.trainer.ppo_step import ppo_iteration
 
     def members(ids, mask):
         n = mask.sum(-1).astype(float)

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_source
 
 
 def test_generated_code_is_not_stale(tmp_path):
@@ -84,12 +84,7 @@ def test_the_wheel_ships_the_proto_files(tmp_path):
     """Clients in other languages generate from the .proto; it is installed with the package."""
     import zipfile
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    for name in ("protos", "services", "trainer"):       # a copy: the build writes build/ and *.egg-info
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    src = copy_source(tmp_path / "src")
     proc = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
                            "print(b.build_wheel(sys.argv[1]))", str(tmp_path / "dist")],
                           cwd=src, capture_output=True, text=True)

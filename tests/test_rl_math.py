@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty,
+from tribune.trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty,
                              ppo_policy_loss, shaped_rewards, value_loss, whiten)
 
 torch.manual_seed(0)
@@ -157,9 +157,9 @@ def test_policy_logprobs_line_up_with_the_reference_contract_columns():
     """πθ's response log-probs (rollout layout) equal the contract's columns [P−1:] on a padded batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.data import pad_left
-    from trainer.modeling import sequence_logprobs
-    from trainer.modeling import response_logprobs
+    from tribune.trainer.data import pad_left
+    from tribune.trainer.modeling import sequence_logprobs
+    from tribune.trainer.modeling import response_logprobs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

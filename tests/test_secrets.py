@@ -1,11 +1,11 @@
 """Tokens come from a flag, a file or the environment, and never reach an output file."""
 import pytest
 
-from services.client import AUTH_TOKEN_ENV, ClientOptions
-from services.common.config import build_config
-from services.common.errors import UserError
-from services.common.secrets import resolve_secret, same_secret
-from services.gateway_core import GATEWAY_TOKEN_ENV, GatewayConfig
+from tribune.services.client import AUTH_TOKEN_ENV, ClientOptions
+from tribune.services.common.config import build_config
+from tribune.services.common.errors import UserError
+from tribune.services.common.secrets import resolve_secret, same_secret
+from tribune.services.gateway_core import GATEWAY_TOKEN_ENV, GatewayConfig
 from tests.conftest import JUDGE, tribune
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from services.client import ClientConfig, TritonScorer
-from services.common.errors import UserError
-from services.common.text import load_tokenizer
-from services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError, ServedFacts
-from services.repository import read_config, sha256_file, tokenizer_fingerprint, verify_repository
+from tribune.services.client import ClientConfig, TritonScorer
+from tribune.services.common.errors import UserError
+from tribune.services.common.text import load_tokenizer
+from tribune.services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError, ServedFacts
+from tribune.services.repository import read_config, sha256_file, tokenizer_fingerprint, verify_repository
 from tests.conftest import tribune
 from tests.remote_ppo import one_iteration, ppo_config
 from tests.servers import start_serves, stop_serves
@@ -96,8 +96,8 @@ def test_external_data_sits_in_the_version_folder_and_is_hashed(split, tmp_path)
 
 
 def _padded_batch(task_dir):
-    from services.common.text import encode_pair
-    from trainer.data import pad_left
+    from tribune.services.common.text import encode_pair
+    from tribune.trainer.data import pad_left
 
     tok = load_tokenizer(task_dir / "tokenizer")
     rows = [json.loads(line) for line in (task_dir / "sft.jsonl").read_text().splitlines()[:7]]
@@ -105,7 +105,7 @@ def _padded_batch(task_dir):
 
 
 def test_two_urls_serve_their_own_models_and_ppo_runs_across_them(split, task_dir, rm_dir, sft_dir, tmp_path):
-    from trainer.modeling import load_causal_lm, load_reward_model, score_sequences, sequence_logprobs
+    from tribune.trainer.modeling import load_causal_lm, load_reward_model, score_sequences, sequence_logprobs
 
     root, servers = split
     fp = tokenizer_fingerprint(load_tokenizer(sft_dir))
@@ -130,7 +130,7 @@ def test_two_urls_serve_their_own_models_and_ppo_runs_across_them(split, task_di
 
 
 def test_the_token_path_refuses_a_model_with_another_tokenizer(split, task_dir, sft_dir, tmp_path):
-    from trainer.scorers import connect
+    from tribune.trainer.scorers import connect
 
     root, servers = split
     fp = tokenizer_fingerprint(load_tokenizer(sft_dir))
@@ -149,7 +149,7 @@ def test_the_token_path_refuses_a_model_with_another_tokenizer(split, task_dir, 
 def test_bf16_exports_where_onnx_runtime_has_the_kernels_else_refuses(task_dir, tmp_path):
     import onnxruntime as ort
 
-    from trainer.export import ExportConfig, run_export
+    from tribune.trainer.export import ExportConfig, run_export
 
     cfg = ExportConfig(reference=task_dir / "base", output=tmp_path / "bf16", dtype="bf16", warmup=False)
     if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -163,8 +163,8 @@ def test_bf16_exports_where_onnx_runtime_has_the_kernels_else_refuses(task_dir, 
 
 
 def test_export_needs_a_reward_model_or_a_reference(tmp_path):
-    from services.common.config import build_config
-    from trainer.export import ExportConfig
+    from tribune.services.common.config import build_config
+    from tribune.trainer.export import ExportConfig
 
     with pytest.raises(UserError, match="reward and reference: give either or both"):
         build_config(ExportConfig, {"output": tmp_path / "repo"})

@@ -4,9 +4,9 @@ client's length buckets. Through real Triton, with the status codes clients see:
 import numpy as np
 import pytest
 
-from services.client import ClientOptions, bucket_length
-from services.contract import REFERENCE, REWARD
-from services.serve import BadRequest, validate
+from tribune.services.client import ClientOptions, bucket_length
+from tribune.services.contract import REFERENCE, REWARD
+from tribune.services.serve import BadRequest, validate
 
 VOCAB, MAX_LEN = 512, 64
 
@@ -59,7 +59,7 @@ def test_the_proxy_model_and_the_server_name_the_refusal_output_alike():
     import ast
     from pathlib import Path
 
-    import services.serve as serve
+    import tribune.services.serve as serve
 
     tree = ast.parse((Path(serve.__file__).parent / "triton_proxy.py").read_text())
     (value,) = [n.value.value for n in tree.body if isinstance(n, ast.Assign)

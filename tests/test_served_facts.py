@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError, ServedFacts
+from tribune.services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError, ServedFacts
 
 COMMON = dict(contract_version=1, tokenizer_fingerprint="f", max_sequence_length=64, vocab_size=100,
               max_batch_size=8)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.client import ClientConfig, ScorerRequestError, ScorerUnavailable, TritonScorer
-from services.contract import ContractError
-from services.repository import read_config, sha256_file, tokenizer_fingerprint
+from tribune.services.client import ClientConfig, ScorerRequestError, ScorerUnavailable, TritonScorer
+from tribune.services.contract import ContractError
+from tribune.services.repository import read_config, sha256_file, tokenizer_fingerprint
 from tests.conftest import tribune
 from tests.servers import start_serve
 
@@ -18,15 +18,15 @@ pytestmark = pytest.mark.slow
 
 
 def _fingerprint(repo_dir):
-    from services.common.text import load_tokenizer
+    from tribune.services.common.text import load_tokenizer
 
     return tokenizer_fingerprint(load_tokenizer(repo_dir / "tokenizer"))
 
 
 def _batch(task_dir, n, side, seed=0):
     """n mixed-length prompt+response sequences from the task, padded on `side`."""
-    from services.common.text import encode_pair, load_tokenizer
-    from trainer.data import pad_left, pad_right
+    from tribune.services.common.text import encode_pair, load_tokenizer
+    from tribune.trainer.data import pad_left, pad_right
 
     tok = load_tokenizer(task_dir / "tokenizer")
     rows = [json.loads(l) for l in (task_dir / "sft.jsonl").read_text().splitlines()]
@@ -88,7 +88,7 @@ def test_export_options_render_valid_configs(rm_dir, sft_dir, tmp_path):
 
 
 def test_served_scores_equal_pytorch_for_both_padding_sides(served, repo_dir, task_dir, rm_dir, sft_dir):
-    from trainer.modeling import load_causal_lm, load_reward_model, score_sequences, sequence_logprobs
+    from tribune.trainer.modeling import load_causal_lm, load_reward_model, score_sequences, sequence_logprobs
 
     rm, ref = load_reward_model(rm_dir).eval(), load_causal_lm(sft_dir).eval()
     cfg = ClientConfig(url=served.url, max_in_flight=3)
@@ -146,7 +146,7 @@ def test_concurrent_clients_get_their_own_results_in_order(served, repo_dir, tas
 
 
 def test_wrong_tokenizer_is_refused_at_connect(served, repo_dir):
-    from services.common.text import load_tokenizer
+    from tribune.services.common.text import load_tokenizer
 
     other = load_tokenizer(repo_dir / "tokenizer")
     other.add_tokens(["zebra"])
@@ -246,7 +246,7 @@ def test_serve_is_never_ready_before_its_models(repo_dir):
     from tests.servers import free_port
 
     grpc_port, http, metrics, gw = free_port(), free_port(), free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--repository", str(repo_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "serve", "--repository", str(repo_dir),
                              "--grpc-port", str(grpc_port), "--http-port", str(http), "--metrics-port", str(metrics),
                              "--intra-op-threads", "1", "--with-gateway", "--gateway-port", str(gw),
                              "--gateway-metrics-port", "0"],

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from tests.conftest import tribune
-from trainer import gold_score, parse_prompt
-from trainer.task.make import TaskConfig, demonstrate, rater_ranking, sample_prompt
+from tribune.trainer import gold_score, parse_prompt
+from tribune.trainer.task.make import TaskConfig, demonstrate, rater_ranking, sample_prompt
 
 
 def test_gold_judge_examples():

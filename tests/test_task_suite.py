@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer.task.make import TaskConfig, make_task
-from trainer.task.registry import DEFAULT_TASK, TASKS, UnknownTaskError, get_task, list_tasks, task_for_prompts, \
+from tribune.trainer.task.make import TaskConfig, make_task
+from tribune.trainer.task.registry import DEFAULT_TASK, TASKS, UnknownTaskError, get_task, list_tasks, task_for_prompts, \
     task_list_lines
-from trainer.task.spec import load_judge
+from tribune.trainer.task.spec import load_judge
 
 SMALL = dict(sft_size=150, prefs_train_size=400, prefs_eval_size=50, prompts_train_size=50, prompts_eval_size=60)
 FILES = {"sft.jsonl", "prefs_train.jsonl", "prefs_eval.jsonl", "prompts_train.jsonl", "prompts_eval.jsonl",

@@ -12,10 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
-from services.client import ClientOptions, TritonScorer
-from services.common.text import encode_pair, load_tokenizer, pad
-from services.repository import tokenizer_fingerprint
-from services.reward_client import RewardClient
+from tribune.services.client import ClientOptions, TritonScorer
+from tribune.services.common.text import encode_pair, load_tokenizer, pad
+from tribune.services.repository import tokenizer_fingerprint
+from tribune.services.reward_client import RewardClient
 from tests.conftest import JUDGE, last_json, tribune
 from tests.servers import start_serve
 from tests.test_gateway import SERVING, Gateway, wait_health
@@ -33,7 +33,7 @@ def retokenized(src, dst, seed=0, causal=False):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from trainer.task.make import build_tokenizer
+    from tribune.trainer.task.make import build_tokenizer
 
     old = load_tokenizer(src)
     specials = set(old.all_special_tokens)

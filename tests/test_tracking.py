@@ -2,7 +2,7 @@
 tests/test_console.py, on the same small runs)."""
 import pytest
 
-from trainer.tracking import hparams, parse_report_to, tracker_name, tracker_row
+from tribune.trainer.tracking import hparams, parse_report_to, tracker_name, tracker_row
 
 
 def test_report_to_names_and_tracker_metric_names():

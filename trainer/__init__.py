@@ -2,9 +2,9 @@
 
 The bundled task's gold judge is part of the public API::
 
-    from trainer import gold_score
+    from tribune.trainer import gold_score
     gold_score("name 3 fruits", "apple pear plum")  # -> 1.0
 """
-from trainer.task.judge import gold_score, parse_prompt
+from tribune.trainer.task.judge import gold_score, parse_prompt
 
 __all__ = ["gold_score", "parse_prompt"]

@@ -17,8 +17,8 @@ from typing import Literal
 
 from torch import nn
 
-from services.common.config import field
-from services.common.errors import UserError
+from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
 
 log = logging.getLogger("tribune")
 

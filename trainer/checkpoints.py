@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from services.common.jsonl import write_json
+from tribune.services.common.jsonl import write_json
 
 log = logging.getLogger("tribune")
 

@@ -14,9 +14,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from services.common.config import add_config_arguments, config_from_args
-from services.common.console import setup_console
-from services.common.errors import UserError
+from tribune.services.common.config import add_config_arguments, config_from_args
+from tribune.services.common.console import setup_console
+from tribune.services.common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,43 +29,43 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    Command("sft", "supervised fine-tuning of a causal LM", "trainer.sft:SFTConfig", "trainer.sft:run_sft"),
+    Command("sft", "supervised fine-tuning of a causal LM", "tribune.trainer.sft:SFTConfig", "tribune.trainer.sft:run_sft"),
     Command("train-rm", "train a Bradley-Terry reward model from the SFT model",
-            "trainer.reward:RewardConfig", "trainer.reward:run_train_rm"),
+            "tribune.trainer.reward:RewardConfig", "tribune.trainer.reward:run_train_rm"),
     Command("collect", "sample k responses per prompt from a policy, for raters to rank",
-            "trainer.collect:CollectConfig", "trainer.collect:run_collect"),
+            "tribune.trainer.collect:CollectConfig", "tribune.trainer.collect:run_collect"),
     Command("label", "candidates into preference rows: a simulated rater, a labelling page, or Label Studio",
-            "trainer.label:LabelConfig", "trainer.label:run_label"),
+            "tribune.trainer.label:LabelConfig", "tribune.trainer.label:run_label"),
     Command("export", "export the reward model and reference policy to a Triton model repository",
-            "trainer.export:ExportConfig", "trainer.export:run_export"),
+            "tribune.trainer.export:ExportConfig", "tribune.trainer.export:run_export"),
     Command("serve", "serve a model repository with the embedded Triton server (PyTriton + ONNX Runtime)",
-            "services.serve:ServeConfig", "services.serve:run_serve"),
+            "tribune.services.serve:ServeConfig", "tribune.services.serve:run_serve"),
     Command("score", "score a JSONL of prompt/response pairs through the reward service",
-            "services.score:ScoreConfig", "services.score:run_score"),
-    Command("ppo", "PPO against remote reward and reference services", "trainer.ppo_config:PPOConfig",
-            "trainer.ppo:run_ppo"),
+            "tribune.services.score:ScoreConfig", "tribune.services.score:run_score"),
+    Command("ppo", "PPO against remote reward and reference services", "tribune.trainer.ppo_config:PPOConfig",
+            "tribune.trainer.ppo:run_ppo"),
     Command("gateway", "the gRPC text API (tribune.v1.RewardService) in front of Triton",
-            "services.gateway_core:GatewayConfig", "services.gateway:run_gateway"),
-    Command("demo", "the whole pipeline on the bundled task", "trainer.demo:DemoConfig", "trainer.demo:run_demo",
+            "tribune.services.gateway_core:GatewayConfig", "tribune.services.gateway:run_gateway"),
+    Command("demo", "the whole pipeline on the bundled task", "tribune.trainer.demo:DemoConfig", "tribune.trainer.demo:run_demo",
             own_summary=True),
     Command("evaluate", "the whole pipeline with default settings on every suite task: a JSON table and a PNG",
-            "trainer.evaluate:EvaluateConfig", "trainer.evaluate:run_evaluate", own_summary=True),
+            "tribune.trainer.evaluate:EvaluateConfig", "tribune.trainer.evaluate:run_evaluate", own_summary=True),
 ]
-TASK_MAKE = Command("make", "write a task (tokenizer, tiny base model, data)", "trainer.task.make:TaskConfig",
-                    "trainer.cli:task_make")
-TASK_LIST = Command("list", "the tasks of the suite, one per line (name first)", "", "trainer.cli:task_list")
+TASK_MAKE = Command("make", "write a task (tokenizer, tiny base model, data)", "tribune.trainer.task.make:TaskConfig",
+                    "tribune.trainer.cli:task_make")
+TASK_LIST = Command("list", "the tasks of the suite, one per line (name first)", "", "tribune.trainer.cli:task_list")
 
 
 def task_make(cfg, out: str) -> dict:
     from pathlib import Path
 
-    from trainer.task.make import make_task
+    from tribune.trainer.task.make import make_task
 
     return make_task(cfg, Path(out))
 
 
 def task_list() -> None:
-    from trainer.task.registry import task_list_lines
+    from tribune.trainer.task.registry import task_list_lines
 
     print("\n".join(task_list_lines()))
 

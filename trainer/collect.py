@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.config import field
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter, read_jsonl, write_json
+from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter, read_jsonl, write_json
 
 log = logging.getLogger("tribune")
 
@@ -80,7 +80,7 @@ def policy_id(policy_dir: Path) -> str:
 def load_prompt_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[dict[str, Any]]:
     """``{"prompt"}`` rows as they are; ``{"messages"}`` rows gain ``prompt`` rendered with the
     policy's chat template (generation prompt added)."""
-    from services.common.text import render_prompt
+    from tribune.services.common.text import render_prompt
 
     rows = []
     for _, obj in read_jsonl(path):
@@ -141,8 +141,8 @@ def _start(cfg: CollectConfig, meta_path: Path, settings: dict) -> int:
 def run_collect(cfg: CollectConfig) -> dict:
     import torch
 
-    from services.common.text import load_tokenizer
-    from trainer.modeling import load_causal_lm, sample_responses
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.modeling import load_causal_lm, sample_responses
     from tqdm.auto import tqdm
 
     pid = policy_id(cfg.policy)

@@ -2,7 +2,7 @@
 
 A malformed line stops the run with ``file:line``; a well-formed row that cannot be used
 (missing fields, chosen == rejected, …) is skipped and counted, and the counts are logged.
-Encoding and truncation live in ``services.common.text``, shared with the gateway and
+Encoding and truncation live in ``tribune.services.common.text``, shared with the gateway and
 ``tribune score``; this module adds the torch side (padded tensors).
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter, read_jsonl
-from services.common.text import pad, render_prompt, split_messages
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter, read_jsonl
+from tribune.services.common.text import pad, render_prompt, split_messages
 
 
 def _is_text(v: Any) -> bool:

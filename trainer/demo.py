@@ -1,4 +1,4 @@
-"""`tribune demo`: the whole pipeline on the bundled task (``trainer.pipeline``), then one call of
+"""`tribune demo`: the whole pipeline on the bundled task (``tribune.trainer.pipeline``), then one call of
 the text gateway as another system would make it, and a short summary.
 
 ``--sft``, ``--rm``, ``--export``, ``--ppo`` (or the same keys in YAML) set any option of
@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import field, group
-from services.launcher import free_port
-from trainer.pipeline import StageOptions, run_pipeline, stage_configs
+from tribune.services.common.config import field, group
+from tribune.services.launcher import free_port
+from tribune.trainer.pipeline import StageOptions, run_pipeline, stage_configs
 
 log = logging.getLogger("tribune")
 
@@ -33,8 +33,8 @@ class DemoConfig:
 
 def gateway_score_call(target: str) -> dict:
     """What another system does: wait until the gateway serves, then one Score call (``RewardClient``)."""
-    from services.client import ClientOptions
-    from services.reward_client import RewardClient
+    from tribune.services.client import ClientOptions
+    from tribune.services.reward_client import RewardClient
 
     items = [{"prompt": "name three fruits", "response": "apple pear plum"},
              {"prompt": "name three fruits", "response": "apple red"}]

@@ -1,6 +1,6 @@
 """`tribune evaluate` (and `make eval`): the whole pipeline with default settings on every suite task.
 
-Per task it runs ``trainer.pipeline`` (task make → sft → train-rm → export → serve → ppo)
+Per task it runs ``tribune.trainer.pipeline`` (task make → sft → train-rm → export → serve → ppo)
 and then measures, on held-out prompts and with the task's gold judge (never used for
 training): the reward model's accuracy against the gold ordering, πSFT's and the PPO
 policy's gold score at PPO's sampling temperature, at T = 0.7 and greedy, the final KL,
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from services.common.config import field, group
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter, write_json
-from services.judge import CallableJudge, Judge, JudgeConfig
-from trainer.pipeline import StageOptions, run_pipeline
-from trainer.task.registry import TASKS
+from tribune.services.common.config import field, group
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter, write_json
+from tribune.services.judge import CallableJudge, Judge, JudgeConfig
+from tribune.trainer.pipeline import StageOptions, run_pipeline
+from tribune.trainer.task.registry import TASKS
 
 log = logging.getLogger("tribune")
 
@@ -78,8 +78,8 @@ class EvaluateConfig:
 def policy_gold(policy_dir: Path, judge: Judge, prompts: list[str], *, temperature: float, max_prompt_length: int,
                 max_new_tokens: int, seed: int) -> dict[str, float]:
     """Mean gold score and response length (tokens) of a policy's responses; temperature 0 is greedy."""
-    from services.common.text import load_tokenizer
-    from trainer.modeling import load_causal_lm, sample_responses
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.modeling import load_causal_lm, sample_responses
 
     policy, tok = load_causal_lm(policy_dir).eval(), load_tokenizer(policy_dir)
     golds, lengths = [], []
@@ -96,7 +96,7 @@ def _settings(sampling_t: float) -> list[tuple[str, float]]:
 
 def onpolicy_candidates(cfg: EvaluateConfig, policy: Path, prompts_path: Path, ppo_cfg, out: Path) -> Path:
     """``best_of_n`` samples per held-out prompt from ``policy`` (at PPO's sampling settings)."""
-    from trainer.collect import CollectConfig, run_collect
+    from tribune.trainer.collect import CollectConfig, run_collect
 
     out.unlink(missing_ok=True)
     run_collect(CollectConfig(policy=policy, prompts=prompts_path, output=out, k=cfg.best_of_n,
@@ -109,8 +109,8 @@ def onpolicy_candidates(cfg: EvaluateConfig, policy: Path, prompts_path: Path, p
 def onpolicy_accuracy(rm_dir: Path, candidates: Path, judge_ref: str, rm_cfg) -> dict:
     """The reward model's accuracy against the gold ordering of a policy's own samples, and its
     reward/length correlation there (the noise-free gold ranking of each prompt's candidates)."""
-    from trainer.label import LabelConfig, run_label
-    from trainer.reward import evaluate_rm_dir
+    from tribune.trainer.label import LabelConfig, run_label
+    from tribune.trainer.reward import evaluate_rm_dir
 
     gold_ranked = Path(str(candidates).removesuffix(".jsonl") + ".gold.jsonl")
     if not gold_ranked.is_file():
@@ -126,7 +126,7 @@ def best_of_n(gateway: str, candidates: Path, judge: Judge) -> dict:
     model's pick, of a random candidate (the mean) and of the best candidate (the oracle)."""
     import grpc
 
-    from services.common.jsonl import read_jsonl
+    from tribune.services.common.jsonl import read_jsonl
     from tribune.v1 import reward_pb2, reward_pb2_grpc
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -175,8 +175,8 @@ def _targets(row: dict, sampling_t: float) -> dict:
 
 def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     """One row for the pipeline on ``task`` and one per round of the iterated loop."""
-    from services.launcher import free_port, start_serve
-    from trainer.data import load_prompts
+    from tribune.services.launcher import free_port, start_serve
+    from tribune.trainer.data import load_prompts
 
     t0 = time.perf_counter()
     out = Path(cfg.output) / task
@@ -243,7 +243,7 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
 
 def reused_result(cfg: EvaluateConfig, task: str):
     """The pipeline's result read back from an earlier run's files (``--reuse``)."""
-    from trainer.pipeline import PipelineResult, stage_configs
+    from tribune.trainer.pipeline import PipelineResult, stage_configs
 
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
@@ -260,13 +260,13 @@ def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: li
                       port: int) -> dict:
     """A reward model trained on preferences collected on πSFT's samples instead of the given
     pairs (same start, same training settings), measured like the given pairs' model."""
-    from services.launcher import start_serve
-    from trainer.collect import run_collect
-    from trainer.export import run_export
-    from trainer.label import run_label
-    from trainer.pipeline import round_configs
-    from trainer.ppo import run_ppo
-    from trainer.reward import evaluate_rm_dir, run_train_rm
+    from tribune.services.launcher import start_serve
+    from tribune.trainer.collect import run_collect
+    from tribune.trainer.export import run_export
+    from tribune.trainer.label import run_label
+    from tribune.trainer.pipeline import round_configs
+    from tribune.trainer.ppo import run_ppo
+    from tribune.trainer.reward import evaluate_rm_dir, run_train_rm
 
     out = Path(stages.rm.output).parent
     # one ranking per training prompt (unless --collect max_prompts=N is given)
@@ -294,8 +294,8 @@ def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: li
                                       value_init=rm_cfg.output, output=out / "ppo_collected")
         log.info("compare: ppo against it → %s", ppo_cfg.output)
         ppo = run_ppo(ppo_cfg)
-    from trainer.losses import ranking_to_pairs
-    from trainer.data import load_preference_groups
+    from tribune.trainer.losses import ranking_to_pairs
+    from tribune.trainer.data import load_preference_groups
 
     pairs = lambda p: sum(len(ranking_to_pairs(len(g.responses))) for g in load_preference_groups(p, SkipCounter()))  # noqa: E731
     return {"train_pairs": pairs(prefs), "given_train_pairs": pairs(stages.rm.train),
@@ -324,13 +324,13 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
     penalty, from the same πSFT: does the gold score fall while the proxy rises, and does the
     gold-free monitor warn first?"""
 
-    from services.common.config import build_config
-    from services.launcher import start_serve
-    from trainer.export import run_export
-    from trainer.ppo import run_ppo
-    from trainer.ppo_config import PPOConfig
-    from trainer.reward import run_train_rm
-    from trainer.pipeline import stage_configs
+    from tribune.services.common.config import build_config
+    from tribune.services.launcher import start_serve
+    from tribune.trainer.export import run_export
+    from tribune.trainer.ppo import run_ppo
+    from tribune.trainer.ppo_config import PPOConfig
+    from tribune.trainer.reward import run_train_rm
+    from tribune.trainer.pipeline import stage_configs
 
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
@@ -370,9 +370,9 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
 def sft_preferences(stages, options: StageOptions, out: Path) -> Path:
     """Preferences collected on πSFT's samples (the pipeline's collect options), labelled by the
     task's simulated rater at its own noise: the recipe's data step, for the study's ensemble."""
-    from trainer.collect import run_collect
-    from trainer.label import run_label
-    from trainer.pipeline import round_configs
+    from tribune.trainer.collect import run_collect
+    from tribune.trainer.label import run_label
+    from tribune.trainer.pipeline import round_configs
 
     rs = round_configs(stages, 1, stages.sft.output, stages.rm.output, options)
     collect = dataclasses.replace(rs.collect, output=out / "candidates.jsonl", seed=stages.sft.seed + 7)

@@ -49,19 +49,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.common.config import field
-from services.common.errors import UserError
-from services.common.text import load_tokenizer
-from services.contract import (ATTENTION_MASK, CONTRACT_VERSION, INPUT_IDS, LOGPROBS, MANIFEST_FILE, MANIFEST_SPEC,
+from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
+from tribune.services.common.text import load_tokenizer
+from tribune.services.contract import (ATTENTION_MASK, CONTRACT_VERSION, INPUT_IDS, LOGPROBS, MANIFEST_FILE, MANIFEST_SPEC,
                                MEMBER_REWARDS_NAME, REFERENCE, REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE,
                                TOKENIZER_DIR, ModelSpec, ServedFacts, reward_spec)
-from services.repository import (ONNX_DATA_FILE, ONNX_FILE, TritonSettings, contract_parameters, manifest_model_config,
+from tribune.services.repository import (ONNX_DATA_FILE, ONNX_FILE, TritonSettings, contract_parameters, manifest_model_config,
                                  manifest_onnx, model_config, sha256_file, tokenizer_fingerprint, write_config,
                                  write_manifest)
-from trainer.modeling import (load_causal_lm, load_reward_model, scalar_head_values, score_sequences,
+from tribune.trainer.modeling import (load_causal_lm, load_reward_model, scalar_head_values, score_sequences,
                               sequence_logprobs)
-from trainer.reward import ENSEMBLE_FILE, read_reward_stats, reward_members
-from trainer.sequences import gather_last
+from tribune.trainer.reward import ENSEMBLE_FILE, read_reward_stats, reward_members
+from tribune.trainer.sequences import gather_last
 
 log = logging.getLogger("tribune")
 
@@ -263,7 +263,7 @@ def _ort_session(path: Path, precision: str):
     """An ONNX Runtime session; a graph it has no kernels for is refused (e.g. bf16 on CPU)."""
     import onnxruntime as ort
 
-    from services.runtime import execution_providers
+    from tribune.services.runtime import execution_providers
 
     providers = execution_providers()
     try:

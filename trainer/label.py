@@ -3,9 +3,9 @@
 * a simulated rater: ``--judge module:function`` or ``--judge-url H:P`` scores every
   candidate, and a Plackett–Luce draw at ``--rater-temperature`` τ orders them (two
   candidates: Bradley–Terry, P(a ≻ b) = σ((s_a − s_b)/τ)); τ = 0 is a noise-free rater;
-* a person: ``--serve`` starts a labelling page on loopback (``trainer.label_server``);
+* a person: ``--serve`` starts a labelling page on loopback (``tribune.trainer.label_server``);
 * Label Studio: ``--label-studio-export`` writes its tasks and labelling config,
-  ``--label-studio-import EXPORT.json`` reads its JSON export back (``trainer.label_studio``).
+  ``--label-studio-import EXPORT.json`` reads its JSON export back (``tribune.trainer.label_studio``).
 
 Output rows are the formats `tribune train-rm` reads: ``{"prompt", "ranking": [best … worst]}``
 or, with ``--format pairs``, ``{"prompt", "chosen", "rejected"}``; chat rows keep ``messages``.
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from services.common.config import field, group
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter, read_jsonl, write_json, write_jsonl
-from services.judge import JudgeConfig, load_judge
-from trainer.raters import plackett_luce_order
+from tribune.services.common.config import field, group
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter, read_jsonl, write_json, write_jsonl
+from tribune.services.judge import JudgeConfig, load_judge
+from tribune.trainer.raters import plackett_luce_order
 
 log = logging.getLogger("tribune")
 
@@ -126,7 +126,7 @@ def simulated_labels(rows: list[CandidateRow], scores: list[list[float]], fmt: s
 
 def run_label(cfg: LabelConfig) -> dict:
     if cfg.label_studio_import is not None:
-        from trainer.label_studio import import_results
+        from tribune.trainer.label_studio import import_results
 
         rows, skipped = import_results(cfg.label_studio_import, cfg.format)
         write_jsonl(cfg.output, rows)
@@ -136,11 +136,11 @@ def run_label(cfg: LabelConfig) -> dict:
     skipped = SkipCounter()
     rows = load_candidates(cfg.input, skipped)
     if cfg.label_studio_export:
-        from trainer.label_studio import export_tasks
+        from tribune.trainer.label_studio import export_tasks
 
         return export_tasks(rows, cfg.output, cfg.label_studio_mode, cfg.seed)
     if cfg.serve:
-        from trainer.label_server import serve_labelling
+        from tribune.trainer.label_server import serve_labelling
 
         return serve_labelling(rows, cfg)
     judge = load_judge(cfg.rater)

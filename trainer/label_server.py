@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from services.common.errors import UserError
+from tribune.services.common.errors import UserError
 
 log = logging.getLogger("tribune")
 
@@ -77,7 +77,7 @@ class LabelStore:
         self._apply(rec)
 
     def shown(self, item: int) -> list[int]:
-        from trainer.label import pair_of
+        from tribune.trainer.label import pair_of
 
         row = self.rows[item]
         return list(pair_of(row, self.seed)) if self.mode == "pair" else list(range(len(row.candidates)))
@@ -132,13 +132,13 @@ class LabelStore:
 
     # ------------------------------------------------------------ outputs
     def preference_rows(self) -> list[dict]:
-        from trainer.label import preference_row
+        from tribune.trainer.label import preference_row
 
         return [preference_row(self.rows[item], order, self.fmt, labeller=who)
                 for (who, item), order in sorted(self.answers.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
 
     def _write_preferences(self) -> None:
-        from services.common.jsonl import write_jsonl
+        from tribune.services.common.jsonl import write_jsonl
 
         write_jsonl(self.output, self.preference_rows())
 

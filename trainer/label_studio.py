@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter
 
 log = logging.getLogger("tribune")
 
@@ -42,7 +42,7 @@ PAIRWISE_CONFIG = """<View>
 
 def export_tasks(rows, output: Path, mode: str, seed: int) -> dict:
     """Writes ``output`` (a JSON list of tasks) and ``output`` with ``.label_config.xml``."""
-    from trainer.label import pair_of
+    from tribune.trainer.label import pair_of
 
     tasks = []
     for row in rows:
@@ -85,7 +85,7 @@ def _ranking_from(result: dict, data: dict) -> list[int] | None:
 
 def import_results(path: Path, fmt: str) -> tuple[list[dict], SkipCounter]:
     """Preference rows from Label Studio's JSON export of tasks made by ``export_tasks``."""
-    from trainer.label import CandidateRow, preference_row
+    from tribune.trainer.label import CandidateRow, preference_row
 
     path = Path(path)
     try:

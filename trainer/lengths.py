@@ -3,7 +3,7 @@
 A limit left unset (``None``) on the command line comes from the model's context window
 (``max_position_embeddings``) and the data: nothing is cut that fits the model, and what
 is cut is counted and logged by the stage. `tribune demo` passes its small values
-explicitly (``trainer.pipeline.STAGE_DEFAULTS``).
+explicitly (``tribune.trainer.pipeline.STAGE_DEFAULTS``).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def fit_generation(prompt_lengths: list[int], context: int | None, trained: tupl
 
 def pair_lengths(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token counts (prompt, prompt + response + EOS) of (prompt, response) pairs, uncut."""
-    from services.common.text import encode_prompt
+    from tribune.services.common.text import encode_prompt
 
     prompts, seqs = [], []
     for prompt, response in pairs:

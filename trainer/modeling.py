@@ -14,10 +14,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from services.common.errors import UserError
-from services.common.text import encode_prompt
-from trainer.data import pad_left
-from trainer.sequences import gather_last, position_ids_from_mask, token_logprobs
+from tribune.services.common.errors import UserError
+from tribune.services.common.text import encode_prompt
+from tribune.trainer.data import pad_left
+from tribune.trainer.sequences import gather_last, position_ids_from_mask, token_logprobs
 
 log = logging.getLogger("tribune")
 HEAD_NAMES = ("score", "classifier", "v_head")      # what sequence-classification models call the scalar head
@@ -125,7 +125,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                       temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """log π(token t | <t) for t ≥ 1; 0 where token t or t−1 is padding. (B, T) -> (B, T−1)
 
-    The columns the `reference` service returns (see services.contract): a row's first
+    The columns the `reference` service returns (see tribune.services.contract): a row's first
     real token has no context, so its column is 0, exactly as for the row unpadded.
     """
     logp = token_logprobs(causal_logits(model, input_ids, attention_mask), input_ids, temperature)
@@ -145,7 +145,7 @@ def response_logprobs(model: nn.Module, query_responses: torch.Tensor, attention
     logp = token_logprobs(logits, query_responses[:, P - 1:], temperature)             # (B, R)
     if not with_entropy:
         return logp, None
-    from trainer.rl_math import entropy_from_logits
+    from tribune.trainer.rl_math import entropy_from_logits
 
     return logp, entropy_from_logits(logits[:, :-1].float() / temperature)
 

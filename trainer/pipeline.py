@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from services.common.config import build_config, field
-from services.common.errors import UserError
-from trainer.collect import CollectConfig
-from trainer.export import ExportConfig
-from trainer.label import LabelConfig
-from trainer.ppo_config import PPOConfig
-from trainer.reward import RewardConfig
-from trainer.sft import SFTConfig
-from trainer.task.make import TaskConfig
+from tribune.services.common.config import build_config, field
+from tribune.services.common.errors import UserError
+from tribune.trainer.collect import CollectConfig
+from tribune.trainer.export import ExportConfig
+from tribune.trainer.label import LabelConfig
+from tribune.trainer.ppo_config import PPOConfig
+from tribune.trainer.reward import RewardConfig
+from tribune.trainer.sft import SFTConfig
+from tribune.trainer.task.make import TaskConfig
 
 log = logging.getLogger("tribune")
 
@@ -181,12 +181,12 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
     """Runs every stage; yields (result, the running `tribune serve`) before the server stops,
     so a caller can still use the served models. ``while_served(round, stages, server)`` is
     called after each round's PPO (round 0: the first pipeline) while its models are served."""
-    from services.launcher import start_serve
-    from trainer.export import run_export
-    from trainer.ppo import run_ppo
-    from trainer.reward import run_train_rm
-    from trainer.sft import run_sft
-    from trainer.task.make import make_task
+    from tribune.services.launcher import start_serve
+    from tribune.trainer.export import run_export
+    from tribune.trainer.ppo import run_ppo
+    from tribune.trainer.reward import run_train_rm
+    from tribune.trainer.sft import run_sft
+    from tribune.trainer.task.make import make_task
 
     stages = stage_configs(out, seed, max_steps, options, task)
     seconds: dict[str, float] = {}
@@ -236,10 +236,10 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
 
 def prepare_round(stages: Stages, r: int, policy: Path, rm_dir: Path, options: StageOptions):
     """Round ``r`` up to its export: collect on ``policy`` → label → reward model warm-started from ``rm_dir``."""
-    from trainer.collect import run_collect
-    from trainer.export import run_export
-    from trainer.label import run_label
-    from trainer.reward import run_train_rm
+    from tribune.trainer.collect import run_collect
+    from tribune.trainer.export import run_export
+    from tribune.trainer.label import run_label
+    from tribune.trainer.reward import run_train_rm
 
     rs = round_configs(stages, r, policy, rm_dir, options)
     seconds: dict[str, float] = {}

@@ -1,10 +1,10 @@
 """Stage 3, `tribune ppo`: PPO against the remote reward and reference services.
 
 The trainer holds only the policy πθ (from πSFT) and a value model; rewards and reference
-log-probs come from the remote services (``trainer.scorers``: token ids to Triton, or text to
+log-probs come from the remote services (``tribune.trainer.scorers``: token ids to Triton, or text to
 a RewardService with the reward model's own tokenizer). The run itself (resume,
-logs, checkpoints, final save) is the shared ``trainer.run.Run``; one iteration is
-``trainer.ppo_step.ppo_iteration``.
+logs, checkpoints, final save) is the shared ``tribune.trainer.run.Run``; one iteration is
+``tribune.trainer.ppo_step.ppo_iteration``.
 """
 from __future__ import annotations
 
@@ -12,24 +12,24 @@ import dataclasses
 import logging
 import time
 
-from services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter
-from services.common.text import encode_prompt
-from services.judge import load_judge
-from services.repository import tokenizer_fingerprint
-from trainer.adapters import prepare_model
-from trainer.checkpoints import latest_checkpoint
-from trainer.data import load_prompts
-from trainer.defences import DriftMonitor, KLBudget
-from trainer.lengths import fit_generation, model_context, trained_lengths
-from trainer.modeling import ValueModel, load_causal_lm, load_reward_model, reward_head_name
-from trainer.ppo_config import PPOConfig
-from trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
-from trainer.ppo_step import Learner, ppo_iteration
-from trainer.rl_math import AdaptiveKLController
-from trainer.run import Run, StopTraining
-from trainer.scorers import connect
+from tribune.services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter
+from tribune.services.common.text import encode_prompt
+from tribune.services.judge import load_judge
+from tribune.services.repository import tokenizer_fingerprint
+from tribune.trainer.adapters import prepare_model
+from tribune.trainer.checkpoints import latest_checkpoint
+from tribune.trainer.data import load_prompts
+from tribune.trainer.defences import DriftMonitor, KLBudget
+from tribune.trainer.lengths import fit_generation, model_context, trained_lengths
+from tribune.trainer.modeling import ValueModel, load_causal_lm, load_reward_model, reward_head_name
+from tribune.trainer.ppo_config import PPOConfig
+from tribune.trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
+from tribune.trainer.ppo_step import Learner, ppo_iteration
+from tribune.trainer.rl_math import AdaptiveKLController
+from tribune.trainer.run import Run, StopTraining
+from tribune.trainer.scorers import connect
 
 log = logging.getLogger("tribune")
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from services.client import ClientOptions
-from services.common.config import field, group
-from services.judge import JudgeConfig
-from trainer.defences import EnsembleMode
-from trainer.run import OptimizerConfig, RunConfig, default
+from tribune.services.client import ClientOptions
+from tribune.services.common.config import field, group
+from tribune.services.judge import JudgeConfig
+from tribune.trainer.defences import EnsembleMode
+from tribune.trainer.run import OptimizerConfig, RunConfig, default
 
 
 @dataclass(kw_only=True)

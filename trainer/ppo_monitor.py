@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from services.judge import Judge
-from trainer.modeling import sample_responses
-from trainer.rollout import Generated
+from tribune.services.judge import Judge
+from tribune.trainer.modeling import sample_responses
+from tribune.trainer.rollout import Generated
 
 log = logging.getLogger("tribune")
 

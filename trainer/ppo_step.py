@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from trainer.defences import ensemble_reward, member_disagreement
-from trainer.modeling import response_logprobs
-from trainer.ppo_config import PPOConfig
-from trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty, masked_mean,
+from tribune.trainer.defences import ensemble_reward, member_disagreement
+from tribune.trainer.modeling import response_logprobs
+from tribune.trainer.ppo_config import PPOConfig
+from tribune.trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty, masked_mean,
                              ppo_policy_loss, shaped_rewards, value_loss, whiten)
-from trainer.rollout import Scorer, start_rollouts
-from trainer.run import global_batch_indices, shard
+from tribune.trainer.rollout import Scorer, start_rollouts
+from tribune.trainer.run import global_batch_indices, shard
 
 
 @dataclass

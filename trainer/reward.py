@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from services.common.config import field, group
-from services.common.errors import UserError
-from services.common.jsonl import SkipCounter, write_json
-from services.common.text import Truncation, encode_pair, load_tokenizer
-from services.judge import Judge, JudgeConfig, load_judge
-from trainer.adapters import prepare_model
-from trainer.lengths import check_lengths, with_fitted_lengths
-from trainer.data import PreferenceGroup, load_preference_groups, pad_right
-from trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
-from trainer.modeling import (check_model_dir, load_causal_lm, load_reward_model, reward_head_name, sample_responses,
+from tribune.services.common.config import field, group
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import SkipCounter, write_json
+from tribune.services.common.text import Truncation, encode_pair, load_tokenizer
+from tribune.services.judge import Judge, JudgeConfig, load_judge
+from tribune.trainer.adapters import prepare_model
+from tribune.trainer.lengths import check_lengths, with_fitted_lengths
+from tribune.trainer.data import PreferenceGroup, load_preference_groups, pad_right
+from tribune.trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
+from tribune.trainer.modeling import (check_model_dir, load_causal_lm, load_reward_model, reward_head_name, sample_responses,
                               score_sequences)
-from trainer.run import Run, TrainingConfig, default, train_supervised
+from tribune.trainer.run import Run, TrainingConfig, default, train_supervised
 
 log = logging.getLogger("tribune")
 

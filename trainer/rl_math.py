@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from trainer.sequences import last_token_index
+from tribune.trainer.sequences import last_token_index
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

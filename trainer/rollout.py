@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.common.text import encode_prompt
-from services.contract import ServedFacts
-from trainer.modeling import generate
+from tribune.services.common.text import encode_prompt
+from tribune.services.contract import ServedFacts
+from tribune.trainer.modeling import generate
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Generated:
 
 
 class Scorer(Protocol):
-    """What PPO needs from the scoring services (``trainer.scorers``: token ids to Triton, or text
+    """What PPO needs from the scoring services (``tribune.trainer.scorers``: token ids to Triton, or text
     to a RewardService for the reward and token ids to Triton for the reference)."""
     facts: ServedFacts
 

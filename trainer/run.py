@@ -27,15 +27,15 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from services.common.config import field, group, to_dict
-from services.common.console import log_to_file
-from services.common.errors import UserError
-from services.common.jsonl import write_json
-from services.common.text import load_tokenizer
-from trainer.adapters import MemoryConfig, check_precision, plain_model
-from trainer.checkpoints import (StopRequested, check_ranks_agree, drop_tied_aliases, load_checkpoint,
+from tribune.services.common.config import field, group, to_dict
+from tribune.services.common.console import log_to_file
+from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import write_json
+from tribune.services.common.text import load_tokenizer
+from tribune.trainer.adapters import MemoryConfig, check_precision, plain_model
+from tribune.trainer.checkpoints import (StopRequested, check_ranks_agree, drop_tied_aliases, load_checkpoint,
                                  save_checkpoint)
-from trainer.tracking import PROJECT, check_installed, hparams, init_kwargs, log_with, parse_report_to, tracker_row
+from tribune.trainer.tracking import PROJECT, check_installed, hparams, init_kwargs, log_with, parse_report_to, tracker_row
 
 log = logging.getLogger("tribune")
 LOG_FILE = "tribune.log"

@@ -1,4 +1,4 @@
-"""The scoring services behind PPO's ``trainer.rollout.Scorer`` protocol, two ways.
+"""The scoring services behind PPO's ``tribune.trainer.rollout.Scorer`` protocol, two ways.
 
 * ``TokenScorers`` (``--reward-url``): the reward model shares the policy's tokenizer; token
   ids go to Triton's `reward` and `reference` models (possibly on different servers).
@@ -19,13 +19,13 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from services.client import ScorerUnavailable, TritonScorer, _then
-from services.common.errors import UserError
-from services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError
-from services.reward_client import RewardClient, facts_from_model_info
-from trainer.modeling import decode_responses
-from trainer.ppo_config import PPOConfig
-from trainer.rollout import Generated
+from tribune.services.client import ScorerUnavailable, TritonScorer, _then
+from tribune.services.common.errors import UserError
+from tribune.services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError
+from tribune.services.reward_client import RewardClient, facts_from_model_info
+from tribune.trainer.modeling import decode_responses
+from tribune.trainer.ppo_config import PPOConfig
+from tribune.trainer.rollout import Generated
 
 REFERENCE_ROLE = "the reference (--reference-url) must share the policy's tokenizer"
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from services.common.config import field, group
-from services.common.jsonl import SkipCounter
-from services.common.text import Truncation, encode_pair
-from services.judge import Judge, JudgeConfig, load_judge
-from trainer.adapters import prepare_model
-from trainer.lengths import check_lengths, with_fitted_lengths
-from trainer.data import load_sft_rows, pad_right
-from trainer.modeling import causal_logits, load_causal_lm, sample_responses
-from trainer.run import Run, TrainingConfig, train_supervised
+from tribune.services.common.config import field, group
+from tribune.services.common.jsonl import SkipCounter
+from tribune.services.common.text import Truncation, encode_pair
+from tribune.services.judge import Judge, JudgeConfig, load_judge
+from tribune.trainer.adapters import prepare_model
+from tribune.trainer.lengths import check_lengths, with_fitted_lengths
+from tribune.trainer.data import load_sft_rows, pad_right
+from tribune.trainer.modeling import causal_logits, load_causal_lm, sample_responses
+from tribune.trainer.run import Run, TrainingConfig, train_supervised
 
 log = logging.getLogger("tribune")
 

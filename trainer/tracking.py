@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import UserError
+from tribune.services.common.errors import UserError
 
 # --report-to name → the package it needs (its import name) and how to install it
 TRACKERS: dict[str, tuple[str, str]] = {

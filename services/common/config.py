@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from services.common.errors import UserError
+from tribune.services.common.errors import UserError
 
 C = TypeVar("C")
 REDACTED = "<redacted>"

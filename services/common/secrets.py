@@ -11,7 +11,7 @@ import hmac
 import os
 from pathlib import Path
 
-from services.common.errors import UserError
+from tribune.services.common.errors import UserError
 
 
 def resolve_secret(value: str | None, path: Path | None, env: str) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.errors import UserError
+from tribune.services.common.errors import UserError
 
 
 def load_tokenizer(path: Path):

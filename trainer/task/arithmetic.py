@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.task.spec import BaseModelSpec, TaskSpec
+from tribune.trainer.task.spec import BaseModelSpec, TaskSpec
 
 UNITS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
@@ -151,7 +151,7 @@ SPEC = TaskSpec(
     name="arithmetic",
     task_id="tribune-arithmetic-v1",
     description="add or subtract small numbers written in words (add seven and eight -> fifteen)",
-    judge="trainer.task.arithmetic:gold_score",
+    judge="tribune.trainer.task.arithmetic:gold_score",
     vocabulary=vocabulary,
     sample_prompt=sample_prompt,
     gold_score=gold_score,

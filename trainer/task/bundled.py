@@ -1,16 +1,16 @@
 """The bundled task (the default of `tribune task make`): prompts, noisy demonstrator, spec.
 
-Its judge and instruction language live in ``trainer.task.judge`` (re-exported as
-``trainer.gold_score``). The code below is the generator that used to live in
-``trainer.task.make``, moved unchanged: for the same seed it draws the same random numbers
+Its judge and instruction language live in ``tribune.trainer.task.judge`` (re-exported as
+``tribune.trainer.gold_score``). The code below is the generator that used to live in
+``tribune.trainer.task.make``, moved unchanged: for the same seed it draws the same random numbers
 in the same order, so the files it makes are byte-identical to earlier releases.
 """
 from __future__ import annotations
 
 import random
 
-from trainer.task.judge import CATEGORIES, NUMBERS, gold_score, vocabulary
-from trainer.task.spec import BaseModelSpec, TaskSpec
+from tribune.trainer.task.judge import CATEGORIES, NUMBERS, gold_score, vocabulary
+from tribune.trainer.task.spec import BaseModelSpec, TaskSpec
 
 
 def sample_prompt(rng: random.Random) -> str:
@@ -71,7 +71,7 @@ SPEC = TaskSpec(
     name="bundled",
     task_id="tribune-bundled-v1",
     description="name N distinct words of a category, or count from A to B (the default task)",
-    judge="trainer.task.judge:gold_score",
+    judge="tribune.trainer.task.judge:gold_score",
     vocabulary=vocabulary,
     sample_prompt=sample_prompt,
     gold_score=gold_score,

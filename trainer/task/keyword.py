@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.task.spec import BaseModelSpec, TaskSpec
+from tribune.trainer.task.spec import BaseModelSpec, TaskSpec
 
 POOL: tuple[str, ...] = (
     "sky", "sun", "moon", "star", "rain", "wind", "tree", "leaf", "river", "stone", "hill", "snow",
@@ -125,7 +125,7 @@ SPEC = TaskSpec(
     name="keyword",
     task_id="tribune-keyword-v1",
     description="write exactly N distinct words that use the given keyword(s) once (a length and keyword rule)",
-    judge="trainer.task.keyword:gold_score",
+    judge="tribune.trainer.task.keyword:gold_score",
     vocabulary=vocabulary,
     sample_prompt=sample_prompt,
     gold_score=gold_score,

@@ -11,7 +11,7 @@ of the time, so πSFT leaves headroom on the gold score. Preference labels are d
 Bradley–Terry model on the gold scores, P(a ≻ b) = σ((g_a − g_b) / τ), i.e. raters who
 sometimes disagree; k-way rankings are drawn from the Plackett–Luce model, its
 generalisation to k items. Nothing here is specific to one task: a task is a
-``trainer.task.spec.TaskSpec`` in ``trainer.task.registry.TASKS``.
+``tribune.trainer.task.spec.TaskSpec`` in ``tribune.trainer.task.registry.TASKS``.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from services.common.config import field
-from trainer.task.bundled import FLAWS, SFT_FLAWS, demonstrate, sample_prompt  # noqa: F401 (public names)
-from trainer.raters import plackett_luce_order
-from trainer.task.judge import gold_score
-from trainer.task.registry import DEFAULT_TASK, get_task
-from trainer.task.spec import BaseModelSpec, TaskSpec
+from tribune.services.common.config import field
+from tribune.trainer.task.bundled import FLAWS, SFT_FLAWS, demonstrate, sample_prompt  # noqa: F401 (public names)
+from tribune.trainer.raters import plackett_luce_order
+from tribune.trainer.task.judge import gold_score
+from tribune.trainer.task.registry import DEFAULT_TASK, get_task
+from tribune.trainer.task.spec import BaseModelSpec, TaskSpec
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 

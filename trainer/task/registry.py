@@ -1,8 +1,8 @@
 """The task suite: every synthetic task by name, and the lines of `tribune task list`."""
 from __future__ import annotations
 
-from trainer.task import arithmetic, bundled, keyword, sequence, style
-from trainer.task.spec import TaskSpec
+from tribune.trainer.task import arithmetic, bundled, keyword, sequence, style
+from tribune.trainer.task.spec import TaskSpec
 
 DEFAULT_TASK = "bundled"
 

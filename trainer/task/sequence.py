@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.task.spec import BaseModelSpec, TaskSpec
+from tribune.trainer.task.spec import BaseModelSpec, TaskSpec
 
 LETTERS: tuple[str, ...] = tuple("abcdefghij")
 OPERATIONS: tuple[str, ...] = ("reverse", "sort")
@@ -98,7 +98,7 @@ SPEC = TaskSpec(
     name="sequence",
     task_id="tribune-sequence-v1",
     description="reverse or sort a list of letters (reverse c a f -> f a c), credit per position",
-    judge="trainer.task.sequence:gold_score",
+    judge="tribune.trainer.task.sequence:gold_score",
     vocabulary=vocabulary,
     sample_prompt=sample_prompt,
     gold_score=gold_score,

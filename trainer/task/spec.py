@@ -1,4 +1,4 @@
-"""What a synthetic task is: the small interface that ``trainer.task.make`` builds files from.
+"""What a synthetic task is: the small interface that ``tribune.trainer.task.make`` builds files from.
 
 A task is a word-level instruction language (whitespace tokens) with
 
@@ -78,7 +78,7 @@ class TaskSpec:
 
 def load_judge(ref: str) -> Callable[[str, str], float]:
     """Imports a gold judge given as ``"module:function"``, exactly as ``--judge`` does."""
-    from services.judge import CallableJudge
+    from tribune.services.judge import CallableJudge
 
     return CallableJudge(ref).fn
 

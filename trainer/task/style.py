@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.task.spec import BaseModelSpec, TaskSpec
+from tribune.trainer.task.spec import BaseModelSpec, TaskSpec
 
 VERBS: tuple[str, ...] = ("greet", "thank", "apologise")
 REGISTERS: tuple[str, ...] = ("formally", "casually")
@@ -120,7 +120,7 @@ SPEC = TaskSpec(
     name="style",
     task_id="tribune-style-v1",
     description="greet, thank or apologise to someone in the register asked for (formally or casually)",
-    judge="trainer.task.style:gold_score",
+    judge="tribune.trainer.task.style:gold_score",
     vocabulary=vocabulary,
     sample_prompt=sample_prompt,
     gold_score=gold_score,
