@@ -8,8 +8,11 @@ with exact lengths almost every request is its own execution. Measured on `tribu
 (the bundled recipe's model, untrained weights: the cost of a forward pass is the same):
 
 * ``sequential``: one client, one request at a time (the client's default length buckets);
-* ``concurrent_exact`` / ``concurrent_bucketed``: 16 clients at once, lengths sent exactly
-  (``length_bucket`` 0) or padded up to multiples of 16 (the default);
+* ``concurrent_exact`` / ``concurrent_bucketed``: 16 clients at once (threads of this process),
+  lengths sent exactly (``length_bucket`` 0) or padded up to multiples of 16 (the default);
+* ``concurrent_bucketed_processes``: the same 16 clients, each its own process (as PPO ranks and
+  gateway replicas are): on a machine with few cores their 16 interpreters compete with the
+  server for the CPU;
 * each of the concurrent runs also against ``--no-ragged-batching``, stock Triton's rule
   (equal shapes only), which is what production serving does.
 
@@ -77,41 +80,70 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def run(server, fp: str, rows: list[np.ndarray], clients: int, bucket: int) -> dict:
-    """Scores every row (batch 1) with ``clients`` concurrent clients; req/s and Triton's executions."""
+def _client_process(url: str, fp: str, bucket: int, share: list[np.ndarray], barrier, results) -> None:
+    """One client in its own process (as PPO ranks and gateway replicas are): connect and warm up,
+    wait for the others, score its share one row at a time; report its CPU seconds."""
     from tribune.services.client import ClientConfig, TritonScorer
     from tribune.services.contract import REWARD_MODEL
 
-    cfg = ClientConfig(url=server.url, max_in_flight=1, length_bucket=bucket)
-    scorers = [TritonScorer(cfg, fp, models=(REWARD_MODEL,)) for _ in range(clients)]
-    for s in scorers:                                    # warm every connection (not timed)
-        s.score(rows[0][None], np.ones((1, rows[0].size), np.int64))
+    s = TritonScorer(ClientConfig(url=url, max_in_flight=1, length_bucket=bucket), fp, models=(REWARD_MODEL,))
+    s.score(share[0][None], np.ones((1, share[0].size), np.int64))        # warm the connection (not timed)
+    barrier.wait()
+    cpu0 = time.process_time()
+    for row in share:
+        s.score(row[None], np.ones((1, row.size), np.int64))
+    results.put(time.process_time() - cpu0)
+    s.close()
+
+
+def run(server, fp: str, rows: list[np.ndarray], clients: int, bucket: int, processes: bool = False) -> dict:
+    """Scores every row (batch 1) with ``clients`` concurrent clients (threads of this process, or
+    ``processes``: one process each); req/s and Triton's executions."""
+    import multiprocessing as mp
+
+    from tribune.services.client import ClientConfig, TritonScorer
+    from tribune.services.contract import REWARD_MODEL
+
     shares = [rows[k::clients] for k in range(clients)]
-    barrier = threading.Barrier(clients + 1)
+    if processes:
+        ctx = mp.get_context("spawn")                   # never fork a process that holds gRPC channels
+        barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
+        workers = [ctx.Process(target=_client_process, args=(server.url, fp, bucket, share, barrier, results))
+                   for share in shares]
+        for w in workers:
+            w.start()
+    else:
+        cfg = ClientConfig(url=server.url, max_in_flight=1, length_bucket=bucket)
+        scorers = [TritonScorer(cfg, fp, models=(REWARD_MODEL,)) for _ in range(clients)]
+        for s in scorers:                                    # warm every connection (not timed)
+            s.score(rows[0][None], np.ones((1, rows[0].size), np.int64))
+        barrier = threading.Barrier(clients + 1)
 
-    def client(s, share):
-        barrier.wait()
-        for row in share:
-            s.score(row[None], np.ones((1, row.size), np.int64))
+        def client(s, share):
+            barrier.wait()
+            for row in share:
+                s.score(row[None], np.ones((1, row.size), np.int64))
 
-    threads = [threading.Thread(target=client, args=(s, share)) for s, share in zip(scorers, shares)]
-    for t in threads:
-        t.start()
+        workers = [threading.Thread(target=client, args=(s, share)) for s, share in zip(scorers, shares)]
+        for t in workers:
+            t.start()
     before = executions(server, REWARD_MODEL)
     cpu0 = cpu_seconds(server.proc.pid) + time.process_time()
     barrier.wait()
     t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    client_cpu = [results.get(timeout=600) for _ in workers] if processes else []
+    for w in workers:
+        w.join()
     seconds = time.perf_counter() - t0
-    cpu = cpu_seconds(server.proc.pid) + time.process_time() - cpu0
+    cpu = cpu_seconds(server.proc.pid) + time.process_time() - cpu0 + sum(client_cpu)
     after = executions(server, REWARD_MODEL)
-    for s in scorers:
-        s.close()
+    if not processes:
+        for s in scorers:
+            s.close()
     requests, execs = after[0] - before[0], after[1] - before[1]
-    return {"clients": clients, "length_bucket": bucket, "requests": len(rows), "seconds": seconds,
-            "req_per_s": len(rows) / seconds, "triton_requests": requests, "triton_executions": execs,
-            "mean_batch": requests / max(execs, 1),
+    return {"clients": clients, "client_processes": processes, "length_bucket": bucket, "requests": len(rows),
+            "seconds": seconds, "req_per_s": len(rows) / seconds, "triton_requests": requests,
+            "triton_executions": execs, "mean_batch": requests / max(execs, 1),
             # CPU of server and clients together: on a shared machine whose cores are busy, the
             # steadier figure of what batching saves
             "cpu_ms_per_request": 1000 * cpu / len(rows)}
@@ -125,8 +157,9 @@ def main() -> None:
     ap.add_argument("--min-length", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--length-bucket", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="each mode this many times, alternating")
-    ap.add_argument("--instances", type=int, default=1, help="ONNX Runtime sessions per model")
+    ap.add_argument("--rounds", type=int, default=5, help="each mode this many times, alternating")
+    ap.add_argument("--instances", type=int, default=2, help="ONNX Runtime sessions per model (one thread each: "
+                    "one per core of the 2-core development machine; with 1, executions queue behind each other)")
     args = ap.parse_args()
 
     from tribune.services.client import bucket_length
@@ -151,18 +184,20 @@ def main() -> None:
         max_len = int(args.max_length)
         padded = sum(bucket_length(int(n), args.length_bucket, max_len) for n in lengths)
         # alternate the modes in rounds (medians reported): the load of a shared machine drifts
-        modes = {"sequential": (1, args.length_bucket), "concurrent_exact": (args.concurrent_clients, 0),
-                 "concurrent_bucketed": (args.concurrent_clients, args.length_bucket)}
+        n = args.concurrent_clients
+        modes = {"sequential": (1, args.length_bucket, False), "concurrent_exact": (n, 0, False),
+                 "concurrent_bucketed": (n, args.length_bucket, False),
+                 "concurrent_bucketed_processes": (n, args.length_bucket, True)}
         runs: dict[str, list[dict]] = {}
         serve_args = ("--intra-op-threads", "1", "--instances", str(args.instances))
         with start_serve(repo, *serve_args) as server:
             for _ in range(args.rounds):
-                for name, (clients, bucket) in modes.items():
-                    runs.setdefault(name, []).append(run(server, fp, rows, clients, bucket))
+                for name, (clients, bucket, procs) in modes.items():
+                    runs.setdefault(name, []).append(run(server, fp, rows, clients, bucket, procs))
         with start_serve(repo, *serve_args, "--no-ragged-batching") as server:
             for _ in range(args.rounds):
-                for name, (clients, bucket) in list(modes.items())[1:]:
-                    runs.setdefault(f"stock_rule_{name}", []).append(run(server, fp, rows, clients, bucket))
+                for name, (clients, bucket, procs) in list(modes.items())[1:3]:
+                    runs.setdefault(f"stock_rule_{name}", []).append(run(server, fp, rows, clients, bucket, procs))
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])

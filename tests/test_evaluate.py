@@ -27,16 +27,24 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
         bon = row["best_of_n"]         # through the gateway's ScoreBestOfN
         assert bon["n"] >= 2 and bon["oracle_gold"] >= bon["picked_gold"] and bon["oracle_gold"] >= bon["random_gold"]
     row, r1 = table["rows"]
-    assert set(row["stage_seconds"]) == {"task", "sft", "rm", "export", "ppo"}
+    assert set(row["stage_seconds"]) == {"task", "sft", "collect_label", "rm", "export", "ppo"}
+    # the data step: one ranking of πSFT samples per training prompt (24 here), given pairs + these
+    col = out / "sequence" / "collected"
+    given = (out / "sequence" / "task" / "prefs_train.jsonl").read_text().count("\n")
+    ranked = [json.loads(line) for line in (col / "prefs.jsonl").read_text().splitlines()]
+    assert 20 <= len(ranked) <= 24 and all(r["policy"].startswith("sft@") and len(r["ranking"]) >= 2 for r in ranked)
+    assert (col / "prefs_given_and_collected.jsonl").read_text().count("\n") == given + len(ranked)
+    rm0 = json.loads((out / "sequence" / "rm" / "config.resolved.json").read_text())
+    assert Path(rm0["train"]) == col / "prefs_given_and_collected.jsonl" and Path(rm0["eval"]) == col / "prefs_eval.jsonl"
+    assert row["rm_data"] == "given_and_collected"
     assert (out / "evaluation.png").stat().st_size > 10_000
     assert (out / "sequence" / "ppo" / "model.safetensors").is_file()
 
     rd = out / "sequence" / "round-1"
     cands = [json.loads(line) for line in (rd / "candidates.jsonl").read_text().splitlines()]
     assert len(cands) == 24 and r1["collected"]["rows"] == 24 and cands[0]["policy"].startswith("ppo@")
-    given = (out / "sequence" / "task" / "prefs_train.jsonl").read_text().count("\n")
     collected = (rd / "prefs.jsonl").read_text().count("\n")
-    assert (rd / "prefs_all.jsonl").read_text().count("\n") == given + collected and collected >= 20
+    assert (rd / "prefs_all.jsonl").read_text().count("\n") == given + len(ranked) + collected and collected >= 20
     rm_cfg = json.loads((rd / "rm" / "config.resolved.json").read_text())
     ppo_cfg = json.loads((rd / "ppo" / "config.resolved.json").read_text())
     assert Path(rm_cfg["model"]) == out / "sequence" / "rm"             # warm-started from round 0's model
@@ -51,7 +59,11 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     again = json.loads((out / "evaluation.json").read_text())["rows"]
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
-    c = again[0]["collected_rm"]
-    assert 0 < c["train_pairs"] <= 24 * 6 and c["given_train_pairs"] > 8000
-    assert 0.0 <= c["rm_onpolicy_accuracy"] <= 1.0 and c["best_of_n"]["n"] >= 2
-    assert {"ppo_gold", "sft_gold"} <= set(c["T=0.7"]) and (out / "sequence" / "ppo_collected" / "model.safetensors").is_file()
+    assert set(again[0]["compared"]) == {"given", "collected", "seconds"}      # the variants other than the pipeline's
+    g, c = again[0]["compared"]["given"], again[0]["compared"]["collected"]
+    assert 0 < c["train_pairs"] <= 24 * 6 and g["train_pairs"] > 8000
+    assert g["pipeline_train_pairs"] == g["train_pairs"] + c["train_pairs"]
+    for v, name in ((g, "given"), (c, "collected")):
+        assert 0.0 <= v["rm_onpolicy_accuracy"] <= 1.0 and v["best_of_n"]["n"] >= 2
+        assert {"ppo_gold", "sft_gold"} <= set(v["T=0.7"])
+        assert (out / "sequence" / f"ppo_{name}" / "model.safetensors").is_file()

@@ -57,6 +57,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "demonstrator_gold_score": task["demonstrator_gold_score"],
         "sft_gold_score": sft.get("gold_score"),
         "sft_eval_loss": sft["eval_loss"],
+        "rm_train": str(rm_cfg.train), "rm_eval": str(rm_cfg.eval),
+        "collected_on_sft": result.collected,       # the data step's counts (None: --no-collect-sft)
         "rm_eval_accuracy": rm["eval_accuracy"],
         "rm_eval_gold_accuracy": rm.get("eval_gold_accuracy"),
         "rm_reward_mean": rm["reward_mean"],
@@ -81,6 +83,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\nTribune demo")
     print(f"  SFT policy gold score (held-out, sampled): {report['sft_gold_score']:.3f}"
           f"   (demonstrator: {report['demonstrator_gold_score']:.3f}, perfect: 1.0)")
+    c = report["collected_on_sft"]
+    if c:
+        print(f"  reward model data: the given pairs + {c['rows']} rankings of {c['candidates'] // max(1, c['rows'])} "
+              f"πSFT samples each (the simulated rater); held-out set: the rater's rankings of πSFT samples")
     print(f"  reward model held-out accuracy: {report['rm_eval_accuracy']:.3f} on rater labels, "
           f"{report['rm_eval_gold_accuracy']:.3f} on the gold ordering")
     print("  held-out prompts, sampled responses:      gold score   proxy reward (raw)")

@@ -55,10 +55,11 @@ class EvaluateConfig:
                                                      "on preferences collected on πSFT's samples (the task's rater)")
     reuse: bool = field(False, help="measure tasks whose pipeline outputs already exist under OUTPUT/TASK (from an "
                                     "earlier run with the same options) instead of training them again")
-    compare_collected: bool = field(False, help="per task, also a reward model trained on preferences collected on "
+    compare_collected: bool = field(False, help="per task, also reward models trained on preferences collected on "
                                                 "πSFT's samples (one ranking of k per training prompt, the task's rater) "
-                                                "instead of the given pairs: its accuracy on the policy's own samples, "
-                                                "best-of-n and PPO gold, next to the given pairs' model")
+                                                "instead of the given pairs, and on both together: their accuracy on "
+                                                "the policy's own samples, best-of-n and PPO gold, next to the given "
+                                                "pairs' model")
     best_of_n: int = field(8, help="candidates sampled per held-out prompt for the reward model's accuracy on the "
                                    "policy's own samples and for best-of-n through the gateway's ScoreBestOfN")
 
@@ -206,9 +207,13 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     judge = CallableJudge(judge_ref)
     prompts = load_prompts(ppo_cfg.eval_prompts, SkipCounter())[:cfg.eval_prompts]
     onpolicy = onpolicy_accuracy(stages.rm.output, cands[0], judge_ref, stages.rm)
-    row: dict = {"task": task, "round": 0, "rm_eval_accuracy": result.rm.get("eval_accuracy"),
-                 "rm_gold_accuracy": result.rm.get("eval_gold_accuracy"),
-                 "rm_length_correlation": result.rm.get("eval_length_correlation"),
+    # gold-order accuracy on the task's held-out pairs, whichever set the reward model stopped on
+    # (the data step's is the rater's ranking of held-out πSFT samples): one yardstick for every variant
+    held_out = _held_out_accuracy(stages, stages.rm, result.rm)
+    row: dict = {"task": task, "round": 0, "rm_data": pipeline_variant(cfg.stages),
+                 "rm_eval_accuracy": result.rm.get("eval_accuracy"),
+                 "rm_gold_accuracy": held_out.get("eval_gold_accuracy"),
+                 "rm_length_correlation": held_out.get("eval_length_correlation"),
                  "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
                  onpolicy["length_correlation"], "gold_onpolicy_length_correlation": onpolicy["gold_length_correlation"],
                  "best_of_n": bon.get(0), "ppo_final_kl": result.ppo.get("objective/kl"),
@@ -217,16 +222,17 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     row.update(_targets(row, ppo_cfg.temperature))
     row["stage_seconds"] = result.seconds
     if cfg.compare_collected:
-        row["collected_rm"] = compare_collected(cfg, stages, cands[0], prompts, gateway, port)
+        row["compared"] = compare_collected(cfg, stages, cands[0], prompts, gateway, port)
     rows = [row]
     for rr in result.rounds:
         rs = rr.stages
         # on the samples of the policy this round's PPO starts from
         onpolicy_r = onpolicy_accuracy(rs.rm.output, rs.collect_eval.output, judge_ref, rs.rm)
+        held_out_r = _held_out_accuracy(stages, rs.rm, rr.rm)
         # the rounds' policies are compared with πSFT, like round 0's: gain is over the whole recipe
         r_row = {"task": task, "round": rs.round, "rm_eval_accuracy": rr.rm.get("eval_accuracy"),
-                 "rm_gold_accuracy": rr.rm.get("eval_gold_accuracy"),
-                 "rm_length_correlation": rr.rm.get("eval_length_correlation"),
+                 "rm_gold_accuracy": held_out_r.get("eval_gold_accuracy"),
+                 "rm_length_correlation": held_out_r.get("eval_length_correlation"),
                  "rm_onpolicy_accuracy": onpolicy_r["accuracy"],
                  "rm_onpolicy_length_correlation": onpolicy_r["length_correlation"],
                  "gold_onpolicy_length_correlation": onpolicy_r["gold_length_correlation"],
@@ -239,6 +245,16 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     for r in rows:
         r["wall_s"] = wall
     return rows
+
+
+def _held_out_accuracy(stages, rm_cfg, metrics: dict) -> dict:
+    """A reward model's figures on the task's held-out pairs (``metrics``, its own, when it stopped on them)."""
+    from tribune.trainer.reward import evaluate_rm_dir
+
+    given_eval = variant_data(stages, "given")[1]
+    if Path(rm_cfg.eval) == given_eval:
+        return metrics
+    return evaluate_rm_dir(rm_cfg.output, given_eval, rm_cfg, CallableJudge(stages.task.spec.judge))
 
 
 def reused_result(cfg: EvaluateConfig, task: str):
@@ -256,55 +272,87 @@ def reused_result(cfg: EvaluateConfig, task: str):
     return PipelineResult(stages, read(need[4]), read(need[0]), read(need[1]), read(need[2]), {})
 
 
+VARIANTS = ("given", "collected", "given_and_collected")
+
+
+def variant_data(stages, name: str) -> tuple[Path, Path]:
+    """(training file, early-stopping file) of a reward-model data variant: the task's given pairs
+    (and its held-out pairs), the data step's collected rankings, or both (the rater's ranking of
+    held-out πSFT samples)."""
+    from tribune.trainer.pipeline import given_pairs, sft_collection_paths
+
+    paths = sft_collection_paths(Path(stages.sft.output).parent)
+    return {"given": (given_pairs(stages), given_pairs(stages).with_name("prefs_eval.jsonl")),
+            "collected": (paths["train"].with_name("prefs.jsonl"), paths["eval"]),
+            "given_and_collected": (paths["train"], paths["eval"])}[name]
+
+
+def pipeline_variant(options: StageOptions) -> str:
+    return "given_and_collected" if options.collect_sft else "given"
+
+
 def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: list[str], gateway: tuple,
                       port: int) -> dict:
-    """A reward model trained on preferences collected on πSFT's samples instead of the given
-    pairs (same start, same training settings), measured like the given pairs' model."""
+    """Reward models on the other data variants than the pipeline's (the given pairs alone, the
+    preferences collected on πSFT's samples alone, both together), same start and training
+    settings, each measured like the pipeline's. Under ``--reuse`` a variant whose reward model
+    and PPO run are finished is measured again, not retrained."""
+    from tribune.trainer.pipeline import collect_on_sft
+
+    t0 = time.perf_counter()
+    collected, _ = variant_data(stages, "collected")
+    if not collected.is_file():          # the pipeline's data step made it, unless --no-collect-sft
+        collect_on_sft(stages, cfg.stages)
+    result = {name: _measure_variant(cfg, stages, name, *variant_data(stages, name), candidates, prompts, gateway, port)
+              for name in VARIANTS if name != pipeline_variant(cfg.stages)}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _measure_variant(cfg: EvaluateConfig, stages, name: str, train: Path, eval_file: Path, candidates: Path,
+                     prompts: list[str], gateway: tuple, port: int) -> dict:
+    """One reward model of the comparison (``rm_NAME``), trained on ``train`` like the pipeline's:
+    held-out gold accuracy, accuracy on πSFT's own samples, best-of-n and PPO gold (``ppo_NAME``)."""
     from tribune.services.launcher import start_serve
-    from tribune.trainer.collect import run_collect
+    from tribune.trainer.data import load_preference_groups
     from tribune.trainer.export import run_export
-    from tribune.trainer.label import run_label
-    from tribune.trainer.pipeline import round_configs
+    from tribune.trainer.losses import ranking_to_pairs
     from tribune.trainer.ppo import run_ppo
     from tribune.trainer.reward import evaluate_rm_dir, run_train_rm
 
     out = Path(stages.rm.output).parent
-    # one ranking per training prompt (unless --collect max_prompts=N is given)
-    options = dataclasses.replace(cfg.stages, collect={"max_prompts": None, **cfg.stages.collect})
-    t0 = time.perf_counter()
-    prefs = sft_preferences(stages, options, out / "collected")
-    rs = round_configs(stages, 1, stages.sft.output, stages.rm.output, options)
-    collect_eval = dataclasses.replace(rs.collect_eval, policy=stages.sft.output, output=out / "collected" /
-                                       "candidates_eval.jsonl")
-    label_eval = dataclasses.replace(rs.label_eval, input=collect_eval.output, output=out / "collected" /
-                                     "prefs_eval.jsonl")
-    Path(collect_eval.output).unlink(missing_ok=True)
-    run_collect(collect_eval)
-    run_label(label_eval)       # the rater's labels of held-out samples: the early-stopping set
-    rm_cfg = dataclasses.replace(stages.rm, train=prefs, eval=label_eval.output, output=out / "rm_collected")
-    log.info("compare: reward model on preferences collected on πSFT's samples → %s", rm_cfg.output)
-    metrics = run_train_rm(rm_cfg)
-    given_eval = evaluate_rm_dir(rm_cfg.output, stages.rm.eval, stages.rm, CallableJudge(stages.task.spec.judge))
+    rm_cfg = dataclasses.replace(stages.rm, train=train, eval=eval_file, output=out / f"rm_{name}")
+    export = dataclasses.replace(stages.export, reward=rm_cfg.output, output=out / f"repository_{name}")
+    ppo_dir = out / f"ppo_{name}"
+    judge = CallableJudge(stages.task.spec.judge)
+    done = all((d / "metrics.json").is_file() for d in (rm_cfg.output, ppo_dir)) and \
+        (Path(export.output) / "tribune.json").is_file()
+    if cfg.reuse and done:
+        log.info("compare: reusing %s and %s", rm_cfg.output, ppo_dir)
+        metrics = json.loads((rm_cfg.output / "metrics.json").read_text())
+    else:
+        log.info("compare: reward model on %s → %s", train, rm_cfg.output)
+        metrics = run_train_rm(rm_cfg)
+        run_export(export)
+    given_eval = evaluate_rm_dir(rm_cfg.output, variant_data(stages, "given")[1], stages.rm, judge)
     onpolicy = onpolicy_accuracy(rm_cfg.output, candidates, stages.task.spec.judge, stages.rm)
-    export = dataclasses.replace(stages.export, reward=rm_cfg.output, output=out / "repository_collected")
-    run_export(export)
     with start_serve(export.output, *gateway) as server:
-        bon = best_of_n(f"127.0.0.1:{port}", candidates, CallableJudge(stages.task.spec.judge))
+        bon = best_of_n(f"127.0.0.1:{port}", candidates, judge)
         ppo_cfg = dataclasses.replace(stages.ppo, reward_url=server.url, reference_url=server.url,
-                                      value_init=rm_cfg.output, output=out / "ppo_collected")
-        log.info("compare: ppo against it → %s", ppo_cfg.output)
-        ppo = run_ppo(ppo_cfg)
-    from tribune.trainer.losses import ranking_to_pairs
-    from tribune.trainer.data import load_preference_groups
+                                      value_init=rm_cfg.output, output=ppo_dir)
+        if cfg.reuse and done:
+            ppo = json.loads((ppo_dir / "metrics.json").read_text())
+        else:
+            log.info("compare: ppo against it → %s", ppo_dir)
+            ppo = run_ppo(ppo_cfg)
 
     pairs = lambda p: sum(len(ranking_to_pairs(len(g.responses))) for g in load_preference_groups(p, SkipCounter()))  # noqa: E731
-    return {"train_pairs": pairs(prefs), "given_train_pairs": pairs(stages.rm.train),
+    return {"train_pairs": pairs(train), "pipeline_train_pairs": pairs(stages.rm.train),
             "rm_gold_accuracy": given_eval.get("eval_gold_accuracy"),
             "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
             onpolicy["length_correlation"], "rm_collected_eval_gold_accuracy": metrics.get("eval_gold_accuracy"),
             "best_of_n": bon, "ppo_final_kl": ppo.get("objective/kl"),
-            **_policy_row(cfg, ppo_cfg, stages.sft.output, CallableJudge(stages.task.spec.judge), prompts),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            **_policy_row(cfg, ppo_cfg, stages.sft.output, judge, prompts)}
 
 
 def _trajectory(ppo_dir: Path) -> dict:
@@ -336,7 +384,12 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
     member_train = []
     if cfg.study_members == "mixed":
-        member_train = [stages.rm.train, sft_preferences(stages, cfg.stages, out / "study_collected")]
+        given, collected = variant_data(stages, "given")[0], variant_data(stages, "collected")[0]
+        if not collected.is_file():
+            from tribune.trainer.pipeline import collect_on_sft
+
+            collect_on_sft(stages, cfg.stages)
+        member_train = [given, collected]
     ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
                                       member_train=member_train)
     log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,
@@ -365,22 +418,6 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
                                   and r["final_proxy"] > r["sft_proxy"])
     return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
             "members": cfg.study_members, "runs": runs}
-
-
-def sft_preferences(stages, options: StageOptions, out: Path) -> Path:
-    """Preferences collected on πSFT's samples (the pipeline's collect options), labelled by the
-    task's simulated rater at its own noise: the recipe's data step, for the study's ensemble."""
-    from tribune.trainer.collect import run_collect
-    from tribune.trainer.label import run_label
-    from tribune.trainer.pipeline import round_configs
-
-    rs = round_configs(stages, 1, stages.sft.output, stages.rm.output, options)
-    collect = dataclasses.replace(rs.collect, output=out / "candidates.jsonl", seed=stages.sft.seed + 7)
-    label = dataclasses.replace(rs.label, input=collect.output, output=out / "prefs.jsonl", seed=stages.sft.seed + 7)
-    Path(collect.output).unlink(missing_ok=True)
-    run_collect(collect)
-    run_label(label)
-    return Path(label.output)
 
 
 def row_name(r: dict) -> str:
@@ -431,23 +468,31 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+DATA_LABELS = {"given": "given pairs", "collected": "collected on πSFT's samples",
+               "given_and_collected": "given + collected"}
+
+
 def comparison_lines(rows: list[dict]) -> list[str]:
-    """Given pairs vs preferences collected on πSFT's samples, per task (``--compare-collected``)."""
-    rows = [r for r in rows if r.get("collected_rm")]
+    """The pipeline's reward model next to those of ``--compare-collected``, per task."""
+    rows = [r for r in rows if r.get("compared")]
     if not rows:
         return []
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]][:2]
-    lines = ["reward model on the given pairs → on preferences collected on πSFT's samples (same start and settings):",
-             "task        pairs (given → collected)  own-samples acc  held-out gold acc  best-of-n gain  "
-             + "  ".join(f"PPO gold {s} (SFT {'→':s} given | collected)" for s in settings)]
+    lines = ["reward models on other preference data than the pipeline's (same start and settings):",
+             "task        data: pipeline's → other                      pairs  own-samples acc  held-out gold acc  "
+             "best-of-n gain  " + "  ".join(f"PPO gold {s} (SFT → pipeline | other)" for s in settings)]
     for r in rows:
-        c = r["collected_rm"]
-        lines.append(f"{r['task']:<11s} {c['given_train_pairs']:>7d} → {c['train_pairs']:<7d}        "
-                     f"{r['rm_onpolicy_accuracy'] or 0:.3f} → {c['rm_onpolicy_accuracy'] or 0:.3f}    "
-                     f"{r['rm_gold_accuracy'] or 0:.3f} → {c['rm_gold_accuracy'] or 0:.3f}     "
-                     f"{(r['best_of_n'] or {}).get('gain_over_random', 0):+.3f} → {c['best_of_n']['gain_over_random']:+.3f}  "
-                     + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} | {c[s]['ppo_gold']:+.3f}"
-                                 for s in settings))
+        for key, c in r["compared"].items():
+            if not isinstance(c, dict):
+                continue
+            label = f"{DATA_LABELS[r.get('rm_data', 'given')]} → {DATA_LABELS[key]}"
+            lines.append(f"{r['task']:<11s} {label:<45s} {c['pipeline_train_pairs']:>6d} → {c['train_pairs']:<6d}  "
+                         f"{r['rm_onpolicy_accuracy'] or 0:.3f} → {c['rm_onpolicy_accuracy'] or 0:.3f}    "
+                         f"{r['rm_gold_accuracy'] or 0:.3f} → {c['rm_gold_accuracy'] or 0:.3f}     "
+                         f"{(r['best_of_n'] or {}).get('gain_over_random', 0):+.3f} → "
+                         f"{c['best_of_n']['gain_over_random']:+.3f}  "
+                         + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} | {c[s]['ppo_gold']:+.3f}"
+                                     for s in settings))
     return lines
 
 

@@ -1,5 +1,11 @@
-"""The whole pipeline on one suite task, wired in one place: task make → sft → train-rm →
-export → `tribune serve` (a child process) → ppo. `tribune demo` and `tribune evaluate` run it.
+"""The whole pipeline on one suite task, wired in one place: task make → sft → collect on πSFT
+and label (the recipe's data step) → train-rm on the given pairs plus the collected preferences
+→ export → `tribune serve` (a child process) → ppo. `tribune demo` and `tribune evaluate` run it.
+
+The data step (``collect_sft``, on by default) samples k = 4 responses per training prompt from
+πSFT and has the task's simulated rater rank them at the task's own noise. Reward models that saw
+only the given pairs ranked the policy's own samples worse and misled PPO on some tasks (see
+the README's evaluation); the given pairs plus the collected rankings did better on every task.
 
 With ``rounds`` R > 0, R rounds follow (Anthropic's iterated online RLHF): collect on the
 current policy → label (the task's simulated rater, at its own noise) → a reward model on all
@@ -63,10 +69,16 @@ class StageOptions:
     rm: dict[str, Any] = field({}, help=_help("rm", "train-rm"))
     export: dict[str, Any] = field({}, help=_help("export", "export"))
     ppo: dict[str, Any] = field({}, help=_help("ppo", "ppo"))
+    collect_sft: bool = field(True, help="the recipe's data step: before train-rm, collect k samples per training "
+                                         "prompt on πSFT, have the task's simulated rater rank them (at its own "
+                                         "noise), and train the reward model on the given pairs plus these (early "
+                                         "stopping on the rater's ranking of held-out πSFT samples); "
+                                         "--no-collect-sft trains on the given pairs alone")
     rounds: int = field(0, help="rounds of collect on the current policy → label → reward model on all "
                                 "rounds' data (warm-started) → export → PPO from the current policy")
-    collect: dict[str, Any] = field({}, help=_help("collect", "collect") + " (rounds only)")
-    label: dict[str, Any] = field({}, help=_help("label", "label") + " (rounds only)")
+    collect: dict[str, Any] = field({}, help=_help("collect", "collect") + " (the data step on πSFT takes every "
+                                    "training prompt unless max_prompts is given)")
+    label: dict[str, Any] = field({}, help=_help("label", "label"))
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -102,8 +114,10 @@ def stage_configs(out: Path, seed: int, max_steps: int | None, options: StageOpt
     judge = {"judge": task_cfg.spec.judge}      # the task's gold judge, plugged in like any other
     sft = build(SFTConfig, {"model": t / "base", "train": t / "sft.jsonl", "output": out / "sft", **judge, **common},
                 options.merged("sft"))
-    rm = build(RewardConfig, {"model": out / "sft", "train": t / "prefs_train.jsonl", "eval": t / "prefs_eval.jsonl",
-                              "output": out / "rm", **judge, **common}, options.merged("rm"))
+    data = sft_collection_paths(out) if options.collect_sft else {"train": t / "prefs_train.jsonl",
+                                                                   "eval": t / "prefs_eval.jsonl"}
+    rm = build(RewardConfig, {"model": out / "sft", **data, "output": out / "rm", **judge, **common},
+               options.merged("rm"))
     export = build(ExportConfig, {"reward": out / "rm", "reference": out / "sft", "output": out / "repository",
                                   "overwrite": True}, options.merged("export"))
     iterations = int(options.merged("ppo")["iterations"])
@@ -112,6 +126,8 @@ def stage_configs(out: Path, seed: int, max_steps: int | None, options: StageOpt
                             "reference_url": reward_url, "output": out / "ppo", "value_init": out / "rm",
                             "gold_every": max(1, iterations // 6), **judge, **common}, options.merged("ppo"))
     stages = Stages(task_cfg, sft, rm, export, ppo)
+    if options.collect_sft:
+        sft_collection_configs(stages, options)                      # checked before anything runs
     if options.rounds:
         round_configs(stages, 1, ppo.output, rm.output, options)     # round options checked before anything runs
     return stages
@@ -134,13 +150,13 @@ def round_configs(stages: Stages, r: int, previous_policy: Path, previous_rm: Pa
                   reward_url: str = _PLACEHOLDER_URL) -> RoundStages:
     """Round ``r`` (1-based) from the previous round's policy and reward model."""
     out = Path(stages.rm.output).parent / f"round-{r}"
-    t, seed = Path(stages.rm.train).parent, stages.sft.seed + 101 * r
+    seed = stages.sft.seed + 101 * r
     collect_opts = options.merged("collect")
-    collect = _build(CollectConfig, {"policy": previous_policy, "prompts": t / "prompts_train.jsonl",
+    collect = _build(CollectConfig, {"policy": previous_policy, "prompts": stages.ppo.prompts,
                                      "output": out / "candidates.jsonl", "seed": seed,
                                      "max_new_tokens": stages.ppo.max_new_tokens,
                                      "max_prompt_length": stages.ppo.max_prompt_length}, collect_opts)
-    collect_eval = dataclasses.replace(collect, prompts=t / "prompts_eval.jsonl", output=out / "candidates_eval.jsonl",
+    collect_eval = dataclasses.replace(collect, prompts=stages.ppo.eval_prompts, output=out / "candidates_eval.jsonl",
                                        seed=seed + 1, max_prompts=None)
     rater = {"judge": stages.task.spec.judge, "rater_temperature": stages.task.resolved().rater_temperature,
              "seed": seed}
@@ -153,6 +169,57 @@ def round_configs(stages: Stages, r: int, previous_policy: Path, previous_rm: Pa
     ppo = dataclasses.replace(stages.ppo, policy=previous_policy, value_init=rm.output, output=out / "ppo",
                               reward_url=reward_url, reference_url=reward_url, seed=seed)
     return RoundStages(r, collect, collect_eval, label, label_eval, rm, export, ppo)
+
+
+def given_pairs(stages: Stages) -> Path:
+    """The task's own preference pairs (what the reward model trains on without the data step)."""
+    return Path(stages.sft.train).parent / "prefs_train.jsonl"      # beside sft.jsonl in the task directory
+
+
+def sft_collection_paths(out: Path) -> dict[str, Path]:
+    """Where the data step writes the reward model's training and early-stopping files."""
+    d = Path(out) / "collected"
+    return {"train": d / "prefs_given_and_collected.jsonl", "eval": d / "prefs_eval.jsonl"}
+
+
+@dataclass(frozen=True)
+class SFTCollection:
+    """The recipe's data step on πSFT: samples of the training prompts (and of held-out ones, for
+    early stopping), ranked by the task's simulated rater; ``merged`` = the given pairs + these."""
+    collect: CollectConfig
+    collect_eval: CollectConfig
+    label: LabelConfig
+    label_eval: LabelConfig
+    merged: Path
+
+
+def sft_collection_configs(stages: Stages, options: StageOptions) -> SFTCollection:
+    """One ranking of k πSFT samples per training prompt (unless ``--collect max_prompts=N``)."""
+    options = dataclasses.replace(options, collect={"max_prompts": None, **options.collect})
+    rs = round_configs(stages, 1, stages.sft.output, stages.rm.output, options)
+    paths = sft_collection_paths(Path(stages.sft.output).parent)
+    d, seed = paths["train"].parent, stages.sft.seed + 7
+    collect = dataclasses.replace(rs.collect, output=d / "candidates.jsonl", seed=seed)
+    label = dataclasses.replace(rs.label, input=collect.output, output=d / "prefs.jsonl", seed=seed)
+    collect_eval = dataclasses.replace(rs.collect_eval, output=d / "candidates_eval.jsonl")
+    label_eval = dataclasses.replace(rs.label_eval, input=collect_eval.output, output=paths["eval"])
+    return SFTCollection(collect, collect_eval, label, label_eval, paths["train"])
+
+
+def collect_on_sft(stages: Stages, options: StageOptions) -> dict:
+    """Runs the data step; returns collect's counts. Redone whole, never half-resumed."""
+    from tribune.trainer.collect import run_collect
+    from tribune.trainer.label import run_label
+
+    c = sft_collection_configs(stages, options)
+    for cfg in (c.collect, c.collect_eval):
+        Path(cfg.output).unlink(missing_ok=True)
+    counts = run_collect(c.collect)
+    run_collect(c.collect_eval)
+    run_label(c.label)
+    run_label(c.label_eval)
+    merge_preferences([given_pairs(stages), c.label.output], c.merged)
+    return counts
 
 
 @dataclass
@@ -173,6 +240,7 @@ class PipelineResult:
     ppo: dict
     seconds: dict[str, float]
     rounds: list[RoundResult] = dataclasses.field(default_factory=list)
+    collected: dict | None = None        # the data step's counts (collect_sft)
 
 
 @contextmanager
@@ -197,19 +265,27 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
         seconds[name] = round(time.perf_counter() - t0, 1)
         return value
 
-    log.info("1/6 task make (%s) → %s", stages.task.task, Path(out) / "task")
+    steps = iter(range(1, 8 if options.collect_sft else 7))
+    n = 7 if options.collect_sft else 6
+    log.info("%d/%d task make (%s) → %s", next(steps), n, stages.task.task, Path(out) / "task")
     task_summary = timed("task", make_task, stages.task, Path(out) / "task")
-    log.info("2/6 sft → %s", stages.sft.output)
+    log.info("%d/%d sft → %s", next(steps), n, stages.sft.output)
     sft = timed("sft", run_sft, stages.sft)
-    log.info("3/6 train-rm → %s", stages.rm.output)
+    collected = None
+    if options.collect_sft:
+        log.info("%d/%d collect on πSFT → label (the task's simulated rater) → given pairs + collected: %s",
+                 next(steps), n, stages.rm.train)
+        collected = timed("collect_label", collect_on_sft, stages, options)
+    log.info("%d/%d train-rm → %s", next(steps), n, stages.rm.output)
     rm = timed("rm", run_train_rm, stages.rm)
-    log.info("4/6 export → %s", stages.export.output)
+    log.info("%d/%d export → %s", next(steps), n, stages.export.output)
     timed("export", run_export, stages.export)
-    log.info("5/6 tribune serve %s(embedded Triton) in a child process", " ".join(serve_args) + " " if serve_args else "")
+    log.info("%d/%d tribune serve %s(embedded Triton) in a child process", next(steps), n,
+             " ".join(serve_args) + " " if serve_args else "")
     with start_serve(stages.export.output, *serve_args) as server:
-        log.info("6/6 ppo against %s", server.url)
+        log.info("%d/%d ppo against %s", next(steps), n, server.url)
         ppo = timed("ppo", run_ppo, stage_configs(out, seed, max_steps, options, task, reward_url=server.url).ppo)
-        result = PipelineResult(stages, task_summary, sft, rm, ppo, seconds)
+        result = PipelineResult(stages, task_summary, sft, rm, ppo, seconds, collected=collected)
         if while_served:
             while_served(0, stages, server)
         if not options.rounds:
@@ -253,7 +329,7 @@ def prepare_round(stages: Stages, r: int, policy: Path, rm_dir: Path, options: S
     run_label(rs.label)
     run_label(rs.label_eval)
     merge_preferences([stages.rm.train, *[Path(stages.rm.output).parent / f"round-{i}" / "prefs.jsonl"
-                                          for i in range(1, r + 1)]], rs.rm.train)
+                                          for i in range(1, r + 1)]], rs.rm.train)    # rm.train: given (+ data step)
     seconds["collect_label"] = round(time.perf_counter() - t0, 1)
     log.info("round %d/%d: train-rm on the given pairs and every round's, warm-started from %s → %s", r,
              options.rounds, rm_dir, rs.rm.output)
