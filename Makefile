@@ -15,7 +15,7 @@ NODE := $(shell command -v node 2>/dev/null)
 NODE_CLIENT := clients/node/node_modules/.package-lock.json
 
 $(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json
-	cd clients/node && npm ci --no-audit --no-fund
+	cd clients/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
 node-client: $(NODE_CLIENT)
 
