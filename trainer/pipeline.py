@@ -5,7 +5,8 @@ and label (the recipe's data step) → train-rm on the given pairs plus the coll
 The data step (``collect_sft``, on by default) samples k = 4 responses per training prompt from
 πSFT and has the task's simulated rater rank them at the task's own noise. Reward models that saw
 only the given pairs ranked the policy's own samples worse and misled PPO on some tasks (see
-the README's evaluation); the given pairs plus the collected rankings did better on every task.
+the README's evaluation); with the collected rankings added, the reward model ranked the policy's
+own samples better on every task of the suite.
 
 With ``rounds`` R > 0, R rounds follow (Anthropic's iterated online RLHF): collect on the
 current policy → label (the task's simulated rater, at its own noise) → a reward model on all
