@@ -362,17 +362,21 @@ def test_a_short_deadline_fails_alone_and_the_gateway_stays_up(gateway):
 
 def test_gateway_runs_without_torch_and_scores_like_the_one_with_it(gateway, served, repo_dir):
     """The gateway image ships no torch: the whole serving path must work without it."""
+    _scores_like(Gateway(repo_dir, served.url, without_torch=True), gateway)
+
+
+def _scores_like(other: Gateway, gateway: Gateway) -> None:
+    """``other`` (stopped afterwards) scores the same items as ``gateway``, within 1e-6."""
     items = pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()])
     with grpc.insecure_channel(gateway.target) as ch:
         expected = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
-    bare = Gateway(repo_dir, served.url, without_torch=True)
     try:
-        with grpc.insecure_channel(bare.target) as ch:
+        with grpc.insecure_channel(other.target) as ch:
             wait_health(ch, SERVING)
             got = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
         np.testing.assert_allclose(got, expected, atol=1e-6)
     finally:
-        assert bare.stop() == 0, "".join(bare.lines)[-3000:]
+        assert other.stop() == 0, "".join(other.lines)[-3000:]
 
 
 def test_the_gateway_extra_installs_alone_and_scores_without_torch(gateway, served, repo_dir, tmp_path):
@@ -391,17 +395,7 @@ def test_the_gateway_extra_installs_alone_and_scores_without_torch(gateway, serv
         probe = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {absent}"], cwd=tmp_path,
                                capture_output=True, env=env)
         assert probe.returncode != 0, f"{absent} is importable from the [gateway] install"
-    items = pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r) for p, r in _items()])
-    with grpc.insecure_channel(gateway.target) as ch:
-        expected = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
-    installed = Gateway(repo_dir, served.url, command=[str(venv / "bin" / "tribune")], env=env)
-    try:
-        with grpc.insecure_channel(installed.target) as ch:
-            wait_health(ch, SERVING)
-            got = reward_pb2_grpc.RewardServiceStub(ch).Score(items, timeout=30).rewards
-        np.testing.assert_allclose(got, expected, atol=1e-6)
-    finally:
-        assert installed.stop() == 0, "".join(installed.lines)[-3000:]
+    _scores_like(Gateway(repo_dir, served.url, command=[str(venv / "bin" / "tribune")], env=env), gateway)
 
 
 def test_judge_plugins_callable_and_service(gateway):

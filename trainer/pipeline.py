@@ -266,8 +266,8 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
         seconds[name] = round(time.perf_counter() - t0, 1)
         return value
 
-    steps = iter(range(1, 8 if options.collect_sft else 7))
     n = 7 if options.collect_sft else 6
+    steps = iter(range(1, n + 1))
     log.info("%d/%d task make (%s) → %s", next(steps), n, stages.task.task, Path(out) / "task")
     task_summary = timed("task", make_task, stages.task, Path(out) / "task")
     log.info("%d/%d sft → %s", next(steps), n, stages.sft.output)
