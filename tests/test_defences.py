@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tribune.trainer.defences import (DriftMonitor, KLBudget, ensemble_reward, member_disagreement,
-                              standardise_members)
+                                      proxy_past_preferred, standardise_members)
 
 torch.manual_seed(0)
 RAW = torch.randn(5, 4, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5, 2.0]) + torch.tensor([0.0, 5.0, -2.0, 1.0])
@@ -74,3 +74,23 @@ def test_drift_monitor_warns_on_shrinking_length_or_rising_disagreement_while_th
     restored = DriftMonitor(window=1)
     restored.load_state_dict(honest.state_dict())
     assert restored.history == honest.history
+
+
+def test_proxy_past_preferred_against_a_float64_reference():
+    proxy, start, preferred = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64).tolist()
+    want = (proxy - start) / (preferred - start)
+    assert proxy_past_preferred(proxy, start, preferred) == pytest.approx(want, rel=1e-12)
+    assert proxy_past_preferred(preferred, start, preferred) == pytest.approx(1.0)
+    assert math.isnan(proxy_past_preferred(1.0, 0.5, 0.5))      # favourites no higher than πSFT: no yardstick
+    assert math.isnan(proxy_past_preferred(1.0, 0.5, 0.2))
+
+
+def test_drift_monitor_warns_when_the_proxy_climbs_past_the_preferred_responses():
+    # πSFT's samples score 0, the raters' favourites 1: warn past 1.5× their height, not before
+    m = DriftMonitor(window=1, preferred=1.0, preferred_tolerance=1.5)
+    rows = [m.observe(p, 0.0, 5.0) for p in (0.0, 0.8, 1.4, 1.6)]
+    assert [r["monitor/overoptimisation_warning"] for r in rows] == [0.0, 0.0, 0.0, 1.0]
+    assert [r["monitor/proxy_past_preferred"] for r in rows] == pytest.approx([0.0, 0.8, 1.4, 1.6])
+    assert "monitor/proxy_past_preferred" not in DriftMonitor(window=1).observe(3.0, 0.0, 5.0)
+    flat = DriftMonitor(window=1, preferred=-1.0)                 # favourites below πSFT: the alarm stays off
+    assert [flat.observe(p, 0.0, 5.0)["monitor/overoptimisation_warning"] for p in (0.0, 9.0)] == [0.0, 0.0]

@@ -37,6 +37,10 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     rm0 = json.loads((out / "sequence" / "rm" / "config.resolved.json").read_text())
     assert Path(rm0["train"]) == col / "prefs_given_and_collected.jsonl" and Path(rm0["eval"]) == col / "prefs_eval.jsonl"
     assert row["rm_data"] == "given_and_collected"
+    # PPO's gold-free monitor measures the raters' favourites of the reward model's own eval file, and stops on a warning
+    ppo0 = json.loads((out / "sequence" / "ppo" / "config.resolved.json").read_text())
+    assert ppo0["preferred_eval"] == rm0["eval"] and ppo0["stop_on_drift"] is True
+    assert "ppo_stopped_at" in row
     assert (out / "evaluation.png").stat().st_size > 10_000
     assert (out / "sequence" / "ppo" / "model.safetensors").is_file()
 
@@ -51,14 +55,15 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert Path(ppo_cfg["policy"]) == out / "sequence" / "ppo"          # PPO from the current policy
     assert (rd / "repository" / "tribune.json").is_file() and (rd / "ppo" / "model.safetensors").is_file()
 
-    # the same run measured again without training (--reuse), with a reward model on preferences
-    # collected on πSFT's samples next to the given pairs' one
+    # the same run measured again without training it (--reuse), with a reward model on preferences
+    # collected on πSFT's samples next to the given pairs' one, and the round run again on it
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
-            "--best-of-n", "4", "--reuse", "--compare-collected", "--export", "exporter=torchscript")
+            "--best-of-n", "4", "--reuse", "--compare-collected", "--rounds", "1", "--export", "exporter=torchscript")
     again = json.loads((out / "evaluation.json").read_text())["rows"]
-    assert [(r["task"], r["round"]) for r in again] == [("sequence", 0)]
+    assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
+    assert Path(json.loads((rd / "rm" / "config.resolved.json").read_text())["model"]) == out / "sequence" / "rm"
     assert set(again[0]["compared"]) == {"given", "collected", "seconds"}      # the variants other than the pipeline's
     g, c = again[0]["compared"]["given"], again[0]["compared"]["collected"]
     assert 0 < c["train_pairs"] <= 24 * 6 and g["train_pairs"] > 8000

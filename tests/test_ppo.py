@@ -35,18 +35,44 @@ def _wait_for_step(out, step, proc, timeout=300):
     raise AssertionError(f"PPO did not reach step {step}")
 
 
+def _own_preferred_score(rm_dir, path, limit=256):
+    """Mean score of the first-ranked responses by the PyTorch reward model, as it was trained to read them."""
+    from transformers import AutoTokenizer
+
+    from tribune.services.common.jsonl import SkipCounter
+    from tribune.trainer.data import PreferenceGroup, load_preference_groups
+    from tribune.trainer.modeling import load_reward_model
+    from tribune.trainer.reward import RewardScorer, collate_groups
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    scorer = RewardScorer(load_reward_model(rm_dir)).eval()
+    groups = load_preference_groups(path, SkipCounter())[:limit]
+    batch = collate_groups(tok, [PreferenceGroup(g.prompt, [g.responses[0]]) for g in groups], 1 << 10, 1 << 10)
+    with torch.no_grad():
+        return float(scorer(batch.input_ids, batch.attention_mask).mean())
+
+
 def test_ppo_raises_the_gold_score_with_a_bounded_kl(served, sft_dir, rm_dir, task_dir, tmp_path):
     out = tmp_path / "ppo"
+    preferred = task_dir / "prefs_eval.jsonl"
     metrics = last_json(tribune(*ppo_args(served.url, sft_dir, rm_dir, task_dir, out, "--iterations", "60",
-                                          "--gold-every", "20")).stdout)
+                                          "--gold-every", "20", "--preferred-eval", preferred)).stdout)
     assert metrics["gold/score"] > metrics["sft/score"] + 0.05, metrics
+    # the monitor's height, measured through the service, is the reward model's own score of the
+    # responses ranked first (laid out as rollouts are: left-padded prompt, response, EOS),
+    # standardised with its statistics on πSFT samples as PPO's optimised score is
+    stats = json.loads((rm_dir / "reward_stats.json").read_text())
+    want = (_own_preferred_score(rm_dir, preferred) - stats["mean"]) / stats["std"]
+    assert metrics["monitor/preferred_score"] == pytest.approx(want, abs=2e-3)
     assert metrics["objective/kl"] < 8.0
     assert (out / "ppo.png").stat().st_size > 10_000
     for f in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "value_model/config.json"):
         assert (out / f).is_file(), f
     rows = _rows(out)
     keys = set().union(*rows)
-    for k in ("objective/kl", "objective/kl_coef", "objective/scores", "objective/scores_normalized",
+    assert all(r["monitor/proxy_past_preferred"] == r["monitor/proxy_past_preferred"] for r in rows
+               if "objective/kl" in r)      # never NaN: the preferred responses score above πSFT's samples
+    for k in ("objective/kl", "objective/kl_coef", "monitor/optimised_score", "objective/scores", "objective/scores_normalized",
               "policy/entropy_avg", "response/length", "response/eos_rate", "policy/clipfrac_avg",
               "policy/approxkl_avg", "loss/value_avg", "val/explained_variance", "time/generation", "time/scoring_wait", "time/training",
               "gold/score", "gold/proxy_score"):

@@ -43,3 +43,15 @@ def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, 
     assert stats[0]["mean"] != stats[1]["mean"]                              # different seeds, data, heads
     assert (out / "tokenizer.json").is_file() and metrics["ensemble_size"] == 2
     assert len(metrics["member_eval_accuracy"]) == 2
+
+
+def test_ensemble_metrics_average_what_every_member_reports_and_list_what_only_some_do():
+    from tribune.trainer.reward import ensemble_metrics
+
+    members = [{"eval_loss": 0.5, "eval_accuracy": 0.8, "best_step": 100, "stopped_early_at": 300, "plot": "a.png"},
+               {"eval_loss": 0.7, "eval_accuracy": 0.6, "best_step": 400}]          # ran to the end
+    m = ensemble_metrics(members)
+    assert m["eval_loss"] == pytest.approx(0.6) and m["eval_accuracy"] == pytest.approx(0.7)
+    assert "stopped_early_at" not in m and "plot" not in m
+    assert m["member_stopped_early_at"] == [300, None] and m["member_best_step"] == [100, 400]
+    assert m["member_eval_accuracy"] == [0.8, 0.6] and "member_eval_gold_accuracy" not in m

@@ -9,7 +9,8 @@ nothing): z_k = (r_k − μ_k) / σ_k.
 * ``KLBudget``: the KL per response held under a target by raising β (or stopping), which a
   short run's adaptive controller does not do (Ziegler et al.'s horizon is 10,000 rollouts).
 * ``DriftMonitor``: the gold-free alarms of OVEROPTIMISATION.md — the proxy rising while the
-  ensemble's disagreement rises, or the responses' length drifting away from πSFT's.
+  ensemble's disagreement rises, the responses' length drifting away from πSFT's, or the proxy
+  climbing far past the score of the responses raters preferred (``proxy_past_preferred``).
 """
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ def ensemble_reward(z: torch.Tensor, mode: EnsembleMode, coef: float = 1.0) -> t
     raise ValueError(f"ensemble mode must be mean, uncertainty or worst, got {mode!r}")
 
 
+def proxy_past_preferred(proxy: float, start: float, preferred: float) -> float:
+    """How far the proxy has risen above πSFT's samples, as a multiple of how far the responses
+    raters ranked first (held-out preferences) sit above them: (proxy − start) / (preferred − start).
+
+    1 means the policy now scores, on average, what the raters' favourites score. Well past 1,
+    the reward model rates the policy above anything it saw preferred: it is extrapolating,
+    which is where gold falls while the proxy rises (Gao et al. 2022). NaN when the preferred
+    responses do not score above πSFT's samples (the ratio says nothing then).
+    """
+    gap = preferred - start
+    return (proxy - start) / gap if gap > 0 else float("nan")
+
+
 @dataclass
 class KLBudget:
     """Keeps the KL per response under ``target`` nats: above it, β is multiplied by ``factor``
@@ -73,8 +87,11 @@ class KLBudget:
 
 @dataclass
 class DriftMonitor:
-    """Warns (and can stop) when the proxy rises while the ensemble disagrees more, or when the
-    response length drifts from πSFT's. Call ``observe`` once per iteration.
+    """Warns (and can stop) when the proxy (the score PPO optimises) rises while the ensemble
+    disagrees more, while the response length drifts from πSFT's, or while it climbs past
+    ``preferred_tolerance`` times the height of the raters' preferred responses (``preferred``:
+    the same score's mean over the responses ranked first in held-out preferences; None: that
+    alarm is off). Call ``observe`` once per iteration.
 
     The reference point is the first iteration (πSFT's own samples). ``window`` iterations are
     averaged on each side so one noisy batch does not trigger it.
@@ -82,6 +99,8 @@ class DriftMonitor:
     length_tolerance: float = 0.3        # |length / πSFT length − 1| above this is drift
     disagreement_tolerance: float = 0.25  # relative rise of the disagreement that counts
     window: int = 3
+    preferred: float | None = None       # the proxy of the raters' preferred held-out responses
+    preferred_tolerance: float = 1.75    # proxy_past_preferred above this is extrapolation
     history: list[tuple[float, float, float]] = field(default_factory=list)   # (proxy, disagreement, length)
 
     def observe(self, proxy: float, disagreement: float, length: float) -> dict[str, float]:
@@ -92,9 +111,14 @@ class DriftMonitor:
         proxy_up = now[0] > first[0]
         disagree_up = first[1] > 0 and now[1] > first[1] * (1 + self.disagreement_tolerance)
         drift = abs(length_ratio - 1) > self.length_tolerance
-        warn = len(self.history) > self.window and proxy_up and (disagree_up or drift)
-        return {"monitor/length_ratio": length_ratio, "monitor/disagreement_ratio": now[1] / first[1] if first[1] else 1.0,
-                "monitor/overoptimisation_warning": float(warn)}
+        past = proxy_past_preferred(now[0], first[0], self.preferred) if self.preferred is not None else float("nan")
+        beyond = past > self.preferred_tolerance          # False for NaN
+        warn = len(self.history) > self.window and proxy_up and (disagree_up or drift or beyond)
+        row = {"monitor/length_ratio": length_ratio, "monitor/disagreement_ratio": now[1] / first[1] if first[1] else 1.0,
+               "monitor/overoptimisation_warning": float(warn)}
+        if self.preferred is not None:
+            row["monitor/proxy_past_preferred"] = past
+        return row
 
     @staticmethod
     def _mean(rows: list[tuple[float, float, float]]) -> tuple[float, float, float]:

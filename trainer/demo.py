@@ -66,6 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "sft_policy": {"gold_score": ppo.get("sft/score"), "proxy_reward": ppo.get("sft/proxy_score")},
         "ppo_policy": {"gold_score": ppo.get("gold/score"), "proxy_reward": ppo.get("gold/proxy_score")},
         "ppo_final_kl": ppo.get("objective/kl"),
+        "ppo_stopped_at": ppo.get("stopped_early_at"),     # the gold-free monitor's stop (stop_on_drift)
         "rounds": [{"round": rr.stages.round, "rm_eval_accuracy": rr.rm.get("eval_accuracy"),
                     "rm_eval_gold_accuracy": rr.rm.get("eval_gold_accuracy"), "collected": rr.collect,
                     "start_gold_score": rr.ppo.get("sft/score"), "gold_score": rr.ppo.get("gold/score"),
@@ -93,7 +94,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name in ("sft_policy", "ppo_policy"):
         r = report[name]
         print(f"    {name:10s}                             {r['gold_score']:+.3f}        {r['proxy_reward']:+.3f}")
-    print(f"  PPO final KL(πθ ‖ πSFT): {report['ppo_final_kl']:.3f} nats per response")
+    print(f"  PPO final KL(πθ ‖ πSFT): {report['ppo_final_kl']:.3f} nats per response"
+          + (f"; stopped at iteration {report['ppo_stopped_at']} by the gold-free over-optimisation monitor"
+             if report["ppo_stopped_at"] else ""))
     for r in report["rounds"]:
         print(f"  round {r['round']}: reward model on {r['collected']['rows']} × {r['collected']['candidates'] // max(1, r['collected']['rows'])} "
               f"collected samples + earlier data, gold-order accuracy {r['rm_eval_gold_accuracy'] or 0:.3f} on the "

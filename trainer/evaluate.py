@@ -23,7 +23,7 @@ from tribune.services.common.config import field, group
 from tribune.services.common.errors import UserError
 from tribune.services.common.jsonl import SkipCounter, write_json
 from tribune.services.judge import CallableJudge, Judge, JudgeConfig
-from tribune.trainer.pipeline import StageOptions, run_pipeline
+from tribune.trainer.pipeline import StageOptions, run_pipeline, run_rounds
 from tribune.trainer.task.registry import TASKS
 
 log = logging.getLogger("tribune")
@@ -44,7 +44,7 @@ class EvaluateConfig:
     max_steps: int | None = field(None, help="cap on optimiser steps of each training stage (for smoke runs)")
     stages: StageOptions = group(StageOptions(), help="options of each stage, the same for every task")
     eval_prompts: int = field(200, help="held-out prompts per task for the gold scores")
-    overoptimisation_task: str | None = field("bundled", help="also run PPO with an aggressive setting on this task, "
+    overoptimisation_task: str | None = field("sequence", help="also run PPO with an aggressive setting on this task, "
                                               "against the single reward model and against an ensemble with the "
                                               "uncertainty penalty (none: skip)")
     aggressive: dict = field({"learning_rate": 3e-4, "kl_coef": 0.05},
@@ -54,7 +54,8 @@ class EvaluateConfig:
                                                      "given pairs, or mixed: member 0 on the given pairs, the others "
                                                      "on preferences collected on πSFT's samples (the task's rater)")
     reuse: bool = field(False, help="measure tasks whose pipeline outputs already exist under OUTPUT/TASK (from an "
-                                    "earlier run with the same options) instead of training them again")
+                                    "earlier run with the same options) instead of training them again; --rounds "
+                                    "then runs the iterated loop's rounds on them")
     compare_collected: bool = field(False, help="per task, also reward models trained on preferences collected on "
                                                 "πSFT's samples (one ranking of k per training prompt, the task's rater) "
                                                 "instead of the given pairs, and on both together: their accuracy on "
@@ -198,6 +199,9 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
         result = reused_result(cfg, task)
         with start_serve(result.stages.export.output, *gateway) as server:
             while_served(0, result.stages, server)
+        if cfg.stages.rounds:             # the rounds run on the finished first pipeline
+            with run_rounds(result, cfg.stages, *gateway, while_served=while_served):
+                pass
     else:
         with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task, *gateway,
                           while_served=while_served) as (result, _server):
@@ -217,7 +221,7 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
                  "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
                  onpolicy["length_correlation"], "gold_onpolicy_length_correlation": onpolicy["gold_length_correlation"],
                  "best_of_n": bon.get(0), "ppo_final_kl": result.ppo.get("objective/kl"),
-                 "ppo_iterations": ppo_cfg.total_iterations,
+                 "ppo_iterations": ppo_cfg.total_iterations, "ppo_stopped_at": result.ppo.get("stopped_early_at"),
                  **_policy_row(cfg, ppo_cfg, stages.sft.output, judge, prompts)}
     row.update(_targets(row, ppo_cfg.temperature))
     row["stage_seconds"] = result.seconds
@@ -237,7 +241,8 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
                  "rm_onpolicy_length_correlation": onpolicy_r["length_correlation"],
                  "gold_onpolicy_length_correlation": onpolicy_r["gold_length_correlation"],
                  "best_of_n": bon.get(rs.round), "collected": rr.collect, "ppo_final_kl": rr.ppo.get("objective/kl"),
-                 "ppo_iterations": rs.ppo.total_iterations, "stage_seconds": rr.seconds,
+                 "ppo_iterations": rs.ppo.total_iterations, "ppo_stopped_at": rr.ppo.get("stopped_early_at"),
+                 "stage_seconds": rr.seconds,
                  **_policy_row(cfg, rs.ppo, stages.sft.output, judge, prompts)}
         r_row.update(_targets(r_row, rs.ppo.temperature))
         rows.append(r_row)
@@ -339,7 +344,7 @@ def _measure_variant(cfg: EvaluateConfig, stages, name: str, train: Path, eval_f
     with start_serve(export.output, *gateway) as server:
         bon = best_of_n(f"127.0.0.1:{port}", candidates, judge)
         ppo_cfg = dataclasses.replace(stages.ppo, reward_url=server.url, reference_url=server.url,
-                                      value_init=rm_cfg.output, output=ppo_dir)
+                                      value_init=rm_cfg.output, preferred_eval=rm_cfg.eval, output=ppo_dir)
         if cfg.reuse and done:
             ppo = json.loads((ppo_dir / "metrics.json").read_text())
         else:
@@ -360,7 +365,12 @@ def _trajectory(ppo_dir: Path) -> dict:
     rows = [json.loads(l) for l in (Path(ppo_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
     gold = [(r["step"], r["gold/score"], r["gold/proxy_score"]) for r in rows if "gold/score" in r]
     warned = [r["step"] for r in rows if r.get("monitor/overoptimisation_warning")]
+    # the gold score when the monitor first warned: at the last gold evaluation up to that iteration
+    before = [g for st, g, _ in gold if warned and st <= warned[0]]
     return {"gold_trajectory": gold, "first_warning_at": warned[0] if warned else None,
+            "gold_at_warning": before[-1] if before else None,
+            "final_proxy_past_preferred": next((r["monitor/proxy_past_preferred"] for r in reversed(rows)
+                                                if "monitor/proxy_past_preferred" in r), None),
             "gold_hacking_warnings": sum(int(r.get("gold/hacking_warning", 0)) for r in rows),
             "final_kl": next((r["objective/kl"] for r in reversed(rows) if "objective/kl" in r), None),
             "final_length_ratio": next((r["monitor/length_ratio"] for r in reversed(rows)
@@ -401,13 +411,15 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
                               ("ensemble_uncertainty", out / "repository_ensemble",
                                {"ensemble_reward": "uncertainty", "value_init": ensemble_rm.output / "member-0"})):
         with start_serve(repo) as server:
-            base = {k: getattr(stages.ppo, k) for k in ("policy", "prompts", "eval_prompts", "value_init")}
+            base = {k: getattr(stages.ppo, k) for k in ("policy", "prompts", "eval_prompts", "value_init",
+                                                        "preferred_eval")}
             ppo_cfg = build_config(PPOConfig, {**{k: v for k, v in vars(stages.ppo).items()
                                                   if k in ("seed", "iterations", "scoring_chunk", "gold_every",
                                                            "max_steps") and v is not None},
                                                **base, "judge": stages.ppo.gold.judge, "reward_url": server.url,
                                                "reference_url": server.url, "output": out / f"ppo_{name}",
-                                               **cfg.aggressive, **extra})
+                                               # the whole trajectory, past the monitor's first warning
+                                               "stop_on_drift": False, **cfg.aggressive, **extra})
             log.info("over-optimisation study: ppo (%s, %s) → %s", name, cfg.aggressive, ppo_cfg.output)
             metrics = run_ppo(ppo_cfg)
         runs[name] = {"sft_gold": metrics.get("sft/score"), "final_gold": metrics.get("gold/score"),
@@ -456,7 +468,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 def table(rows: list[dict]) -> list[str]:
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]]
     head = ("task        RM gold-acc  own-samples  best-of-n  " + "  ".join(f"{s:>17s}" for s in settings)
-            + "   KL    len SFT→PPO   wall")
+            + "   KL    len SFT→PPO  stop   wall")
     lines = [head, " " * 22 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO':>17s}" for _ in settings)]
     for r in rows:
         first, bon = r[settings[0]], r.get("best_of_n") or {}
@@ -464,7 +476,7 @@ def table(rows: list[dict]) -> list[str]:
                      f"  {bon.get('gain_over_random', 0):>+9.3f}  "
                      + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f}" for s in settings)
                      + f"  {r['ppo_final_kl'] or 0:5.2f}  {first['sft_length']:4.1f} → {first['ppo_length']:4.1f}"
-                     + f"  {r['wall_s']:5.0f}s")
+                     + f"  {r.get('ppo_stopped_at') or '-':>4}  {r['wall_s']:5.0f}s")
     return lines
 
 
@@ -504,7 +516,8 @@ def study_lines(study: dict | None) -> list[str]:
     for name, r in study["runs"].items():
         lines.append(f"  {name:<21s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}, proxy {r['sft_proxy']:+.3f} → "
                      f"{r['final_proxy']:+.3f}, KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "
-                     f"over-optimised: {r['overoptimised']}; gold-free warning at iteration {r['first_warning_at']}")
+                     f"over-optimised: {r['overoptimised']}; gold-free warning at iteration {r['first_warning_at']}"
+                     + (f" (gold then {r['gold_at_warning']:+.3f})" if r.get("gold_at_warning") is not None else ""))
     return lines
 
 

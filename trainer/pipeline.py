@@ -51,7 +51,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"epochs": 3.0, "learning_rate": 3e-3, "max_length": 64, "max_prompt_length": 48},
     "rm": {"max_length": 64, "max_prompt_length": 48},
     "export": {},
-    "ppo": {"iterations": 60, "scoring_chunk": 32, "max_new_tokens": 16, "max_prompt_length": 48},
+    # a gold-free stop: the monitor's alarms (preferred_eval is wired below) end the run, chosen on the suite
+    "ppo": {"iterations": 60, "scoring_chunk": 32, "max_new_tokens": 16, "max_prompt_length": 48,
+            "stop_on_drift": True},
     "collect": {"k": 4, "max_prompts": 1000},
     "label": {},
 }
@@ -125,6 +127,7 @@ def stage_configs(out: Path, seed: int, max_steps: int | None, options: StageOpt
     ppo = build(PPOConfig, {"policy": out / "sft", "prompts": t / "prompts_train.jsonl",
                             "eval_prompts": t / "prompts_eval.jsonl", "reward_url": reward_url,
                             "reference_url": reward_url, "output": out / "ppo", "value_init": out / "rm",
+                            "preferred_eval": rm.eval,     # the monitor's height: the raters' favourites there
                             "gold_every": max(1, iterations // 6), **judge, **common}, options.merged("ppo"))
     stages = Stages(task_cfg, sft, rm, export, ppo)
     if options.collect_sft:
@@ -168,7 +171,7 @@ def round_configs(stages: Stages, r: int, previous_policy: Path, previous_rm: Pa
                              eval=label_eval.output, output=out / "rm", seed=seed)
     export = dataclasses.replace(stages.export, reward=rm.output, output=out / "repository")
     ppo = dataclasses.replace(stages.ppo, policy=previous_policy, value_init=rm.output, output=out / "ppo",
-                              reward_url=reward_url, reference_url=reward_url, seed=seed)
+                              preferred_eval=rm.eval, reward_url=reward_url, reference_url=reward_url, seed=seed)
     return RoundStages(r, collect, collect_eval, label, label_eval, rm, export, ppo)
 
 
@@ -292,6 +295,22 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
         if not options.rounds:
             yield result, server
             return
+    yield from _rounds(result, options, serve_args, while_served)
+
+
+@contextmanager
+def run_rounds(result: PipelineResult, options: StageOptions, *serve_args: str,
+               while_served: Callable[[int, Stages, Any], None] | None = None):
+    """The iterated loop's rounds after a finished first pipeline (``result``, e.g. read back from
+    its files); yields (result with its rounds, the last round's running `tribune serve`)."""
+    yield from _rounds(result, options, serve_args, while_served)
+
+
+def _rounds(result: PipelineResult, options: StageOptions, serve_args, while_served):
+    from tribune.services.launcher import start_serve
+    from tribune.trainer.ppo import run_ppo
+
+    stages = result.stages
     policy, rm_dir = stages.ppo.output, stages.rm.output
     for r in range(1, options.rounds + 1):
         rs, collected, round_rm, round_seconds = prepare_round(stages, r, policy, rm_dir, options)

@@ -25,8 +25,8 @@ from tribune.trainer.defences import DriftMonitor, KLBudget
 from tribune.trainer.lengths import fit_generation, model_context, trained_lengths
 from tribune.trainer.modeling import ValueModel, load_causal_lm, load_reward_model, reward_head_name
 from tribune.trainer.ppo_config import PPOConfig
-from tribune.trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics
-from tribune.trainer.ppo_step import Learner, ppo_iteration
+from tribune.trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics, preferred_score
+from tribune.trainer.ppo_step import Learner, optimised_score, ppo_iteration
 from tribune.trainer.rl_math import AdaptiveKLController
 from tribune.trainer.run import Run, StopTraining
 from tribune.trainer.scorers import connect
@@ -79,7 +79,16 @@ def run_ppo(cfg: PPOConfig) -> dict:
     learner = make_learner(cfg, acc, tokenizer)
     hacking = HackingDetector()
     budget = KLBudget(cfg.kl_budget, cfg.kl_budget_action)
-    drift = DriftMonitor(length_tolerance=cfg.drift_tolerance)
+    preferred = None
+    if cfg.preferred_eval is not None:
+        preferred, n = preferred_score(scorers, tokenizer, cfg.preferred_eval,
+                                       lambda m: optimised_score(cfg, scorers.facts, m)[0],
+                                       max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens)
+        log.info("ppo: the responses ranked first in %s (%d) score %.3f (the optimised score): the monitor warns "
+                 "past %.2f× their height above the start policy's samples", cfg.preferred_eval, n, preferred,
+                 cfg.preferred_tolerance)
+    drift = DriftMonitor(length_tolerance=cfg.drift_tolerance, preferred=preferred,
+                         preferred_tolerance=cfg.preferred_tolerance)
     state = run.begin()
     if state:
         learner.kl_ctl.load_state_dict(state["kl_controller"])
@@ -101,14 +110,16 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
     def defences(row: dict, done: int) -> str | None:
         """The gold-free alarms and the KL budget after an iteration; returns why to stop, if so."""
-        row.update(drift.observe(row["objective/scores"], row["objective/ensemble_disagreement"],
+        row.update(drift.observe(row["monitor/optimised_score"], row["objective/ensemble_disagreement"],
                                  row["response/length"]))
         warning = bool(row["monitor/overoptimisation_warning"])
         if warning and not warned[0]:
+            past = row.get("monitor/proxy_past_preferred")
             log.warning("over-optimisation? iteration %d: the proxy rose while the response length moved to %.2f× "
-                        "πSFT's and the members' disagreement to %.2f× its start; consider a larger β, a KL budget "
+                        "πSFT's, the members' disagreement to %.2f× its start%s; consider a larger β, a KL budget "
                         "(--kl-budget) or stopping here", done, row["monitor/length_ratio"],
-                        row["monitor/disagreement_ratio"])
+                        row["monitor/disagreement_ratio"],
+                        "" if past is None else f" and the proxy to {past:.2f}× the preferred responses' height")
         warned[0] = warning
         learner.kl_ctl.value, over_budget = budget.check(row["objective/kl"], learner.kl_ctl.value)
         row["objective/kl_budget_exceeded"] = float(budget.exceeded)
@@ -145,6 +156,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         scorers.close()
 
     final = {**baseline, **{k: v for k, v in last.items() if not isinstance(v, list)}}
+    if preferred is not None:
+        final["monitor/preferred_score"] = preferred
     if run.is_main:
         plot = plot_metrics(run.metrics_log.path, run.out / "ppo.png")
         final["plot"] = str(plot) if plot else None

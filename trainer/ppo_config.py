@@ -67,6 +67,13 @@ class PPOConfig(RunConfig):
                                                             "by 1.5, or stop the run (weights of that iteration kept)")
     drift_tolerance: float = field(0.3, help="warn when the response length moves more than this share away from "
                                    "πSFT's while the proxy rises (also: the members' disagreement rises)")
+    preferred_eval: Path | None = field(None, help="held-out preference JSONL (e.g. the reward model's --eval): "
+                                        "the reward service's mean score of the responses ranked first there is "
+                                        "measured at the start, and the monitor warns when the proxy climbs past "
+                                        "--preferred-tolerance times their height above πSFT's samples (gold-free: "
+                                        "nothing in the data scores higher than what raters preferred)")
+    preferred_tolerance: float = field(1.75, help="with --preferred-eval: warn above this multiple of the preferred "
+                                       "responses' height over πSFT's samples")
     stop_on_drift: bool = field(False, help="stop the run at the first over-optimisation warning")
     reward_clip: float | None = field(None, help="clip normalised rewards to ±this")
     missing_eos_penalty: float = field(-1.0, help="added to the score of a response that never emits EOS")
@@ -102,8 +109,8 @@ class PPOConfig(RunConfig):
             raise ValueError("gamma and lam must be in [0, 1]")
         if self.kl_coef < 0:
             raise ValueError("kl_coef must be non-negative")
-        if self.uncertainty_coef < 0 or self.drift_tolerance <= 0:
-            raise ValueError("uncertainty_coef must be >= 0 and drift_tolerance > 0")
+        if self.uncertainty_coef < 0 or self.drift_tolerance <= 0 or self.preferred_tolerance <= 0:
+            raise ValueError("uncertainty_coef must be >= 0, drift_tolerance and preferred_tolerance > 0")
         if self.kl_budget is not None and self.kl_budget <= 0:
             raise ValueError("kl_budget must be positive")
 

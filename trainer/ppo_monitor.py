@@ -12,9 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from tribune.services.common.jsonl import SkipCounter
+from tribune.services.common.text import encode_prompt, pad
 from tribune.services.judge import Judge
+from tribune.trainer.data import load_preference_groups
 from tribune.trainer.modeling import sample_responses
 from tribune.trainer.rollout import Generated
 
@@ -34,6 +38,36 @@ def gold_and_proxy(policy, tokenizer, judge: Judge, scorer, prompts: list[str], 
                                           s.P)).tolist()
     n = len(golds)
     return {"gold/score": sum(golds) / n, "gold/proxy_score": sum(proxies) / n, "gold/response_words": sum(lengths) / n}
+
+
+def generated_from_text(tokenizer, prompts: list[str], responses: list[str], *, max_prompt_length: int,
+                        max_new_tokens: int) -> Generated:
+    """Given responses laid out as the policy's rollouts are: prompts left-padded to P, each response
+    (cut to max_new_tokens − 1) + EOS after them, right-padded. (B, P+R) int64."""
+    q_ids, q_mask = pad([encode_prompt(tokenizer, p, max_prompt_length) for p in prompts], tokenizer.pad_token_id,
+                        left=True)
+    r = [tokenizer(x, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [tokenizer.eos_token_id]
+         for x in responses]
+    r_ids, r_mask = pad(r, tokenizer.pad_token_id, left=False)
+    return Generated(list(prompts), np.concatenate([q_ids, r_ids], 1), np.concatenate([q_mask, r_mask], 1),
+                     q_ids.shape[1])
+
+
+def preferred_score(scorer, tokenizer, path: Path, optimised, *, max_prompt_length: int, max_new_tokens: int,
+                    limit: int = 256, chunk: int = 64) -> tuple[float, int]:
+    """(mean optimised score of the responses ranked first in a held-out preference file, rows used):
+    how high PPO's objective rates what raters preferred — the height past which the policy's
+    score is extrapolation (``tribune.trainer.defences.proxy_past_preferred``). ``optimised`` maps
+    the members' raw scores (B, K) to the score PPO optimises (B,) (``ppo_step.optimised_score``)."""
+    groups = load_preference_groups(path, SkipCounter())[:limit]
+    total = 0.0
+    for i in range(0, len(groups), chunk):
+        part = groups[i:i + chunk]
+        g = generated_from_text(tokenizer, [x.prompt for x in part], [x.responses[0] for x in part],
+                                max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
+        members = torch.from_numpy(np.asarray(scorer.score_members_async(g).result())).float()   # (b, K)
+        total += float(optimised(members).sum())
+    return total / len(groups), len(groups)
 
 
 @dataclass

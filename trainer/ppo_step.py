@@ -21,6 +21,17 @@ from tribune.trainer.rollout import Scorer, start_rollouts
 from tribune.trainer.run import global_batch_indices, shard
 
 
+def optimised_score(cfg: PPOConfig, facts, member_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score PPO optimises, from the members' raw scores (B, K): standardised with each
+    member's statistics (--normalize-reward), combined (--ensemble-reward: mean, mean − λ·std or
+    min), clipped (--reward-clip); and the members' disagreement. -> (B,), (B,)"""
+    z = facts.standardise_members(member_scores) if cfg.normalize_reward else member_scores   # (B, K)
+    scores = ensemble_reward(z, cfg.ensemble_reward, cfg.uncertainty_coef)                   # (B,)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    return scores, member_disagreement(z)
+
+
 @dataclass
 class Learner:
     """What PPO trains: the policy and value model (prepared by accelerate), their optimisers
@@ -68,12 +79,8 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     # 3. KL-shaped rewards: per-token −β·KL, the score at the last token (Ziegler et al. 2019). The
     #    score comes from the members standardised with their own statistics: their mean, or the
     #    mean less λ·their spread, or their minimum (Coste et al. 2023); one member: its score
-    z = scorer.facts.standardise_members(b.member_scores) if cfg.normalize_reward else b.member_scores   # (B, K)
-    disagreement = member_disagreement(z)                                             # (B,)
-    scores = ensemble_reward(z, cfg.ensemble_reward, cfg.uncertainty_coef)           # (B,)
-    if cfg.reward_clip is not None:
-        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    scores = scores + cfg.missing_eos_penalty * (~b.eos).float()
+    optimised, disagreement = optimised_score(cfg, scorer.facts, b.member_scores)      # (B,), (B,)
+    scores = optimised + cfg.missing_eos_penalty * (~b.eos).float()
     b.kl = kl_penalty(b.logprobs, b.ref_logprobs, cfg.kl_estimator) * mask          # (B, R)
     beta = learner.kl_ctl.value
     b.rewards = shaped_rewards(scores, b.kl, mask, beta)                              # (B, R)
@@ -126,7 +133,7 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     lengths = mask.sum(-1)                                                            # (B,)
     local = {
         "objective/scores": b.scores.mean(), "objective/scores_normalized": scores.mean(),
-        "objective/ensemble_disagreement": disagreement.mean(),
+        "objective/ensemble_disagreement": disagreement.mean(), "monitor/optimised_score": optimised.mean(),
         "objective/reward_per_token": (b.scores / lengths.clamp(min=1)).mean(),
         "objective/kl": seq_kl.mean(), "objective/non_score_reward": (-beta * seq_kl).mean(),
         "objective/entropy": (-b.logprobs * mask).sum(-1).mean(),   # TRL's: −Σ log π of the sampled tokens

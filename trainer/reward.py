@@ -245,6 +245,20 @@ def reward_members(rm_dir: Path) -> list[Path]:
 
 
 
+PER_MEMBER_METRICS = ("eval_accuracy", "eval_gold_accuracy", "best_step", "stopped_early_at")
+
+
+def ensemble_metrics(per_member: list[dict]) -> dict:
+    """The members' mean of every number all of them report, and the per-member lists of
+    PER_MEMBER_METRICS (None for a member without it: e.g. one that did not stop early)."""
+    numeric = [{k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for m in per_member]
+    shared = set.intersection(*numeric)
+    metrics: dict = {k: sum(m[k] for m in per_member) / len(per_member) for k in per_member[0] if k in shared}
+    metrics.update({f"member_{k}": [m.get(k) for m in per_member] for k in PER_MEMBER_METRICS
+                    if any(k in m for m in per_member)})
+    return metrics
+
+
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     """One reward model, or with ``--ensemble K`` K members and OUTPUT/ensemble.json."""
     # one truncation for every member (text clients need one), fitted on all the training rows
@@ -261,10 +275,7 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                      train=cfg.member_train[i % len(cfg.member_train)] if cfg.member_train else cfg.train)
         per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
                                        stats_seed=cfg.seed))
-    keys = [k for k, v in per_member[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    metrics = {k: sum(m[k] for m in per_member) / len(per_member) for k in keys}
-    metrics.update({f"member_{k}": [m[k] for m in per_member] for k in ("eval_accuracy", "eval_gold_accuracy")
-                    if k in per_member[0]})
+    metrics = ensemble_metrics(per_member)
     metrics["ensemble_size"] = cfg.ensemble
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.save_pretrained(out)
