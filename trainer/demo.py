@@ -45,6 +45,11 @@ def gateway_score_call(target: str) -> dict:
             "model_id": reply.model_id}
 
 
+def _per_prompt(counts: dict) -> int:
+    """Samples per prompt of a collect run's counts."""
+    return counts["candidates"] // max(1, counts["rows"])
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     gateway_port = free_port()
@@ -86,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"   (demonstrator: {report['demonstrator_gold_score']:.3f}, perfect: 1.0)")
     c = report["collected_on_sft"]
     if c:
-        print(f"  reward model data: the given pairs + {c['rows']} rankings of {c['candidates'] // max(1, c['rows'])} "
+        print(f"  reward model data: the given pairs + {c['rows']} rankings of {_per_prompt(c)} "
               f"πSFT samples each (the simulated rater); held-out set: the rater's rankings of πSFT samples")
     print(f"  reward model held-out accuracy: {report['rm_eval_accuracy']:.3f} on rater labels, "
           f"{report['rm_eval_gold_accuracy']:.3f} on the gold ordering")
@@ -98,7 +103,7 @@ def run_demo(cfg: DemoConfig) -> dict:
           + (f"; stopped at iteration {report['ppo_stopped_at']} by the gold-free over-optimisation monitor"
              if report["ppo_stopped_at"] else ""))
     for r in report["rounds"]:
-        print(f"  round {r['round']}: reward model on {r['collected']['rows']} × {r['collected']['candidates'] // max(1, r['collected']['rows'])} "
+        print(f"  round {r['round']}: reward model on {r['collected']['rows']} × {_per_prompt(r['collected'])} "
               f"collected samples + earlier data, gold-order accuracy {r['rm_eval_gold_accuracy'] or 0:.3f} on the "
               f"policy's own samples; PPO gold {r['start_gold_score'] or 0:+.3f} → {r['gold_score'] or 0:+.3f}, "
               f"KL {r['final_kl'] or 0:.3f}")

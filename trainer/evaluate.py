@@ -288,7 +288,7 @@ def variant_data(stages, name: str) -> tuple[Path, Path]:
 
     paths = sft_collection_paths(Path(stages.sft.output).parent)
     return {"given": (given_pairs(stages), given_pairs(stages).with_name("prefs_eval.jsonl")),
-            "collected": (paths["train"].with_name("prefs.jsonl"), paths["eval"]),
+            "collected": (paths["collected"], paths["eval"]),
             "given_and_collected": (paths["train"], paths["eval"])}[name]
 
 
@@ -302,12 +302,10 @@ def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: li
     preferences collected on πSFT's samples alone, both together), same start and training
     settings, each measured like the pipeline's. Under ``--reuse`` a variant whose reward model
     and PPO run are finished is measured again, not retrained."""
-    from tribune.trainer.pipeline import collect_on_sft
+    from tribune.trainer.pipeline import collected_on_sft
 
     t0 = time.perf_counter()
-    collected, _ = variant_data(stages, "collected")
-    if not collected.is_file():          # the pipeline's data step made it, unless --no-collect-sft
-        collect_on_sft(stages, cfg.stages)
+    collected_on_sft(stages, cfg.stages)
     result = {name: _measure_variant(cfg, stages, name, *variant_data(stages, name), candidates, prompts, gateway, port)
               for name in VARIANTS if name != pipeline_variant(cfg.stages)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -394,12 +392,9 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
     member_train = []
     if cfg.study_members == "mixed":
-        given, collected = variant_data(stages, "given")[0], variant_data(stages, "collected")[0]
-        if not collected.is_file():
-            from tribune.trainer.pipeline import collect_on_sft
+        from tribune.trainer.pipeline import collected_on_sft
 
-            collect_on_sft(stages, cfg.stages)
-        member_train = [given, collected]
+        member_train = [variant_data(stages, "given")[0], collected_on_sft(stages, cfg.stages)]
     ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
                                       member_train=member_train)
     log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,

@@ -117,8 +117,9 @@ def stage_configs(out: Path, seed: int, max_steps: int | None, options: StageOpt
     judge = {"judge": task_cfg.spec.judge}      # the task's gold judge, plugged in like any other
     sft = build(SFTConfig, {"model": t / "base", "train": t / "sft.jsonl", "output": out / "sft", **judge, **common},
                 options.merged("sft"))
-    data = sft_collection_paths(out) if options.collect_sft else {"train": t / "prefs_train.jsonl",
-                                                                   "eval": t / "prefs_eval.jsonl"}
+    paths = sft_collection_paths(out) if options.collect_sft else {"train": t / "prefs_train.jsonl",
+                                                                    "eval": t / "prefs_eval.jsonl"}
+    data = {"train": paths["train"], "eval": paths["eval"]}
     rm = build(RewardConfig, {"model": out / "sft", **data, "output": out / "rm", **judge, **common},
                options.merged("rm"))
     export = build(ExportConfig, {"reward": out / "rm", "reference": out / "sft", "output": out / "repository",
@@ -183,7 +184,8 @@ def given_pairs(stages: Stages) -> Path:
 def sft_collection_paths(out: Path) -> dict[str, Path]:
     """Where the data step writes the reward model's training and early-stopping files."""
     d = Path(out) / "collected"
-    return {"train": d / "prefs_given_and_collected.jsonl", "eval": d / "prefs_eval.jsonl"}
+    return {"train": d / "prefs_given_and_collected.jsonl", "eval": d / "prefs_eval.jsonl",
+            "collected": d / "prefs.jsonl"}      # the rater's rankings alone
 
 
 @dataclass(frozen=True)
@@ -204,10 +206,19 @@ def sft_collection_configs(stages: Stages, options: StageOptions) -> SFTCollecti
     paths = sft_collection_paths(Path(stages.sft.output).parent)
     d, seed = paths["train"].parent, stages.sft.seed + 7
     collect = dataclasses.replace(rs.collect, output=d / "candidates.jsonl", seed=seed)
-    label = dataclasses.replace(rs.label, input=collect.output, output=d / "prefs.jsonl", seed=seed)
+    label = dataclasses.replace(rs.label, input=collect.output, output=paths["collected"], seed=seed)
     collect_eval = dataclasses.replace(rs.collect_eval, output=d / "candidates_eval.jsonl")
     label_eval = dataclasses.replace(rs.label_eval, input=collect_eval.output, output=paths["eval"])
     return SFTCollection(collect, collect_eval, label, label_eval, paths["train"])
+
+
+def collected_on_sft(stages: Stages, options: StageOptions) -> Path:
+    """The data step's rankings of πSFT's samples, collected now if the pipeline did not
+    (``--no-collect-sft``)."""
+    c = sft_collection_configs(stages, options)
+    if not Path(c.label.output).is_file():
+        collect_on_sft(stages, options)
+    return Path(c.label.output)
 
 
 def collect_on_sft(stages: Stages, options: StageOptions) -> dict:

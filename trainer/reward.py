@@ -244,7 +244,6 @@ def reward_members(rm_dir: Path) -> list[Path]:
     return [check_model_dir(rm_dir / m) for m in members]
 
 
-
 PER_MEMBER_METRICS = ("eval_accuracy", "eval_gold_accuracy", "best_step", "stopped_early_at")
 
 
