@@ -21,7 +21,9 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert table["complete"] and [(r["task"], r["round"]) for r in table["rows"]] == [("sequence", 0), ("sequence", 1)]
     for row in table["rows"]:
         for setting in ("T=1", "T=0.7", "greedy"):
-            assert {"sft_gold", "ppo_gold", "headroom_share", "sft_length", "ppo_length"} <= set(row[setting])
+            assert {"sft_gold", "ppo_gold", "sft_gold_se", "ppo_gold_se", "headroom_share", "sft_length",
+                    "ppo_length"} <= set(row[setting])
+        assert row["T=1"]["ppo_gold_se"] > 0 and row["greedy"]["ppo_gold_se"] >= 0
         assert 0.0 <= row["rm_gold_accuracy"] <= 1.0 and row["ppo_final_kl"] is not None
         assert 0.0 <= row["rm_onpolicy_accuracy"] <= 1.0
         bon = row["best_of_n"]         # through the gateway's ScoreBestOfN
@@ -72,3 +74,19 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
         assert 0.0 <= v["rm_onpolicy_accuracy"] <= 1.0 and v["best_of_n"]["n"] >= 2
         assert {"ppo_gold", "sft_gold"} <= set(v["T=0.7"])
         assert (out / "sequence" / f"ppo_{name}" / "model.safetensors").is_file()
+
+
+def test_prompt_mean_se_is_the_standard_error_over_prompts_of_their_means():
+    """k samples per prompt count once per prompt: the spread of per-prompt means, float64 reference."""
+    import math
+
+    from tribune.trainer.evaluate import prompt_mean_se
+
+    values = [1.0, 0.0, 0.5, 0.5, -0.5, 0.25]                  # 3 prompts × 2 samples
+    means = [0.5, 0.5, -0.125]
+    mu = sum(means) / 3
+    ref = math.sqrt(sum((m - mu) ** 2 for m in means) / 2) / math.sqrt(3)
+    assert prompt_mean_se(values, 2) == pytest.approx(ref, rel=1e-12)
+    assert prompt_mean_se(values, 1) == pytest.approx(
+        math.sqrt(sum((v - sum(values) / 6) ** 2 for v in values) / 5) / math.sqrt(6), rel=1e-12)
+    assert prompt_mean_se([0.3, 0.7], 2) == 0.0                # one prompt: no spread to measure

@@ -44,6 +44,8 @@ class EvaluateConfig:
     max_steps: int | None = field(None, help="cap on optimiser steps of each training stage (for smoke runs)")
     stages: StageOptions = group(StageOptions(), help="options of each stage, the same for every task")
     eval_prompts: int = field(200, help="held-out prompts per task for the gold scores")
+    eval_samples: int = field(4, help="sampled responses per held-out prompt for the gold scores at each temperature "
+                                      "(greedy: one); more samples, a smaller standard error")
     overoptimisation_task: str | None = field("sequence", help="also run PPO with an aggressive setting on this task, "
                                               "against the single reward model and against an ensemble with the "
                                               "uncertainty penalty (none: skip)")
@@ -70,6 +72,8 @@ class EvaluateConfig:
             raise ValueError(f"tasks: unknown {', '.join(unknown)}; the suite has {', '.join(TASKS)}")
         if self.eval_prompts < 1:
             raise ValueError("eval_prompts must be at least 1")
+        if self.eval_samples < 1:
+            raise ValueError("eval_samples must be at least 1")
         if self.best_of_n < 2:
             raise ValueError("best_of_n must be at least 2")
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
@@ -78,18 +82,31 @@ class EvaluateConfig:
 
 @torch.no_grad()
 def policy_gold(policy_dir: Path, judge: Judge, prompts: list[str], *, temperature: float, max_prompt_length: int,
-                max_new_tokens: int, seed: int) -> dict[str, float]:
-    """Mean gold score and response length (tokens) of a policy's responses; temperature 0 is greedy."""
+                max_new_tokens: int, seed: int, samples: int = 1) -> dict[str, float]:
+    """Mean gold score and response length (tokens) of a policy's responses; temperature 0 is greedy.
+
+    ``samples`` responses per prompt (one when greedy); ``gold_se`` is the standard error of the
+    mean over prompts (each prompt's mean over its samples), the spread a second draw would show.
+    """
     from tribune.services.common.text import load_tokenizer
     from tribune.trainer.modeling import load_causal_lm, sample_responses
 
     policy, tok = load_causal_lm(policy_dir).eval(), load_tokenizer(policy_dir)
+    k = samples if temperature > 0 else 1
     golds, lengths = [], []
-    for s in sample_responses(policy, tok, prompts, max_prompt_length=max_prompt_length,
-                              max_new_tokens=max_new_tokens, seed=seed, temperature=temperature):
+    # the suite's models are tiny: 512 sequences per generate call take a third of the time of 64
+    for s in sample_responses(policy, tok, [p for p in prompts for _ in range(k)], max_prompt_length=max_prompt_length,
+                              max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, chunk=512):
         golds += judge.score(s.prompts, s.texts)
         lengths += s.mask[:, s.P:].sum(-1).tolist()
-    return {"gold": sum(golds) / len(golds), "length": sum(lengths) / len(lengths)}
+    return {"gold": sum(golds) / len(golds), "gold_se": prompt_mean_se(golds, k),
+            "length": sum(lengths) / len(lengths)}
+
+
+def prompt_mean_se(values: list[float], k: int) -> float:
+    """Standard error of the mean of ``values`` (k consecutive values per prompt) over prompts."""
+    per_prompt = torch.tensor(values, dtype=torch.float64).view(-1, k).mean(1)     # (prompts,)
+    return float(per_prompt.std() / per_prompt.numel() ** 0.5) if per_prompt.numel() > 1 else 0.0
 
 
 def _settings(sampling_t: float) -> list[tuple[str, float]]:
@@ -159,11 +176,12 @@ def _policy_row(cfg: EvaluateConfig, ppo_cfg, start_policy: Path, judge: Judge, 
     row: dict = {}
     for name, temp in _settings(ppo_cfg.temperature):
         common = dict(temperature=temp, max_prompt_length=ppo_cfg.max_prompt_length,
-                      max_new_tokens=ppo_cfg.max_new_tokens, seed=cfg.seed + 3)
+                      max_new_tokens=ppo_cfg.max_new_tokens, seed=cfg.seed + 3, samples=cfg.eval_samples)
         sft = policy_gold(start_policy, judge, prompts, **common)
         ppo = policy_gold(ppo_cfg.output, judge, prompts, **common)
         headroom = PERFECT - sft["gold"]
-        row[name] = {"sft_gold": sft["gold"], "ppo_gold": ppo["gold"], "sft_length": sft["length"],
+        row[name] = {"sft_gold": sft["gold"], "ppo_gold": ppo["gold"], "sft_gold_se": sft["gold_se"],
+                     "ppo_gold_se": ppo["gold_se"], "sft_length": sft["length"],
                      "ppo_length": ppo["length"], "gain": ppo["gold"] - sft["gold"],
                      "headroom_share": (ppo["gold"] - sft["gold"]) / headroom if headroom > 1e-9 else 0.0}
     return row
@@ -442,8 +460,9 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(settings) + 1, figsize=(4.5 * (len(settings) + 1), 4))
     x = range(len(rows))
     for ax, name in zip(axes, settings):
-        ax.bar([i - 0.2 for i in x], [r[name]["sft_gold"] for r in rows], 0.4, label="πSFT")
-        ax.bar([i + 0.2 for i in x], [r[name]["ppo_gold"] for r in rows], 0.4, label="PPO")
+        for shift, who, label in ((-0.2, "sft", "πSFT"), (0.2, "ppo", "PPO")):     # error bars: ± one standard error
+            ax.bar([i + shift for i in x], [r[name][f"{who}_gold"] for r in rows], 0.4, label=label,
+                   yerr=[r[name].get(f"{who}_gold_se", 0.0) for r in rows], capsize=3)
         ax.axhline(PERFECT, color="grey", lw=0.8, ls="--")
         ax.set_xticks(list(x), [row_name(r) for r in rows], rotation=30)
         ax.set_title(f"held-out gold score, {name}")
@@ -462,14 +481,15 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def table(rows: list[dict]) -> list[str]:
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]]
-    head = ("task        RM gold-acc  own-samples  best-of-n  " + "  ".join(f"{s:>17s}" for s in settings)
+    head = ("task        RM gold-acc  own-samples  best-of-n  " + "  ".join(f"{s:>22s}" for s in settings)
             + "   KL    len SFT→PPO  stop   wall")
-    lines = [head, " " * 22 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO':>17s}" for _ in settings)]
+    lines = [head, " " * 22 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO ± se':>22s}" for _ in settings)]
     for r in rows:
         first, bon = r[settings[0]], r.get("best_of_n") or {}
         lines.append(f"{row_name(r):<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  {r.get('rm_onpolicy_accuracy') or 0:>11.3f}"
                      f"  {bon.get('gain_over_random', 0):>+9.3f}  "
-                     + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f}" for s in settings)
+                     + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} ± {r[s].get('ppo_gold_se', 0):.3f}"
+                                 for s in settings)
                      + f"  {r['ppo_final_kl'] or 0:5.2f}  {first['sft_length']:4.1f} → {first['ppo_length']:4.1f}"
                      + f"  {r.get('ppo_stopped_at') or '-':>4}  {r['wall_s']:5.0f}s")
     return lines
