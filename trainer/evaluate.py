@@ -462,7 +462,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     for ax, name in zip(axes, settings):
         for shift, who, label in ((-0.2, "sft", "πSFT"), (0.2, "ppo", "PPO")):     # error bars: ± one standard error
             ax.bar([i + shift for i in x], [r[name][f"{who}_gold"] for r in rows], 0.4, label=label,
-                   yerr=[r[name].get(f"{who}_gold_se", 0.0) for r in rows], capsize=3)
+                   yerr=[r[name][f"{who}_gold_se"] for r in rows], capsize=3)
         ax.axhline(PERFECT, color="grey", lw=0.8, ls="--")
         ax.set_xticks(list(x), [row_name(r) for r in rows], rotation=30)
         ax.set_title(f"held-out gold score, {name}")
@@ -488,7 +488,7 @@ def table(rows: list[dict]) -> list[str]:
         first, bon = r[settings[0]], r.get("best_of_n") or {}
         lines.append(f"{row_name(r):<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  {r.get('rm_onpolicy_accuracy') or 0:>11.3f}"
                      f"  {bon.get('gain_over_random', 0):>+9.3f}  "
-                     + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} ± {r[s].get('ppo_gold_se', 0):.3f}"
+                     + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} ± {r[s]['ppo_gold_se']:.3f}"
                                  for s in settings)
                      + f"  {r['ppo_final_kl'] or 0:5.2f}  {first['sft_length']:4.1f} → {first['ppo_length']:4.1f}"
                      + f"  {r.get('ppo_stopped_at') or '-':>4}  {r['wall_s']:5.0f}s")
