@@ -61,16 +61,23 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # collected on πSFT's samples next to the given pairs' one, and the round run again on it
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
-            "--best-of-n", "4", "--reuse", "--compare-collected", "--rounds", "1", "--export", "exporter=torchscript")
+            "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "2", "--rounds", "1",
+            "--export", "exporter=torchscript")
     again = json.loads((out / "evaluation.json").read_text())["rows"]
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
     assert Path(json.loads((rd / "rm" / "config.resolved.json").read_text())["model"]) == out / "sequence" / "rm"
-    assert set(again[0]["compared"]) == {"given", "collected", "seconds"}      # the variants other than the pipeline's
-    g, c = again[0]["compared"]["given"], again[0]["compared"]["collected"]
+    # the variants other than the pipeline's
+    assert set(again[0]["compared"]) == {"given", "collected", "collected_equal_rows", "seconds"}
+    g, c, e = (again[0]["compared"][k] for k in ("given", "collected", "collected_equal_rows"))
     assert 0 < c["train_pairs"] <= 24 * 6 and g["train_pairs"] > 8000
     assert g["pipeline_train_pairs"] == g["train_pairs"] + c["train_pairs"]
-    for v, name in ((g, "given"), (c, "collected")):
+    # two rows of fresh πSFT samples per training prompt: 48 rating tasks
+    equal_rows = [json.loads(line) for line in (out / "sequence" / "collected" / "equal_rows" / "candidates.jsonl")
+                  .read_text().splitlines()]
+    assert len(equal_rows) == 48 and [r["prompt"] for r in equal_rows[:24]] == [r["prompt"] for r in equal_rows[24:]]
+    assert equal_rows[0]["candidates"] != equal_rows[24]["candidates"] and 0 < e["train_pairs"] <= 48 * 6
+    for v, name in ((g, "given"), (c, "collected"), (e, "collected_equal_rows")):
         assert 0.0 <= v["rm_onpolicy_accuracy"] <= 1.0 and v["best_of_n"]["n"] >= 2
         assert {"ppo_gold", "sft_gold"} <= set(v["T=0.7"])
         assert (out / "sequence" / f"ppo_{name}" / "model.safetensors").is_file()

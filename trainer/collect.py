@@ -52,6 +52,8 @@ class CollectConfig(SamplingConfig):
     output: Path = field(help="JSONL of candidates to write")
     seed: int = field(0, help="seed of the sampling; the same seed gives the same file")
     max_prompts: int | None = field(None, help="use only the first N prompts")
+    rows_per_prompt: int = field(1, help="rows (rating tasks) of k samples per prompt; the output goes through the "
+                                         "prompts this many times, each pass with fresh samples")
     chunk: int = field(32, help="prompts sampled together (each chunk has its own seed)")
     resume: bool = field(False, help="continue an interrupted run with the same settings")
 
@@ -61,6 +63,8 @@ class CollectConfig(SamplingConfig):
             raise ValueError("chunk must be at least 1")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError("max_prompts must be at least 1")
+        if self.rows_per_prompt < 1:
+            raise ValueError("rows_per_prompt must be at least 1")
 
 
 def policy_id(policy_dir: Path) -> str:
@@ -103,6 +107,7 @@ def load_prompt_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[dict[s
 
 def _settings(cfg: CollectConfig, pid: str) -> dict[str, Any]:
     return {"policy": pid, "prompts": str(cfg.prompts), "seed": cfg.seed, "chunk": cfg.chunk,
+            "rows_per_prompt": cfg.rows_per_prompt,
             "sampling": asdict(SamplingConfig(k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                               max_prompt_length=cfg.max_prompt_length))}
 
@@ -148,14 +153,14 @@ def run_collect(cfg: CollectConfig) -> dict:
     pid = policy_id(cfg.policy)
     tokenizer = load_tokenizer(cfg.policy)
     skipped = SkipCounter()
-    rows = load_prompt_rows(cfg.prompts, tokenizer, skipped)[:cfg.max_prompts]
+    rows = load_prompt_rows(cfg.prompts, tokenizer, skipped)[:cfg.max_prompts] * cfg.rows_per_prompt   # pass-major
     out, meta_path = Path(cfg.output), Path(str(cfg.output) + ".meta.json")
     settings = _settings(cfg, pid)
     start = _start(cfg, meta_path, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(meta_path, {"settings": settings, "complete": False})
     policy = load_causal_lm(cfg.policy).eval()
-    log.info("collect: %d prompts × %d samples from %s (T=%g, seed %d)%s; skipped prompts: %s", len(rows), cfg.k,
+    log.info("collect: %d rows × %d samples from %s (T=%g, seed %d)%s; skipped prompts: %s", len(rows), cfg.k,
              pid, cfg.temperature, cfg.seed, f", resuming after {start}" if start else "", skipped.summary())
     counts = {"duplicates": 0, "rows_with_duplicates": 0, "empty": 0}
     if start:       # counts of the rows already there

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +64,9 @@ class EvaluateConfig:
                                                 "instead of the given pairs, and on both together: their accuracy on "
                                                 "the policy's own samples, best-of-n and PPO gold, next to the given "
                                                 "pairs' model")
+    collected_rows_per_prompt: int | None = field(None, help="with --compare-collected: rows of k πSFT samples per "
+                                                  "training prompt in the 'collected, as many rows as given' variant "
+                                                  "(default: enough for as many rated rows as the given pairs have)")
     best_of_n: int = field(8, help="candidates sampled per held-out prompt for the reward model's accuracy on the "
                                    "policy's own samples and for best-of-n through the gateway's ScoreBestOfN")
 
@@ -74,6 +78,8 @@ class EvaluateConfig:
             raise ValueError("eval_prompts must be at least 1")
         if self.eval_samples < 1:
             raise ValueError("eval_samples must be at least 1")
+        if self.collected_rows_per_prompt is not None and self.collected_rows_per_prompt < 1:
+            raise ValueError("collected_rows_per_prompt must be at least 1")
         if self.best_of_n < 2:
             raise ValueError("best_of_n must be at least 2")
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
@@ -295,7 +301,7 @@ def reused_result(cfg: EvaluateConfig, task: str):
     return PipelineResult(stages, read(need[4]), read(need[0]), read(need[1]), read(need[2]), {})
 
 
-VARIANTS = ("given", "collected", "given_and_collected")
+VARIANTS = ("given", "collected", "given_and_collected", "collected_equal_rows")
 
 
 def variant_data(stages, name: str) -> tuple[Path, Path]:
@@ -307,7 +313,34 @@ def variant_data(stages, name: str) -> tuple[Path, Path]:
     paths = sft_collection_paths(Path(stages.sft.output).parent)
     return {"given": (given_pairs(stages), given_pairs(stages).with_name("prefs_eval.jsonl")),
             "collected": (paths["collected"], paths["eval"]),
-            "given_and_collected": (paths["train"], paths["eval"])}[name]
+            "given_and_collected": (paths["train"], paths["eval"]),
+            "collected_equal_rows": (paths["collected"].parent / "equal_rows" / "prefs.jsonl", paths["eval"])}[name]
+
+
+def collected_equal_rows(cfg: EvaluateConfig, stages) -> Path:
+    """The rater's rankings of R rows of k πSFT samples per training prompt, R chosen so that there
+    are as many rated rows as the given pairs have (the same labelling budget in rows); collected
+    now unless an earlier run left them."""
+    from tribune.trainer.collect import run_collect
+    from tribune.trainer.data import load_preference_groups
+    from tribune.trainer.label import run_label
+    from tribune.trainer.pipeline import given_pairs, sft_collection_configs
+
+    out = variant_data(stages, "collected_equal_rows")[0]
+    if out.is_file():
+        return out
+    c = sft_collection_configs(stages, cfg.stages)
+    rows = sum(1 for _ in load_preference_groups(given_pairs(stages), SkipCounter()))
+    prompts = sum(1 for line in Path(c.collect.prompts).read_text(encoding="utf-8").splitlines() if line.strip())
+    prompts = min(prompts, c.collect.max_prompts or prompts)
+    r = cfg.collected_rows_per_prompt or max(1, math.ceil(rows / prompts))
+    collect = dataclasses.replace(c.collect, rows_per_prompt=r, output=out.with_name("candidates.jsonl"))
+    Path(collect.output).unlink(missing_ok=True)
+    log.info("compare: %d row(s) of %d πSFT samples per training prompt (the given pairs have %d rows)", r,
+             collect.k, rows)
+    run_collect(collect)
+    run_label(dataclasses.replace(c.label, input=collect.output, output=out))
+    return out
 
 
 def pipeline_variant(options: StageOptions) -> str:
@@ -324,6 +357,7 @@ def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: li
 
     t0 = time.perf_counter()
     collected_on_sft(stages, cfg.stages)
+    collected_equal_rows(cfg, stages)
     result = {name: _measure_variant(cfg, stages, name, *variant_data(stages, name), candidates, prompts, gateway, port)
               for name in VARIANTS if name != pipeline_variant(cfg.stages)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -496,7 +530,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 DATA_LABELS = {"given": "given pairs", "collected": "collected on πSFT's samples",
-               "given_and_collected": "given + collected"}
+               "given_and_collected": "given + collected", "collected_equal_rows": "collected, as many rows as given"}
 
 
 def comparison_lines(rows: list[dict]) -> list[str]:
@@ -506,14 +540,14 @@ def comparison_lines(rows: list[dict]) -> list[str]:
         return []
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]][:2]
     lines = ["reward models on other preference data than the pipeline's (same start and settings):",
-             "task        data: pipeline's → other                      pairs  own-samples acc  held-out gold acc  "
+             "task        data: pipeline's → other                                pairs  own-samples acc  held-out gold acc  "
              "best-of-n gain  " + "  ".join(f"PPO gold {s} (SFT → pipeline | other)" for s in settings)]
     for r in rows:
         for key, c in r["compared"].items():
             if not isinstance(c, dict):
                 continue
             label = f"{DATA_LABELS[r.get('rm_data', 'given')]} → {DATA_LABELS[key]}"
-            lines.append(f"{r['task']:<11s} {label:<45s} {c['pipeline_train_pairs']:>6d} → {c['train_pairs']:<6d}  "
+            lines.append(f"{r['task']:<11s} {label:<55s} {c['pipeline_train_pairs']:>6d} → {c['train_pairs']:<6d}  "
                          f"{r['rm_onpolicy_accuracy'] or 0:.3f} → {c['rm_onpolicy_accuracy'] or 0:.3f}    "
                          f"{r['rm_gold_accuracy'] or 0:.3f} → {c['rm_gold_accuracy'] or 0:.3f}     "
                          f"{(r['best_of_n'] or {}).get('gain_over_random', 0):+.3f} → "
