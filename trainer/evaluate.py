@@ -320,22 +320,25 @@ def variant_data(stages, name: str) -> tuple[Path, Path]:
 def collected_equal_rows(cfg: EvaluateConfig, stages) -> Path:
     """The rater's rankings of R rows of k πSFT samples per training prompt, R chosen so that there
     are as many rated rows as the given pairs have (the same labelling budget in rows); collected
-    now unless an earlier run left them."""
+    now unless an earlier run left them with the same R."""
     from tribune.trainer.collect import run_collect
     from tribune.trainer.data import load_preference_groups
     from tribune.trainer.label import run_label
     from tribune.trainer.pipeline import given_pairs, sft_collection_configs
 
     out = variant_data(stages, "collected_equal_rows")[0]
-    if out.is_file():
-        return out
     c = sft_collection_configs(stages, cfg.stages)
     rows = sum(1 for _ in load_preference_groups(given_pairs(stages), SkipCounter()))
     prompts = sum(1 for line in Path(c.collect.prompts).read_text(encoding="utf-8").splitlines() if line.strip())
     prompts = min(prompts, c.collect.max_prompts or prompts)
     r = cfg.collected_rows_per_prompt or max(1, math.ceil(rows / prompts))
     collect = dataclasses.replace(c.collect, rows_per_prompt=r, output=out.with_name("candidates.jsonl"))
+    meta = Path(str(collect.output) + ".meta.json")
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings", {}).get("rows_per_prompt") == r:
+        return out          # an earlier run's, with the same number of rows per prompt
     Path(collect.output).unlink(missing_ok=True)
+    # a reward model trained on other rows is not reused (--reuse): it trains again on these
+    (Path(stages.rm.output).parent / "rm_collected_equal_rows" / "metrics.json").unlink(missing_ok=True)
     log.info("compare: %d row(s) of %d πSFT samples per training prompt (the given pairs have %d rows)", r,
              collect.k, rows)
     run_collect(collect)
