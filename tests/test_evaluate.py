@@ -61,26 +61,45 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # collected on πSFT's samples next to the given pairs' one, and the round run again on it
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
-            "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "2", "--rounds", "1",
+            "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0", "--rounds", "1",
             "--export", "exporter=torchscript")
     again = json.loads((out / "evaluation.json").read_text())["rows"]
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
     assert Path(json.loads((rd / "rm" / "config.resolved.json").read_text())["model"]) == out / "sequence" / "rm"
-    # the variants other than the pipeline's
-    assert set(again[0]["compared"]) == {"given", "collected", "collected_equal_rows", "seconds"}
-    g, c, e = (again[0]["compared"][k] for k in ("given", "collected", "collected_equal_rows"))
+    # the variants other than the pipeline's (and the "as many rows" one, left out: it is measured like these)
+    assert set(again[0]["compared"]) == {"given", "collected", "seconds"}
+    g, c = again[0]["compared"]["given"], again[0]["compared"]["collected"]
     assert 0 < c["train_pairs"] <= 24 * 6 and g["train_pairs"] > 8000
     assert g["pipeline_train_pairs"] == g["train_pairs"] + c["train_pairs"]
-    # two rows of fresh πSFT samples per training prompt: 48 rating tasks
-    equal_rows = [json.loads(line) for line in (out / "sequence" / "collected" / "equal_rows" / "candidates.jsonl")
-                  .read_text().splitlines()]
-    assert len(equal_rows) == 48 and [r["prompt"] for r in equal_rows[:24]] == [r["prompt"] for r in equal_rows[24:]]
-    assert equal_rows[0]["candidates"] != equal_rows[24]["candidates"] and 0 < e["train_pairs"] <= 48 * 6
-    for v, name in ((g, "given"), (c, "collected"), (e, "collected_equal_rows")):
+    for v, name in ((g, "given"), (c, "collected")):
         assert 0.0 <= v["rm_onpolicy_accuracy"] <= 1.0 and v["best_of_n"]["n"] >= 2
         assert {"ppo_gold", "sft_gold"} <= set(v["T=0.7"])
         assert (out / "sequence" / f"ppo_{name}" / "model.safetensors").is_file()
+    check_collected_equal_rows(out)
+
+
+def _equal_rows(out: Path, rows_per_prompt: int) -> tuple[Path, list[dict]]:
+    from tribune.trainer.evaluate import EvaluateConfig, collected_equal_rows
+    from tribune.trainer.pipeline import StageOptions, stage_configs
+
+    options = StageOptions(collect={"max_prompts": 24})
+    cfg = EvaluateConfig(output=out, tasks=["sequence"], max_steps=3, stages=options,
+                         collected_rows_per_prompt=rows_per_prompt)
+    prefs = collected_equal_rows(cfg, stage_configs(out / "sequence", 0, 3, options, "sequence"))
+    cands = prefs.with_name("candidates.jsonl").read_text().splitlines()
+    return prefs, [json.loads(line) for line in cands]
+
+
+def check_collected_equal_rows(out: Path) -> None:
+    """The "as many rows as given" data of --compare-collected on a finished run: R rows of fresh
+    πSFT samples per training prompt, pass-major; reused with the same R, collected again with another."""
+    prefs, rows = _equal_rows(out, 2)
+    assert len(rows) == 48 and [r["prompt"] for r in rows[:24]] == [r["prompt"] for r in rows[24:]]
+    assert rows[0]["candidates"] != rows[24]["candidates"] and prefs.read_text().count("\n") > 0
+    stamp = prefs.stat().st_mtime_ns
+    assert _equal_rows(out, 2)[0].stat().st_mtime_ns == stamp                   # the same R: reused
+    assert len(_equal_rows(out, 1)[1]) == 24                                     # another R: collected again
 
 
 def test_prompt_mean_se_is_the_standard_error_over_prompts_of_their_means():

@@ -66,7 +66,8 @@ class EvaluateConfig:
                                                 "pairs' model")
     collected_rows_per_prompt: int | None = field(None, help="with --compare-collected: rows of k πSFT samples per "
                                                   "training prompt in the 'collected, as many rows as given' variant "
-                                                  "(default: enough for as many rated rows as the given pairs have)")
+                                                  "(default: enough for as many rated rows as the given pairs have; "
+                                                  "0: leave that variant out)")
     best_of_n: int = field(8, help="candidates sampled per held-out prompt for the reward model's accuracy on the "
                                    "policy's own samples and for best-of-n through the gateway's ScoreBestOfN")
 
@@ -78,8 +79,8 @@ class EvaluateConfig:
             raise ValueError("eval_prompts must be at least 1")
         if self.eval_samples < 1:
             raise ValueError("eval_samples must be at least 1")
-        if self.collected_rows_per_prompt is not None and self.collected_rows_per_prompt < 1:
-            raise ValueError("collected_rows_per_prompt must be at least 1")
+        if self.collected_rows_per_prompt is not None and self.collected_rows_per_prompt < 0:
+            raise ValueError("collected_rows_per_prompt must be non-negative (0: leave that variant out)")
         if self.best_of_n < 2:
             raise ValueError("best_of_n must be at least 2")
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
@@ -360,9 +361,13 @@ def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: li
 
     t0 = time.perf_counter()
     collected_on_sft(stages, cfg.stages)
-    collected_equal_rows(cfg, stages)
+    left_out = {pipeline_variant(cfg.stages)}
+    if cfg.collected_rows_per_prompt == 0:
+        left_out.add("collected_equal_rows")
+    else:
+        collected_equal_rows(cfg, stages)
     result = {name: _measure_variant(cfg, stages, name, *variant_data(stages, name), candidates, prompts, gateway, port)
-              for name in VARIANTS if name != pipeline_variant(cfg.stages)}
+              for name in VARIANTS if name not in left_out}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
