@@ -323,15 +323,14 @@ def collected_equal_rows(cfg: EvaluateConfig, stages) -> Path:
     are as many rated rows as the given pairs have (the same labelling budget in rows); collected
     now unless an earlier run left them with the same R."""
     from tribune.trainer.collect import run_collect
-    from tribune.trainer.data import load_preference_groups
+    from tribune.trainer.data import load_preference_groups, load_prompts
     from tribune.trainer.label import run_label
     from tribune.trainer.pipeline import given_pairs, sft_collection_configs
 
     out = variant_data(stages, "collected_equal_rows")[0]
     c = sft_collection_configs(stages, cfg.stages)
     rows = sum(1 for _ in load_preference_groups(given_pairs(stages), SkipCounter()))
-    prompts = sum(1 for line in Path(c.collect.prompts).read_text(encoding="utf-8").splitlines() if line.strip())
-    prompts = min(prompts, c.collect.max_prompts or prompts)
+    prompts = len(load_prompts(Path(c.collect.prompts), SkipCounter())[:c.collect.max_prompts])
     r = cfg.collected_rows_per_prompt or max(1, math.ceil(rows / prompts))
     collect = dataclasses.replace(c.collect, rows_per_prompt=r, output=out.with_name("candidates.jsonl"))
     meta = Path(str(collect.output) + ".meta.json")
