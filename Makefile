@@ -33,8 +33,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tribune demo --output runs/demo
 
+# one pytest-xdist worker per core, each test module on one worker (its module fixtures built once);
+# TEST_WORKERS=0 runs the suite in this process
+TEST_WORKERS ?= auto
+
 test: $(STAMP) $(if $(NODE),$(NODE_CLIENT))
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # The tests at the lowest versions pyproject allows of the libraries whose APIs move most;
 # a separate virtual environment, so the main one stays as it is. CI runs it next to `make test`.

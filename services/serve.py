@@ -23,6 +23,7 @@ the dynamic batcher (ragged batching) and padded together by OnnxModel.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -51,7 +52,8 @@ class ServeConfig:
     http_port: int = field(8000, help="Triton HTTP port (health: /v2/health/ready)")
     metrics_port: int = field(8002, help="Prometheus metrics port (/metrics)")
     instances: int = field(1, help="ONNX Runtime sessions per model (parallel batches)")
-    intra_op_threads: int = field(0, help="ONNX Runtime threads per session (0: all cores)")
+    intra_op_threads: int = field(0, help="ONNX Runtime threads per session (0: $OMP_NUM_THREADS when set, "
+                                          "else ONNX Runtime's default, every core)")
     log_verbose: int = field(0, help="Triton's own log verbosity")
     with_gateway: bool = field(False, help="also start the tribune.v1.RewardService gateway in front of it")
     gateway_port: int = field(50051, help="gateway gRPC port (with --with-gateway)")
@@ -65,6 +67,16 @@ class ServeConfig:
                 raise ValueError(f"{name} must be a TCP port (1-65535)")
         if self.instances < 1:
             raise ValueError("instances must be at least 1")
+        if self.intra_op_threads < 0:
+            raise ValueError("intra_op_threads must be non-negative")
+
+    def session_threads(self) -> int:
+        """ONNX Runtime's intra-op threads (0: its default): the flag, else the process's thread
+        budget in $OMP_NUM_THREADS (a job sharing the cores, e.g. a task of `tribune evaluate`)."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        return int(env) if env.isdigit() else 0
 
 
 class BadRequest(ValueError):
@@ -228,7 +240,7 @@ def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
     # has checked that config.pbtxt agrees with the manifest's K)
     for spec in map(manifest.facts.model_spec, manifest.facts.models):
         pb = read_config(repo / spec.name / "config.pbtxt")
-        fns = [OnnxModel(spec, repo / spec.name / "1" / ONNX_FILE, vocab, max_len, cfg.intra_op_threads)
+        fns = [OnnxModel(spec, repo / spec.name / "1" / ONNX_FILE, vocab, max_len, cfg.session_threads())
                for _ in range(cfg.instances)]
         db = pb.dynamic_batching
         batcher = DynamicBatcher(max_queue_delay_microseconds=db.max_queue_delay_microseconds,

@@ -1,6 +1,10 @@
-"""Shared fixtures: the bundled task and one trained SFT + reward model per test session.
+"""Shared fixtures: the bundled task and one trained SFT + reward model per test run.
 
-Everything is produced through the real `tribune` command line, once per session.
+Everything is produced through the real `tribune` command line, once per run: `make test` runs
+the suite in one pytest-xdist worker per core, and the workers share these artefacts (the first
+to need one builds it under a file lock, the others wait and reuse it). Each worker gets its
+share of the cores as its thread budget (OMP_NUM_THREADS, inherited by every command it runs):
+on the suite's tiny models two single-threaded processes get more done than one with two threads.
 """
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist: each worker's thread budget is its share of the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
 # the bundled task's gold judge, plugged in like any other (`--judge module:function`)
 JUDGE = ("--judge", "tribune.trainer.task.judge:gold_score")
 # the pipeline's lengths (tribune.trainer.pipeline.STAGE_DEFAULTS), so the session's models match the demo's
@@ -53,27 +64,44 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout[start:])
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(out)`` once per test run, also across pytest-xdist workers: the first worker to get
+    here builds ``name`` under a file lock, the others wait for it and reuse it (tests never write
+    into these artefacts). A build that fails leaves nothing behind, so the next one tries again."""
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    root.mkdir(parents=True, exist_ok=True)
+    out, done = root / name / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out.parent, ignore_errors=True)
+            out.parent.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("task") / "task"
-    tribune("task", "make", out)
-    return out
+    return built_once(tmp_path_factory, "task", lambda out: tribune("task", "make", out))
 
 
 @pytest.fixture(scope="session")
 def sft_dir(task_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "sft"
-    tribune("sft", "--model", task_dir / "base", "--train", task_dir / "sft.jsonl", "--output", out,
-            "--epochs", "3", "--learning-rate", "3e-3", *LENGTHS, *JUDGE)
-    return out
+    return built_once(tmp_path_factory, "sft", lambda out: tribune(
+        "sft", "--model", task_dir / "base", "--train", task_dir / "sft.jsonl", "--output", out,
+        "--epochs", "3", "--learning-rate", "3e-3", *LENGTHS, *JUDGE))
 
 
 @pytest.fixture(scope="session")
 def rm_dir(task_dir, sft_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("rm") / "rm"
-    tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl",
-            "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4", *LENGTHS, *JUDGE)
-    return out
+    return built_once(tmp_path_factory, "rm", lambda out: tribune(
+        "train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl",
+        "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4", *LENGTHS, *JUDGE))
 
 
 def make_ensemble(rm_dir: Path, out: Path, k: int = 3) -> Path:
@@ -113,15 +141,14 @@ def make_ensemble(rm_dir: Path, out: Path, k: int = 3) -> Path:
 @pytest.fixture(scope="session")
 def ensemble_rm_dir(rm_dir, tmp_path_factory) -> Path:
     """Three reward models in train-rm --ensemble's layout, made from the session's one."""
-    return make_ensemble(rm_dir, tmp_path_factory.mktemp("ensemble") / "rm", k=3)
+    return built_once(tmp_path_factory, "ensemble", lambda out: make_ensemble(rm_dir, out, k=3))
 
 
 @pytest.fixture(scope="session")
 def repo_dir(rm_dir, sft_dir, tmp_path_factory) -> Path:
     """An exported model repository with a small max batch size, so batches get split."""
-    out = tmp_path_factory.mktemp("repo") / "repo"
-    tribune("export", "--reward", rm_dir, "--reference", sft_dir, "--output", out, "--max-batch-size", "8")
-    return out
+    return built_once(tmp_path_factory, "repo", lambda out: tribune(
+        "export", "--reward", rm_dir, "--reference", sft_dir, "--output", out, "--max-batch-size", "8"))
 
 
 @pytest.fixture(scope="session")

@@ -30,11 +30,14 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
         assert bon["n"] >= 2 and bon["oracle_gold"] >= bon["picked_gold"] and bon["oracle_gold"] >= bon["random_gold"]
     row, r1 = table["rows"]
     assert set(row["stage_seconds"]) == {"task", "sft", "collect_label", "rm", "export", "ppo"}
-    # the data step: one ranking of πSFT samples per training prompt (24 here), given pairs + these
+    # the data step: four rankings of fresh πSFT samples per training prompt (24 here), given pairs + these
     col = out / "sequence" / "collected"
     given = (out / "sequence" / "task" / "prefs_train.jsonl").read_text().count("\n")
     ranked = [json.loads(line) for line in (col / "prefs.jsonl").read_text().splitlines()]
-    assert 20 <= len(ranked) <= 24 and all(r["policy"].startswith("sft@") and len(r["ranking"]) >= 2 for r in ranked)
+    # a ranking of three or more distinct samples, or chosen/rejected where only two were distinct
+    assert 80 <= len(ranked) <= 96 and all(r["policy"].startswith("sft@") and (len(r.get("ranking", ())) >= 3 or
+                                           {"chosen", "rejected"} <= set(r)) for r in ranked)
+    assert len({r["prompt"] for r in ranked}) <= 24
     assert (col / "prefs_given_and_collected.jsonl").read_text().count("\n") == given + len(ranked)
     rm0 = json.loads((out / "sequence" / "rm" / "config.resolved.json").read_text())
     assert Path(rm0["train"]) == col / "prefs_given_and_collected.jsonl" and Path(rm0["eval"]) == col / "prefs_eval.jsonl"
@@ -48,9 +51,9 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
 
     rd = out / "sequence" / "round-1"
     cands = [json.loads(line) for line in (rd / "candidates.jsonl").read_text().splitlines()]
-    assert len(cands) == 24 and r1["collected"]["rows"] == 24 and cands[0]["policy"].startswith("ppo@")
+    assert len(cands) == 96 and r1["collected"]["rows"] == 96 and cands[0]["policy"].startswith("ppo@")
     collected = (rd / "prefs.jsonl").read_text().count("\n")
-    assert (rd / "prefs_all.jsonl").read_text().count("\n") == given + len(ranked) + collected and collected >= 20
+    assert (rd / "prefs_all.jsonl").read_text().count("\n") == given + len(ranked) + collected and collected >= 80
     rm_cfg = json.loads((rd / "rm" / "config.resolved.json").read_text())
     ppo_cfg = json.loads((rd / "ppo" / "config.resolved.json").read_text())
     assert Path(rm_cfg["model"]) == out / "sequence" / "rm"             # warm-started from round 0's model
@@ -58,11 +61,13 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert (rd / "repository" / "tribune.json").is_file() and (rd / "ppo" / "model.safetensors").is_file()
 
     # the same run measured again without training it (--reuse), with a reward model on preferences
-    # collected on πSFT's samples next to the given pairs' one, and the round run again on it
+    # collected on πSFT's samples next to the given pairs' one, and the round run again on it; this
+    # time in a worker process (--jobs 2), whose console output goes to the task's own log
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
             "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0", "--rounds", "1",
-            "--export", "exporter=torchscript")
+            "--export", "exporter=torchscript", "--jobs", "2")
+    assert "compare: reward model on" in (out / "sequence" / "evaluate.log").read_text()
     again = json.loads((out / "evaluation.json").read_text())["rows"]
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
@@ -70,7 +75,7 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # the variants other than the pipeline's (and the "as many rows" one, left out: it is measured like these)
     assert set(again[0]["compared"]) == {"given", "collected", "seconds"}
     g, c = again[0]["compared"]["given"], again[0]["compared"]["collected"]
-    assert 0 < c["train_pairs"] <= 24 * 6 and g["train_pairs"] > 8000
+    assert 0 < c["train_pairs"] <= 4 * 24 * 6 and g["train_pairs"] > 8000
     assert g["pipeline_train_pairs"] == g["train_pairs"] + c["train_pairs"]
     for v, name in ((g, "given"), (c, "collected")):
         assert 0.0 <= v["rm_onpolicy_accuracy"] <= 1.0 and v["best_of_n"]["n"] >= 2
@@ -80,7 +85,8 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
 
 
 def _equal_rows(out: Path, rows_per_prompt: int) -> tuple[Path, list[dict]]:
-    from tribune.trainer.evaluate import EvaluateConfig, collected_equal_rows
+    from tribune.trainer.data_variants import collected_equal_rows
+    from tribune.trainer.evaluate import EvaluateConfig
     from tribune.trainer.pipeline import StageOptions, stage_configs
 
     options = StageOptions(collect={"max_prompts": 24})
@@ -106,7 +112,7 @@ def test_prompt_mean_se_is_the_standard_error_over_prompts_of_their_means():
     """k samples per prompt count once per prompt: the spread of per-prompt means, float64 reference."""
     import math
 
-    from tribune.trainer.evaluate import prompt_mean_se
+    from tribune.trainer.measures import prompt_mean_se
 
     values = [1.0, 0.0, 0.5, 0.5, -0.5, 0.25]                  # 3 prompts × 2 samples
     means = [0.5, 0.5, -0.125]

@@ -55,8 +55,8 @@ def _own_preferred_score(rm_dir, path, limit=256):
 def test_ppo_raises_the_gold_score_with_a_bounded_kl(served, sft_dir, rm_dir, task_dir, tmp_path):
     out = tmp_path / "ppo"
     preferred = task_dir / "prefs_eval.jsonl"
-    metrics = last_json(tribune(*ppo_args(served.url, sft_dir, rm_dir, task_dir, out, "--iterations", "60",
-                                          "--gold-every", "20", "--preferred-eval", preferred)).stdout)
+    metrics = last_json(tribune(*ppo_args(served.url, sft_dir, rm_dir, task_dir, out, "--iterations", "30",
+                                          "--gold-every", "10", "--preferred-eval", preferred)).stdout)
     assert metrics["gold/score"] > metrics["sft/score"] + 0.05, metrics
     # the monitor's height, measured through the service, is the reward model's own score of the
     # responses ranked first (laid out as rollouts are: left-padded prompt, response, EOS),

@@ -38,8 +38,10 @@ class PPOConfig(RunConfig):
     log_every: int = default(RunConfig, "log_every", 1)
     checkpoint_every: int = default(RunConfig, "checkpoint_every", 20)
     iterations: int = field(100, help="PPO iterations (rollout batch → updates)")
-    rollout_batch_size: int = field(64, help="prompts per iteration, summed over processes")
-    mini_batch_size: int = field(16, help="rollouts per optimiser step")
+    # 128 and 32, not 64 and 16: the same optimiser steps per iteration on twice the rollouts, less noisy
+    # (chosen on the suite: equal or better on every task, sequence 13 % → 23 % of its headroom at T = 1)
+    rollout_batch_size: int = field(128, help="prompts per iteration, summed over processes")
+    mini_batch_size: int = field(32, help="rollouts per optimiser step")
     gradient_accumulation_steps: int = field(1, help="minibatches accumulated per optimiser step")
     ppo_epochs: int = field(4, help="passes over each rollout batch")
     optim: OptimizerConfig = group(OptimizerConfig(learning_rate=1e-4, weight_decay=0.01, adam_eps=1e-5,
@@ -72,7 +74,9 @@ class PPOConfig(RunConfig):
                                         "measured at the start, and the monitor warns when the proxy climbs past "
                                         "--preferred-tolerance times their height above πSFT's samples (gold-free: "
                                         "nothing in the data scores higher than what raters preferred)")
-    preferred_tolerance: float = field(1.75, help="with --preferred-eval: warn above this multiple of the preferred "
+    # 2.0, not 1.75 (chosen on the suite with the data step's four rankings per prompt: the better reward
+    # models let PPO's proxy pass 1.75 while gold still rose; sequence stopped at iteration 20 of 60)
+    preferred_tolerance: float = field(2.0, help="with --preferred-eval: warn above this multiple of the preferred "
                                        "responses' height over πSFT's samples")
     stop_on_drift: bool = field(False, help="stop the run at the first over-optimisation warning")
     reward_clip: float | None = field(None, help="clip normalised rewards to ±this")

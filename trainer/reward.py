@@ -75,6 +75,9 @@ class RewardConfig(TrainingConfig):
     member_train: list[Path] = field([], help="with --ensemble: member i trains on file i mod N of these instead of "
                                      "--train (members that learn from different data err less alike, e.g. the "
                                      "given pairs and preferences collected on the policy's samples)")
+    member_eval: list[Path] = field([], help="with --member-train: member i early-stops on file i mod N of these "
+                                    "instead of --eval, held-out data of the kind it trains on (one file per "
+                                    "--member-train file; a member scored on another kind kept its first weights)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +90,9 @@ class RewardConfig(TrainingConfig):
             raise ValueError("ensemble must be at least 1")
         if self.member_train and self.ensemble < 2:
             raise ValueError("member_train needs --ensemble K with K >= 2")
+        if self.member_eval and len(self.member_eval) != len(self.member_train):
+            raise ValueError(f"member_eval needs one file per member_train file ({len(self.member_train)}), "
+                             f"got {len(self.member_eval)}")
 
 
 class RewardScorer(nn.Module):
@@ -270,8 +276,11 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     members, per_member = [f"member-{i}" for i in range(cfg.ensemble)], []
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
+        source = i % len(cfg.member_train) if cfg.member_train else None
         member = dataclasses.replace(cfg, ensemble=1, output=out / name, seed=cfg.seed + 1009 * i, member_train=[],
-                                     train=cfg.member_train[i % len(cfg.member_train)] if cfg.member_train else cfg.train)
+                                     member_eval=[],
+                                     train=cfg.train if source is None else cfg.member_train[source],
+                                     eval=cfg.member_eval[source] if cfg.member_eval else cfg.eval)
         per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
                                        stats_seed=cfg.seed))
     metrics = ensemble_metrics(per_member)
@@ -288,7 +297,9 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     write_json(out / REWARD_STATS_FILE, stats)
     write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap,
                                      "member_train": [str(cfg.member_train[i % len(cfg.member_train)])
-                                                      for i in range(cfg.ensemble)] if cfg.member_train else []})
+                                                      for i in range(cfg.ensemble)] if cfg.member_train else [],
+                                     "member_eval": [str(cfg.member_eval[i % len(cfg.member_eval)])
+                                                     for i in range(cfg.ensemble)] if cfg.member_eval else []})
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -420,6 +420,12 @@ def train_supervised(run: Run, cfg: TrainingConfig, model, n_examples: int,
             final = evaluate(acc.unwrap_model(model))
             ended = best.step
             log.info("%s: kept the weights of step %d (%s %.4f)", run.desc, best.step, best.key, best.value)
+            if best.step == every and "stopped_early_at" in last:
+                # the model got worse on the held-out set from the first evaluation on: it learns
+                # something, but not what the held-out set measures
+                log.warning("%s: the held-out %s never improved after the first evaluation (step %d), so those "
+                            "nearly untrained weights were kept: does the held-out set come from the distribution "
+                            "the model trains on?", run.desc, best.key, best.step)
         final["best_step"] = ended
     if "stopped_early_at" in last:
         final["stopped_early_at"] = last["stopped_early_at"]

@@ -1,0 +1,90 @@
+"""The over-optimisation study of `tribune evaluate`: aggressive PPO from the same πSFT against the
+single reward model and against an ensemble with the uncertainty penalty. Does the gold score
+fall while the proxy rises, and does the gold-free monitor warn first?
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tribune.trainer.data_variants import variant_data
+
+if TYPE_CHECKING:
+    from tribune.trainer.evaluate import EvaluateConfig
+
+log = logging.getLogger("tribune")
+
+
+def _trajectory(ppo_dir: Path) -> dict:
+    """Gold and proxy on held-out prompts at each gold evaluation, and the gold-free alarms, from metrics.jsonl."""
+    rows = [json.loads(l) for l in (Path(ppo_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    gold = [(r["step"], r["gold/score"], r["gold/proxy_score"]) for r in rows if "gold/score" in r]
+    warned = [r["step"] for r in rows if r.get("monitor/overoptimisation_warning")]
+    # the gold score when the monitor first warned: at the last gold evaluation up to that iteration
+    before = [g for st, g, _ in gold if warned and st <= warned[0]]
+    return {"gold_trajectory": gold, "first_warning_at": warned[0] if warned else None,
+            "gold_at_warning": before[-1] if before else None,
+            "final_proxy_past_preferred": next((r["monitor/proxy_past_preferred"] for r in reversed(rows)
+                                                if "monitor/proxy_past_preferred" in r), None),
+            "gold_hacking_warnings": sum(int(r.get("gold/hacking_warning", 0)) for r in rows),
+            "final_kl": next((r["objective/kl"] for r in reversed(rows) if "objective/kl" in r), None),
+            "final_length_ratio": next((r["monitor/length_ratio"] for r in reversed(rows)
+                                        if "monitor/length_ratio" in r), None)}
+
+
+def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
+    """Aggressive PPO against the single reward model and against an ensemble with the uncertainty
+    penalty, from the same πSFT: does the gold score fall while the proxy rises, and does the
+    gold-free monitor warn first?"""
+
+    from tribune.services.common.config import build_config
+    from tribune.services.launcher import start_serve
+    from tribune.trainer.export import run_export
+    from tribune.trainer.ppo import run_ppo
+    from tribune.trainer.ppo_config import PPOConfig
+    from tribune.trainer.reward import run_train_rm
+    from tribune.trainer.pipeline import stage_configs
+
+    out = Path(cfg.output) / task
+    stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
+    member_train, member_eval = [], []
+    if cfg.study_members == "mixed":
+        from tribune.trainer.pipeline import collected_on_sft
+
+        # each member early-stops on held-out data of its own kind: scored on πSFT's samples, a member of the
+        # given pairs got worse from its first evaluation on (sequence) and kept nearly untrained weights
+        collected_on_sft(stages, cfg.stages)
+        member_train, member_eval = map(list, zip(variant_data(stages, "collected"), variant_data(stages, "given")))
+    ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
+                                      member_train=member_train, member_eval=member_eval)
+    log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,
+             cfg.study_members, ensemble_rm.output)
+    run_train_rm(ensemble_rm)
+    run_export(dataclasses.replace(stages.export, reward=ensemble_rm.output, output=out / "repository_ensemble"))
+    runs = {}
+    for name, repo, extra in (("single_rm", stages.export.output, {}),
+                              ("ensemble_uncertainty", out / "repository_ensemble",
+                               {"ensemble_reward": "uncertainty", "value_init": ensemble_rm.output / "member-0"})):
+        with start_serve(repo) as server:
+            base = {k: getattr(stages.ppo, k) for k in ("policy", "prompts", "eval_prompts", "value_init",
+                                                        "preferred_eval")}
+            ppo_cfg = build_config(PPOConfig, {**{k: v for k, v in vars(stages.ppo).items()
+                                                  if k in ("seed", "iterations", "scoring_chunk", "gold_every",
+                                                           "max_steps") and v is not None},
+                                               **base, "judge": stages.ppo.gold.judge, "reward_url": server.url,
+                                               "reference_url": server.url, "output": out / f"ppo_{name}",
+                                               # the whole trajectory, past the monitor's first warning
+                                               "stop_on_drift": False, **cfg.aggressive, **extra})
+            log.info("over-optimisation study: ppo (%s, %s) → %s", name, cfg.aggressive, ppo_cfg.output)
+            metrics = run_ppo(ppo_cfg)
+        runs[name] = {"sft_gold": metrics.get("sft/score"), "final_gold": metrics.get("gold/score"),
+                      "sft_proxy": metrics.get("sft/proxy_score"), "final_proxy": metrics.get("gold/proxy_score"),
+                      **_trajectory(ppo_cfg.output)}
+        r = runs[name]
+        r["overoptimised"] = bool(r["final_gold"] is not None and r["final_gold"] < r["sft_gold"]
+                                  and r["final_proxy"] > r["sft_proxy"])
+    return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
+            "members": cfg.study_members, "runs": runs}
