@@ -64,11 +64,25 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # collected on πSFT's samples next to the given pairs' one, and the round run again on it; this
     # time in a worker process (--jobs 2), whose console output goes to the task's own log
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
-            "--eval-prompts", "16", "--overoptimisation-task", "none", "--collect", "max_prompts=24",
+            "--eval-prompts", "16", "--overoptimisation-task", "sequence", "--ensemble-size", "2",
+            "--collect", "max_prompts=24",
             "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0", "--rounds", "1",
             "--export", "exporter=torchscript", "--jobs", "2")
     assert "compare: reward model on" in (out / "sequence" / "evaluate.log").read_text()
-    again = json.loads((out / "evaluation.json").read_text())["rows"]
+    summary = json.loads((out / "evaluation.json").read_text())
+    again = summary["rows"]
+    # the over-optimisation study, in its own worker once its task was done: the mixed ensemble's members
+    # each train and early-stop on one data source, and both PPO runs report their gold trajectory
+    assert "over-optimisation study: ppo (ensemble_uncertainty" in (out / "sequence-study.log").read_text()
+    study = summary["overoptimisation"]
+    assert study["task"] == "sequence" and set(study["runs"]) == {"single_rm", "ensemble_uncertainty"}
+    for r in study["runs"].values():
+        assert [s for s, _, _ in r["gold_trajectory"]][-1] == 2 and r["final_gold_se"] > 0
+        assert isinstance(r["overoptimised"], bool)
+    layout = json.loads((out / "sequence" / "rm_ensemble" / "ensemble.json").read_text())
+    assert [Path(f).parent.name for f in layout["member_train"]] == ["collected", "task"]
+    assert [Path(f).name for f in layout["member_eval"]] == ["prefs_eval.jsonl"] * 2
+    assert [Path(f).parent.name for f in layout["member_eval"]] == ["collected", "task"]
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
     assert Path(json.loads((rd / "rm" / "config.resolved.json").read_text())["model"]) == out / "sequence" / "rm"
@@ -122,3 +136,15 @@ def test_prompt_mean_se_is_the_standard_error_over_prompts_of_their_means():
     assert prompt_mean_se(values, 1) == pytest.approx(
         math.sqrt(sum((v - sum(values) / 6) ** 2 for v in values) / 5) / math.sqrt(6), rel=1e-12)
     assert prompt_mean_se([0.3, 0.7], 2) == 0.0                # one prompt: no spread to measure
+
+
+def test_a_run_over_optimised_only_when_gold_fell_beyond_its_noise_while_the_proxy_rose():
+    from tribune.trainer.overoptimisation import overoptimised
+
+    run = {"sft_gold": 0.35, "final_gold": 0.11, "sft_gold_se": 0.03, "final_gold_se": 0.04,
+           "sft_proxy": -0.3, "final_proxy": 1.3}
+    assert overoptimised(run)                                                  # fell 0.24 > 2 × 0.05
+    assert not overoptimised({**run, "final_gold": 0.29})                      # fell 0.06 < 2 × 0.05: noise
+    assert not overoptimised({**run, "final_proxy": -0.4})                     # the proxy fell too
+    assert not overoptimised({**run, "final_gold": None})                      # no gold judge
+    assert overoptimised({**run, "final_gold": 0.34, "sft_gold_se": None, "final_gold_se": None})

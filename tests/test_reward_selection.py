@@ -36,9 +36,20 @@ def test_best_weights_are_kept_and_training_stops_when_held_out_loss_stalls(task
 
 def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, tmp_path):
     out = tmp_path / "ens"
-    metrics, _ = _rm(task_dir, sft_dir, out, "--ensemble", "2", "--bootstrap", "--max-steps", "20")
+    # member 1 on its own training and early-stopping files (members of different data sources)
+    half_train, half_eval = tmp_path / "half_train.jsonl", tmp_path / "half_eval.jsonl"
+    for src, dst in ((task_dir / "prefs_train.jsonl", half_train), (task_dir / "prefs_eval.jsonl", half_eval)):
+        lines = src.read_text().splitlines(keepends=True)
+        dst.write_text("".join(lines[:len(lines) // 2]))
+    metrics, _ = _rm(task_dir, sft_dir, out, "--ensemble", "2", "--bootstrap", "--max-steps", "20",
+                     "--member-train", task_dir / "prefs_train.jsonl", half_train,
+                     "--member-eval", task_dir / "prefs_eval.jsonl", half_eval)
     layout = json.loads((out / "ensemble.json").read_text())
     assert layout["ensemble_size"] == 2 and layout["members"] == ["member-0", "member-1"]
+    assert layout["member_train"] == [str(task_dir / "prefs_train.jsonl"), str(half_train)]
+    assert layout["member_eval"] == [str(task_dir / "prefs_eval.jsonl"), str(half_eval)]
+    resolved = json.loads((out / "member-1" / "config.resolved.json").read_text())
+    assert (resolved["train"], resolved["eval"]) == (str(half_train), str(half_eval))
     stats = [json.loads((out / m / "reward_stats.json").read_text()) for m in layout["members"]]
     assert stats[0]["mean"] != stats[1]["mean"]                              # different seeds, data, heads
     assert (out / "tokenizer.json").is_file() and metrics["ensemble_size"] == 2
@@ -55,3 +66,16 @@ def test_ensemble_metrics_average_what_every_member_reports_and_list_what_only_s
     assert "stopped_early_at" not in m and "plot" not in m
     assert m["member_stopped_early_at"] == [300, None] and m["member_best_step"] == [100, 400]
     assert m["member_eval_accuracy"] == [0.8, 0.6] and "member_eval_gold_accuracy" not in m
+
+
+def test_member_eval_needs_one_file_per_member_train_file(tmp_path):
+    from tribune.services.common.config import build_config
+    from tribune.trainer.reward import RewardConfig
+
+    from tribune.services.common.errors import UserError
+
+    with pytest.raises(UserError, match="member_eval needs one file per member_train file"):
+        build_config(RewardConfig, {"model": tmp_path, "train": tmp_path / "t.jsonl", "eval": tmp_path / "e.jsonl",
+                                    "output": tmp_path / "o",
+                                    "ensemble": 2, "member_train": [tmp_path / "a", tmp_path / "b"],
+                                    "member_eval": [tmp_path / "c"]})

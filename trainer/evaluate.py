@@ -50,7 +50,9 @@ class EvaluateConfig:
     overoptimisation_task: str | None = field("sequence", help="also run PPO with an aggressive setting on this task, "
                                               "against the single reward model and against an ensemble with the "
                                               "uncertainty penalty (none: skip)")
-    aggressive: dict = field({"learning_rate": 3e-4, "kl_coef": 0.05},
+    # no KL penalty, 3× PPO's learning rate: chosen where the single reward model over-optimised on sequence
+    # (with β 0.05 it no longer did, once the data step gave it four rankings per prompt)
+    aggressive: dict = field({"learning_rate": 3e-4, "kl_coef": 0.0},
                              help="the aggressive PPO options of the over-optimisation study")
     ensemble_size: int = field(3, help="members of the study's ensemble")
     study_members: Literal["seeds", "mixed"] = field("mixed", help="the study ensemble's members: seeds of the "

@@ -90,7 +90,8 @@ def study_lines(study: dict | None) -> list[str]:
     lines = [f"over-optimisation study ({study['task']}, PPO {study['aggressive']}, {study['ensemble_size']}-member "
              f"ensemble of {study.get('members', 'seeds')}):"]
     for name, r in study["runs"].items():
-        lines.append(f"  {name:<21s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}, proxy {r['sft_proxy']:+.3f} → "
+        se = f" ± {r['final_gold_se']:.3f}" if r.get("final_gold_se") is not None else ""
+        lines.append(f"  {name:<21s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → "
                      f"{r['final_proxy']:+.3f}, KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "
                      f"over-optimised: {r['overoptimised']}; gold-free warning at iteration {r['first_warning_at']}"
                      + (f" (gold then {r['gold_at_warning']:+.3f})" if r.get("gold_at_warning") is not None else ""))

@@ -81,10 +81,18 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
             log.info("over-optimisation study: ppo (%s, %s) → %s", name, cfg.aggressive, ppo_cfg.output)
             metrics = run_ppo(ppo_cfg)
         runs[name] = {"sft_gold": metrics.get("sft/score"), "final_gold": metrics.get("gold/score"),
+                      "sft_gold_se": metrics.get("sft/score_se"), "final_gold_se": metrics.get("gold/score_se"),
                       "sft_proxy": metrics.get("sft/proxy_score"), "final_proxy": metrics.get("gold/proxy_score"),
                       **_trajectory(ppo_cfg.output)}
-        r = runs[name]
-        r["overoptimised"] = bool(r["final_gold"] is not None and r["final_gold"] < r["sft_gold"]
-                                  and r["final_proxy"] > r["sft_proxy"])
+        runs[name]["overoptimised"] = overoptimised(runs[name])
     return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
             "members": cfg.study_members, "runs": runs}
+
+
+def overoptimised(run: dict, z: float = 2.0) -> bool:
+    """Gold fell while the proxy rose: by more than ``z`` standard errors of the difference (one sample
+    per held-out prompt at each end, so a fall within the sampling noise does not count)."""
+    if run["final_gold"] is None or run["final_proxy"] <= run["sft_proxy"]:
+        return False
+    se = ((run.get("sft_gold_se") or 0.0) ** 2 + (run.get("final_gold_se") or 0.0) ** 2) ** 0.5
+    return run["sft_gold"] - run["final_gold"] > z * se

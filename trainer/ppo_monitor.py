@@ -19,6 +19,7 @@ from tribune.services.common.jsonl import SkipCounter
 from tribune.services.common.text import encode_prompt, pad
 from tribune.services.judge import Judge
 from tribune.trainer.data import load_preference_groups
+from tribune.trainer.measures import prompt_mean_se
 from tribune.trainer.modeling import sample_responses
 from tribune.trainer.rollout import Generated
 
@@ -28,7 +29,8 @@ log = logging.getLogger("tribune")
 @torch.no_grad()
 def gold_and_proxy(policy, tokenizer, judge: Judge, scorer, prompts: list[str], *, max_prompt_length: int,
                    max_new_tokens: int, temperature: float, seed: int, chunk: int = 64) -> dict[str, float]:
-    """Mean gold score and mean proxy reward (raw) of sampled responses to held-out prompts."""
+    """Mean gold score (and its standard error over prompts) and mean proxy reward (raw) of one sampled
+    response per held-out prompt."""
     golds, proxies, lengths = [], [], []
     for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=max_prompt_length,
                               max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, chunk=chunk):
@@ -37,7 +39,8 @@ def gold_and_proxy(policy, tokenizer, judge: Judge, scorer, prompts: list[str], 
         proxies += scorer.score(Generated(s.prompts, s.query_responses.cpu().numpy(), s.mask.cpu().numpy(),
                                           s.P)).tolist()
     n = len(golds)
-    return {"gold/score": sum(golds) / n, "gold/proxy_score": sum(proxies) / n, "gold/response_words": sum(lengths) / n}
+    return {"gold/score": sum(golds) / n, "gold/score_se": prompt_mean_se(golds, 1), "gold/proxy_score": sum(proxies) / n,
+            "gold/response_words": sum(lengths) / n}
 
 
 def generated_from_text(tokenizer, prompts: list[str], responses: list[str], *, max_prompt_length: int,
