@@ -47,6 +47,19 @@ def test_jobs_run_in_workers_with_a_share_of_the_cores_and_their_output_in_their
     assert "b on stdout" not in text
 
 
+def test_the_console_says_when_a_queued_job_gets_its_worker(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tribune"), JobPool(1) as pool:
+        for name in ("first", "second"):
+            pool.submit(Job(name, report, (name,), tmp_path / f"{name}.log"))
+        assert [job.name for job, _ in pool.completed()] == ["first", "second"]
+    lines = [r.getMessage().split(";")[0] for r in caplog.records]
+    assert len(lines) == 5 and lines[1] == "second: queued until a worker is free"
+    assert [line.split(":")[0] + ":" + line.split(":")[1][:8] for line in (lines[0], lines[2], lines[3], lines[4])] == [
+        "first: started", "first: done in", "second: started", "second: done in"]
+
+
 def test_a_failing_job_is_raised_with_its_own_error(tmp_path):
     with pytest.raises(ValueError, match="the task broke"):
         with JobPool(2) as pool:

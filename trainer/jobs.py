@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ class JobPool:
         self._verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         self._running: dict[Future, Job] = {}
+        self._queued: list[Future] = []       # submitted, not yet given a worker (the pool starts them in order)
+        self._started: dict[Future, float] = {}
 
     def __enter__(self) -> "JobPool":
         return self
@@ -93,18 +96,37 @@ class JobPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, job: Job) -> None:
-        log.info("%s: started in a worker process (%d thread%s); its output: %s", job.name, self.threads,
-                 "s" if self.threads > 1 else "", job.log)
-        self._running[self._pool.submit(_run_job, job, self.threads, self._verbose)] = job
+        future = self._pool.submit(_run_job, job, self.threads, self._verbose)
+        self._running[future] = job
+        self._queued.append(future)
+        if not self._start_queued():
+            log.info("%s: queued until a worker is free; its output will be in %s", job.name, job.log)
+
+    def _start_queued(self) -> bool:
+        """Announces the queued jobs that have a free worker now; whether the newest did."""
+        newest = self._queued[-1] if self._queued else None
+        while self._queued and len(self._started) < self.workers:
+            future = self._queued.pop(0)
+            self._started[future] = time.perf_counter()
+            job = self._running[future]
+            log.info("%s: started in a worker process (%d thread%s); its output: %s", job.name, self.threads,
+                     "s" if self.threads > 1 else "", job.log)
+        return newest is not None and newest in self._started
 
     def completed(self) -> Iterator[tuple[Job, Any]]:
         while self._running:
             done, _ = wait(list(self._running), return_when=FIRST_COMPLETED)
             for future in done:
                 job = self._running.pop(future)
+                if future in self._queued:          # ended before it was seen to start (cancelled)
+                    self._queued.remove(future)
+                seconds = time.perf_counter() - self._started.pop(future, time.perf_counter())
                 try:
                     result = future.result()
                 except BaseException:
                     log.error("%s: failed; its output: %s", job.name, job.log)
                     raise
+                log.info("%s: done in %.0f s", job.name, seconds)
+                self._start_queued()
                 yield job, result
+
