@@ -64,7 +64,24 @@ def _pump(stream, lines: list[str], echo: bool) -> None:
 def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = None, timeout: float = 180,
                 echo: bool = False, ready: str = READY, command: list[str] | None = None) -> ServeProcess:
     """Starts `tribune serve --repository REPO` on free (or given) ports; returns once ready.
-    ``command`` runs another `tribune` than this interpreter's (default ``python -m tribune.trainer``)."""
+    ``command`` runs another `tribune` than this interpreter's (default ``python -m tribune.trainer``).
+    A free port is free when it is picked, not when the server binds it: another process (a parallel
+    job) may take it in between, so with picked ports a server that finds one in use starts again."""
+    for attempt in range(3):
+        try:
+            return _start_serve(repo, *extra, ports=ports, timeout=timeout, echo=echo, ready=ready, command=command)
+        except PortInUse:
+            if ports is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortInUse(RuntimeError):
+    """`tribune serve` exited because a port it was given is in use."""
+
+
+def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, timeout: float, echo: bool,
+                 ready: str, command: list[str] | None) -> ServeProcess:
     grpc, http, metrics = ports or (free_port(), free_port(), free_port())
     proc = subprocess.Popen(
         [*(command or [sys.executable, "-m", "tribune.trainer"]), "serve", "--repository", str(repo),
@@ -80,7 +97,9 @@ def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = No
             return served
         if proc.poll() is not None:
             time.sleep(0.2)
-            raise RuntimeError(f"tribune serve exited with {proc.returncode}:\n{''.join(served.lines)[-5000:]}")
+            output = "".join(served.lines)[-5000:]
+            error = PortInUse if "address already in use" in output.lower() else RuntimeError
+            raise error(f"tribune serve exited with {proc.returncode}:\n{output}")
         time.sleep(0.1)
     served.stop()
     raise RuntimeError(f"tribune serve not ready after {timeout}s:\n{''.join(served.lines)[-5000:]}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -225,6 +226,26 @@ class ManifestModel:
         return [dict(self.outputs) for _ in requests]
 
 
+def ports_in_use(cfg: ServeConfig) -> list[str]:
+    """The ports this server would listen on where another socket already listens, as "--flag PORT".
+    Checked before Triton starts, which would otherwise fail on its own with a less clear error. The probe
+    sets SO_REUSEADDR, as servers do, so a port left in TIME_WAIT by a server just stopped counts as free."""
+    ports = {"--grpc-port": cfg.grpc_port, "--http-port": cfg.http_port, "--metrics-port": cfg.metrics_port}
+    if cfg.with_gateway:
+        ports["--gateway-port"] = cfg.gateway_port
+        if cfg.gateway_metrics_port:
+            ports["--gateway-metrics-port"] = cfg.gateway_metrics_port
+    busy = []
+    for flag, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((cfg.host, port))
+            except OSError:
+                busy.append(f"{flag} {port}")
+    return busy
+
+
 def bind_repository(triton, repo: Path, cfg: ServeConfig) -> dict[str, int]:
     """Binds the repository's contract models; returns their max batch sizes."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
@@ -288,6 +309,10 @@ def run_serve(cfg: ServeConfig) -> None:
     facts = ServedFacts.parse(manifest["served"])
     if cfg.with_gateway and REWARD_MODEL not in facts.models:
         raise UserError(f"--with-gateway scores text with `reward`, and {repo} serves only {', '.join(facts.models)}")
+    busy = ports_in_use(cfg)
+    if busy:
+        raise UserError(f"address already in use: {', '.join(busy)} (another server is listening there; "
+                        "choose other ports)")
     ensure_libpython_on_loader_path()
     tconfig = TritonConfig(grpc_address=cfg.host, grpc_port=cfg.grpc_port, http_address=cfg.host,
                            http_port=cfg.http_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,

@@ -23,7 +23,9 @@ def pytest_configure(config) -> None:
     """Under pytest-xdist: each worker's thread budget is its share of the cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        from tribune.trainer.jobs import available_cores
+
+        os.environ["OMP_NUM_THREADS"] = str(max(1, available_cores() // workers))
 # the bundled task's gold judge, plugged in like any other (`--judge module:function`)
 JUDGE = ("--judge", "tribune.trainer.task.judge:gold_score")
 # the pipeline's lengths (tribune.trainer.pipeline.STAGE_DEFAULTS), so the session's models match the demo's

@@ -148,3 +148,13 @@ def test_a_run_over_optimised_only_when_gold_fell_beyond_its_noise_while_the_pro
     assert not overoptimised({**run, "final_proxy": -0.4})                     # the proxy fell too
     assert not overoptimised({**run, "final_gold": None})                      # no gold judge
     assert overoptimised({**run, "final_gold": 0.34, "sft_gold_se": None, "final_gold_se": None})
+
+
+def test_evaluate_refuses_bad_options_before_any_work(tmp_path):
+    """A mistake in the options is a one-line error at once, not a traceback after the tasks have run."""
+    proc = tribune("evaluate", "--output", tmp_path / "ev", "--study-members", "mixed", "--ensemble-size", "1",
+                   check=False)
+    assert proc.returncode == 2 and "ensemble_size must be at least 2 with study_members mixed" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()
+    proc = tribune("evaluate", "--output", tmp_path / "ev", "--tasks", "sequence", "nonesuch", check=False)
+    assert proc.returncode == 2 and "tasks: unknown nonesuch" in proc.stderr

@@ -325,6 +325,37 @@ def test_tampered_repository_is_refused(repo_dir, tmp_path):
     assert "reward/1/model.onnx: modified" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_port_in_use_is_refused_clearly_and_picked_ports_are_picked_again(repo_dir, tmp_path):
+    import socket
+    import sys
+
+    from tribune.services.launcher import PortInUse, free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        proc = tribune("serve", "--repository", repo_dir, "--grpc-port", str(busy), "--http-port", str(free_port()),
+                       "--metrics-port", str(free_port()), check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"address already in use: --grpc-port {busy}" in proc.stderr
+        with pytest.raises(PortInUse):            # ports given: nothing to pick again
+            start_serve(repo_dir, ports=(busy, free_port(), free_port()))
+    # picked ports: a server that finds one taken (here, twice: a protocol double) starts again on others
+    tries = tmp_path / "tries"
+    double = ("import sys, time, pathlib; p = pathlib.Path(sys.argv[1]); "
+              "port = sys.argv[sys.argv.index('--grpc-port') + 1]; "
+              "p.write_text((p.read_text() if p.exists() else '') + port + ' '); n = len(p.read_text().split()); "
+              "print('address already in use' if n < 3 else 'tribune serve: ready', flush=True); "
+              "n < 3 or time.sleep(60); sys.exit(2)")
+    server = start_serve(repo_dir, command=[sys.executable, "-c", double, str(tries)])
+    try:
+        ports_seen = tries.read_text().split()
+        assert len(ports_seen) == 3 and len(set(ports_seen)) == 3     # --grpc-port of each try: picked afresh
+    finally:
+        server.stop()
+
+
 def test_score_command_writes_raw_and_normalised_rewards(served, repo_dir, tmp_path):
     rows = [{"prompt": "name two fruits", "response": "fig kiwi", "id": 1},
             {"prompt": "name two fruits", "response": "fig red", "id": 2},

@@ -94,6 +94,9 @@ class EvaluateConfig:
             raise ValueError("jobs must be non-negative (0: one per core)")
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
             raise ValueError(f"overoptimisation_task: unknown task {self.overoptimisation_task!r}")
+        if self.ensemble_size < (2 if self.study_members == "mixed" else 1):
+            raise ValueError("ensemble_size must be at least 2 with study_members mixed (one member per data "
+                             "source), 1 otherwise")
 
 
 def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
@@ -223,7 +226,9 @@ def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], di
     (at once when its task is not among those run now: it needs that task's earlier run)."""
     study_task = cfg.overoptimisation_task
     study_waits = study_task in cfg.tasks
-    jobs = resolve_jobs(cfg.jobs, len(cfg.tasks) + (study_task is not None))
+    # the most that can run at once: a study that waits for its task takes that task's place
+    at_once = len(cfg.tasks) + (study_task is not None and not study_waits)
+    jobs = resolve_jobs(cfg.jobs, at_once)
     by_task: dict[str, list[dict]] = {}
     study = None
 
@@ -246,7 +251,7 @@ def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], di
              else "", jobs)
     # the study's task first, so that the study (which needs its pipeline) overlaps the other tasks
     order = sorted(cfg.tasks, key=lambda t: t != study_task)
-    with JobPool(min(jobs, len(cfg.tasks) + (study_task is not None))) as pool:
+    with JobPool(min(jobs, at_once)) as pool:
         for task in order:
             pool.submit(Job(f"evaluate {task}", evaluate_task, (cfg, task), out / task / "evaluate.log"))
         if study_job and not study_waits:

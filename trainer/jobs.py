@@ -86,7 +86,8 @@ class JobPool:
         self._verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         self._running: dict[Future, Job] = {}
-        self._queued: list[Future] = []       # submitted, not yet given a worker (the pool starts them in order)
+        self._order: dict[Future, int] = {}   # submission order, which is the order the pool starts them in
+        self._queued: list[Future] = []       # submitted, not yet seen to have a worker
         self._started: dict[Future, float] = {}
 
     def __enter__(self) -> "JobPool":
@@ -98,14 +99,16 @@ class JobPool:
     def submit(self, job: Job) -> None:
         future = self._pool.submit(_run_job, job, self.threads, self._verbose)
         self._running[future] = job
+        self._order[future] = len(self._order)
         self._queued.append(future)
         if not self._start_queued():
             log.info("%s: queued until a worker is free; its output will be in %s", job.name, job.log)
 
-    def _start_queued(self) -> bool:
-        """Announces the queued jobs that have a free worker now; whether the newest did."""
+    def _start_queued(self, through: Future | None = None) -> bool:
+        """Announces the queued jobs that have a free worker now (and every one up to ``through``,
+        which has been seen to run); whether the newest did."""
         newest = self._queued[-1] if self._queued else None
-        while self._queued and len(self._started) < self.workers:
+        while self._queued and (len(self._started) < self.workers or through in self._queued):
             future = self._queued.pop(0)
             self._started[future] = time.perf_counter()
             job = self._running[future]
@@ -116,10 +119,11 @@ class JobPool:
     def completed(self) -> Iterator[tuple[Job, Any]]:
         while self._running:
             done, _ = wait(list(self._running), return_when=FIRST_COMPLETED)
-            for future in done:
+            # in the order they were submitted: two that end between two looks come back in their order
+            for future in sorted(done, key=self._order.__getitem__):
+                if future in self._queued:          # it ran (and ended) before a look saw it start
+                    self._start_queued(through=future)
                 job = self._running.pop(future)
-                if future in self._queued:          # ended before it was seen to start (cancelled)
-                    self._queued.remove(future)
                 seconds = time.perf_counter() - self._started.pop(future, time.perf_counter())
                 try:
                     result = future.result()
