@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-min eval bench proto node-client lock clean
 
-# the cross-language test's RewardService client (tests/test_gateway.py): two npm packages,
-# pinned by clients/node/package-lock.json, into clients/node/node_modules (git-ignored);
+# the Node.js parts of the tests, pinned by clients/node/package-lock.json, into
+# clients/node/node_modules (git-ignored): the cross-language RewardService client
+# (tests/test_gateway.py) and headless Chromium (@sparticuz/chromium, a self-contained build from
+# the npm registry, driven by puppeteer-core) for the labelling page (tests/test_collect_label.py);
 # skipped where node is not installed
 NODE := $(shell command -v node 2>/dev/null)
 NODE_CLIENT := clients/node/node_modules/.package-lock.json

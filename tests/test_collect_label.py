@@ -237,6 +237,56 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
     assert len(load_preference_groups(tmp_path / "human.jsonl", SkipCounter())) == 2
 
 
+NODE_DIR = REPO / "clients" / "node"
+
+
+def _node_with_chromium() -> str:
+    """node, with the npm packages of clients/node (headless Chromium among them) installed by
+    `make node-client` (run by `make test`; here too if missing). Skipped only where node is not installed."""
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    if not (NODE_DIR / "node_modules" / "@sparticuz" / "chromium").is_dir():
+        proc = subprocess.run(["make", "node-client"], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, f"`make node-client` (npm ci) failed:\n{proc.stderr[-2000:]}"
+    return node
+
+
+def test_a_person_labels_twenty_items_in_chromium_with_the_keyboard_alone_and_a_crash_loses_none(tmp_path):
+    """Headless Chromium on the real page: the labeller's id typed into the page's prompt, then digits and
+    Enter to rank, s to skip, u to undo; a kill -9 of the server right after keeps every answer given."""
+    node = _node_with_chromium()
+    fruits = ("apple", "pear", "plum")
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text("".join(json.dumps({"prompt": f"prompt {i}", "candidates": [f"{f} {i}" for f in fruits]}) + "\n"
+                             for i in range(22)))
+    want = {i: [f"{fruits[(i + j) % 3]} {i}" for j in range(3)] for i in range(22)}      # best first
+    plan = [{"rank": want[i]} for i in range(5)] + [{"keys": ["s"]}]                  # prompt 5 skipped
+    plan += [{"rank": want[i]} for i in range(6, 10)] + [{"keys": ["u"]}]              # prompt 9 taken back …
+    want[9] = want[9][::-1]
+    plan += [{"rank": want[i]} for i in range(9, 21)]                                  # … and answered again
+    proc, url = _start_page(tmp_path, cands)
+    try:
+        run = subprocess.run([node, str(NODE_DIR / "label_with_keyboard.mjs"), url, "kim"], input=json.dumps(plan),
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        out = json.loads(run.stdout)
+    finally:
+        proc.send_signal(signal.SIGKILL)                 # a crash right after the last key: no shutdown code runs
+        proc.wait(timeout=120)
+    shown = [int(s["prompt"].split()[-1]) for s in out["seen"]]
+    assert shown == [*range(11), *range(9, 21)]              # u on prompt 10 brings prompt 9 back
+    assert all(sorted(s["candidates"]) == sorted(want[i]) for s, i in zip(out["seen"], shown))
+    assert out["progress"].startswith("20 answered by you") and out["prompt"] == "prompt 21"
+    log = _rows(tmp_path / "human.jsonl.answers.jsonl")
+    assert {r["labeller"] for r in log} == {"kim"}
+    assert [r["action"] for r in log].count("answer") == 21 and [r["action"] for r in log].count("undo") == 1
+    prefs = {int(r["prompt"].split()[-1]): r["ranking"] for r in _rows(tmp_path / "human.jsonl")}
+    assert sorted(prefs) == [i for i in range(21) if i != 5] and all(prefs[i] == want[i] for i in prefs)
+
+
 def test_labelling_page_pair_mode_shows_the_seeded_pair(tmp_path):
     from tribune.trainer.label import CandidateRow, pair_of
 
