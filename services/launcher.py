@@ -97,7 +97,8 @@ def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, ti
             return served
         if proc.poll() is not None:
             time.sleep(0.2)
-            output = "".join(served.lines)[-5000:]
+            whole = "".join(served.lines)       # the first error, and the end (Triton may print its usage after it)
+            output = whole if len(whole) <= 6000 else whole[:2000] + "\n[…]\n" + whole[-4000:]
             error = PortInUse if "address already in use" in output.lower() else RuntimeError
             raise error(f"tribune serve exited with {proc.returncode}:\n{output}")
         time.sleep(0.1)
