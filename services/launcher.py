@@ -67,13 +67,14 @@ def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = No
     ``command`` runs another `tribune` than this interpreter's (default ``python -m tribune.trainer``).
     A free port is free when it is picked, not when the server binds it: another process (a parallel
     job) may take it in between, so with picked ports a server that finds one in use starts again."""
-    for attempt in range(3):
+    start = lambda: _start_serve(repo, *extra, ports=ports, timeout=timeout, echo=echo, ready=ready,  # noqa: E731
+                                 command=command)
+    for _ in range(2 if ports is None else 0):      # given ports are the caller's to change
         try:
-            return _start_serve(repo, *extra, ports=ports, timeout=timeout, echo=echo, ready=ready, command=command)
+            return start()
         except PortInUse:
-            if ports is not None or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return start()
 
 
 class PortInUse(RuntimeError):
