@@ -99,12 +99,15 @@ def test_client_options_are_one_group_with_full_tls_for_ppo_and_the_gateway(tmp_
                                  "output": "o", "private_key": str(key)})
 
 
-def test_the_demo_runs_the_data_step_on_half_the_prompts_unless_told_otherwise(tmp_path):
-    from tribune.trainer.demo import DEMO_DATA_PROMPTS, DemoConfig
+def test_the_demo_runs_the_data_step_on_half_the_prompts_and_fewer_ppo_iterations_unless_told_otherwise(tmp_path):
+    from tribune.trainer.demo import DEMO_DATA_PROMPTS, DEMO_PPO_ITERATIONS, DemoConfig
     from tribune.trainer.pipeline import StageOptions, sft_collection_configs, stage_configs
 
     cfg = DemoConfig(output=tmp_path / "demo")
-    c = sft_collection_configs(stage_configs(cfg.output, 0, None, cfg.stages), cfg.stages).collect
+    stages = stage_configs(cfg.output, 0, None, cfg.stages)
+    c = sft_collection_configs(stages, cfg.stages).collect
     assert c.max_prompts == DEMO_DATA_PROMPTS and c.rows_per_prompt == 4
-    told = DemoConfig(output=tmp_path / "demo", stages=StageOptions(collect={"max_prompts": 24, "k": 3}))
-    assert told.stages.collect == {"max_prompts": 24, "k": 3}
+    assert stages.ppo.iterations == DEMO_PPO_ITERATIONS and stages.ppo.gold_every == DEMO_PPO_ITERATIONS // 6
+    told = DemoConfig(output=tmp_path / "demo", stages=StageOptions(collect={"max_prompts": 24, "k": 3},
+                                                                    ppo={"iterations": 7}))
+    assert told.stages.collect == {"max_prompts": 24, "k": 3} and told.stages.ppo == {"iterations": 7}

@@ -16,6 +16,34 @@ def test_warns_when_proxy_rises_while_gold_falls(caplog):
     assert [h[0] for h in d.history] == [0, 10, 20, 30]
 
 
+def test_a_gold_fall_within_the_sampling_noise_raises_no_warning(caplog):
+    d = HackingDetector(tolerance=0.02, z=2.0)
+    with caplog.at_level(logging.WARNING, logger="tribune"):
+        assert not d.observe(0, proxy=1.36, gold=0.661, gold_se=0.03)
+        # what a `make demo` warned about: gold 0.661 → 0.624, a fall of 0.037 < 2 · √(0.03² + 0.03²) = 0.085
+        assert not d.observe(30, proxy=1.42, gold=0.624, gold_se=0.03)
+        assert d.observe(40, proxy=1.60, gold=0.50, gold_se=0.03)        # 0.124 > 0.085
+    assert caplog.text.count("reward hacking") == 1 and "step 40" in caplog.text
+
+
+def test_the_gold_history_of_an_older_checkpoint_loads():
+    d = HackingDetector()
+    d.load_history([[0, -0.5, 0.5], [10, 0.2, 0.6, 0.03]])        # before and after the SE was kept
+    assert d.history == [(0, -0.5, 0.5, 0.0), (10, 0.2, 0.6, 0.03)]
+    assert d.observe(20, proxy=0.6, gold=0.4, gold_se=0.03)
+
+
+def test_fell_beyond_noise_against_a_float64_reference():
+    import math
+
+    from tribune.trainer.measures import fell_beyond_noise
+
+    for before, se0, after, se1 in ((0.5, 0.03, 0.42, 0.04), (0.5, 0.03, 0.39, 0.04), (0.5, 0.0, 0.49, 0.0)):
+        want = (before - after) / math.sqrt(se0 ** 2 + se1 ** 2) > 2.0 if se0 or se1 else after < before
+        assert fell_beyond_noise(before, se0, after, se1) == want
+    assert not fell_beyond_noise(0.5, 0.03, 0.6, 0.03)               # a rise is never a fall
+
+
 def test_plot_has_reward_gold_and_kl(tmp_path):
     rows = [{"step": s, "objective/scores_normalized": s / 10, "objective/rlhf_reward": s / 12,
              "objective/kl": s / 20} for s in range(1, 11)]

@@ -5,6 +5,8 @@ gateway's ``ScoreBestOfN``; the suite's targets (issue 9) and whether a row meet
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,12 @@ def prompt_mean_se(values: list[float], k: int) -> float:
     """Standard error of the mean of ``values`` (k consecutive values per prompt) over prompts."""
     per_prompt = torch.tensor(values, dtype=torch.float64).view(-1, k).mean(1)     # (prompts,)
     return float(per_prompt.std() / per_prompt.numel() ** 0.5) if per_prompt.numel() > 1 else 0.0
+
+
+def fell_beyond_noise(before: float, before_se: float, after: float, after_se: float, z: float = 2.0) -> bool:
+    """``after`` is below ``before`` by more than ``z`` standard errors of the difference (two independent
+    means, e.g. the gold score of one sample per held-out prompt at two points of a run)."""
+    return before - after > z * math.hypot(before_se, after_se)
 
 
 def sampling_settings(sampling_t: float) -> list[tuple[str, float]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tribune.trainer.data_variants import variant_data
+from tribune.trainer.measures import fell_beyond_noise
 
 if TYPE_CHECKING:
     from tribune.trainer.evaluate import EvaluateConfig
@@ -94,5 +95,5 @@ def overoptimised(run: dict, z: float = 2.0) -> bool:
     per held-out prompt at each end, so a fall within the sampling noise does not count)."""
     if run["final_gold"] is None or run["final_proxy"] <= run["sft_proxy"]:
         return False
-    se = ((run.get("sft_gold_se") or 0.0) ** 2 + (run.get("final_gold_se") or 0.0) ** 2) ** 0.5
-    return run["sft_gold"] - run["final_gold"] > z * se
+    return fell_beyond_noise(run["sft_gold"], run.get("sft_gold_se") or 0.0, run["final_gold"],
+                             run.get("final_gold_se") or 0.0, z)

@@ -92,7 +92,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     state = run.begin()
     if state:
         learner.kl_ctl.load_state_dict(state["kl_controller"])
-        hacking.history = [tuple(h) for h in state.get("gold_history", [])]
+        hacking.load_history(state.get("gold_history", []))
         drift.load_state_dict(state.get("drift", {}))
 
     def evaluate_gold(step: int) -> dict:
@@ -101,7 +101,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         m = gold_and_proxy(acc.unwrap_model(learner.policy), tokenizer, judge, scorers, eval_prompts,
                            max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, seed=cfg.seed + 1)
-        m["gold/hacking_warning"] = float(hacking.observe(step, m["gold/proxy_score"], m["gold/score"]))
+        m["gold/hacking_warning"] = float(hacking.observe(step, m["gold/proxy_score"], m["gold/score"],
+                                                          m["gold/score_se"]))
         return m
 
     steps = cfg.total_iterations

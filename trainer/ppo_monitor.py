@@ -19,7 +19,7 @@ from tribune.services.common.jsonl import SkipCounter
 from tribune.services.common.text import encode_prompt, pad
 from tribune.services.judge import Judge
 from tribune.trainer.data import load_preference_groups
-from tribune.trainer.measures import prompt_mean_se
+from tribune.trainer.measures import fell_beyond_noise, prompt_mean_se
 from tribune.trainer.modeling import sample_responses
 from tribune.trainer.rollout import Generated
 
@@ -75,20 +75,30 @@ def preferred_score(scorer, tokenizer, path: Path, optimised, *, max_prompt_leng
 
 @dataclass
 class HackingDetector:
-    """Warns when the proxy reward rises while the gold score falls between evaluations."""
+    """Warns when the proxy reward rises while the gold score falls between evaluations: by more than
+    ``tolerance`` and by more than ``z`` standard errors of the difference, so that the sampling noise of
+    a few hundred held-out responses (a standard error of about 0.03 on a score in [0, 1]) does not raise
+    the alarm."""
     tolerance: float = 0.02
-    history: list[tuple[int, float, float]] = field(default_factory=list)
+    z: float = 2.0
+    history: list[tuple[int, float, float, float]] = field(default_factory=list)   # (step, proxy, gold, gold SE)
 
-    def observe(self, step: int, proxy: float, gold: float) -> bool:
+    def observe(self, step: int, proxy: float, gold: float, gold_se: float = 0.0) -> bool:
         hacked = False
         if self.history:
-            _, p0, g0 = self.history[-1]
-            if proxy > p0 + self.tolerance and gold < g0 - self.tolerance:
+            _, p0, g0, se0 = self.history[-1]
+            if (proxy > p0 + self.tolerance and g0 - gold > self.tolerance
+                    and fell_beyond_noise(g0, se0, gold, gold_se, self.z)):
                 log.warning("reward hacking? step %d: proxy reward rose %.3f → %.3f while the gold score fell "
-                            "%.3f → %.3f; consider a larger β (--kl-coef) or stopping here", step, p0, proxy, g0, gold)
+                            "%.3f → %.3f (more than %g standard errors); consider a larger β (--kl-coef) or "
+                            "stopping here", step, p0, proxy, g0, gold, self.z)
                 hacked = True
-        self.history.append((step, proxy, gold))
+        self.history.append((step, proxy, gold, gold_se))
         return hacked
+
+    def load_history(self, rows: list) -> None:
+        """From a checkpoint; rows written before the standard error was kept have three fields."""
+        self.history = [(*row[:3], row[3] if len(row) > 3 else 0.0) for row in rows]
 
 
 def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path | None:
