@@ -12,16 +12,27 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 READY = "tribune serve: ready"
+PORT_CLASH = "each endpoint needs a port of its own"    # `tribune serve`'s error when two of its ports are equal
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports, free when picked. Every socket stays bound until all are, so that the
+    kernel cannot hand the same port out twice (three separate picks once gave Triton its gRPC port
+    as its HTTP port too)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -83,7 +94,7 @@ class PortInUse(RuntimeError):
 
 def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, timeout: float, echo: bool,
                  ready: str, command: list[str] | None) -> ServeProcess:
-    grpc, http, metrics = ports or (free_port(), free_port(), free_port())
+    grpc, http, metrics = ports or free_ports(3)
     proc = subprocess.Popen(
         [*(command or [sys.executable, "-m", "tribune.trainer"]), "serve", "--repository", str(repo),
          "--grpc-port", str(grpc),
@@ -100,7 +111,8 @@ def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, ti
             time.sleep(0.2)
             whole = "".join(served.lines)       # the first error, and the end (Triton may print its usage after it)
             output = whole if len(whole) <= 6000 else whole[:2000] + "\n[…]\n" + whole[-4000:]
-            error = PortInUse if "address already in use" in output.lower() else RuntimeError
+            taken = "address already in use" in output.lower() or PORT_CLASH in output
+            error = PortInUse if taken else RuntimeError
             raise error(f"tribune serve exited with {proc.returncode}:\n{output}")
         time.sleep(0.1)
     served.stop()

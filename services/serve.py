@@ -38,6 +38,7 @@ from tribune.services.common.config import field
 from tribune.services.common.errors import UserError
 from tribune.services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, MODELS, PROBE, REFERENCE, REWARD_MODEL,
                                TEMPERATURE, ContractError, ModelSpec, ServedFacts)
+from tribune.services.launcher import PORT_CLASH
 from tribune.services.repository import ONNX_FILE, read_config, verify_repository
 from tribune.services.runtime import ensure_libpython_on_loader_path, execution_providers
 
@@ -66,10 +67,24 @@ class ServeConfig:
         for name in ("grpc_port", "http_port", "metrics_port", "gateway_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be a TCP port (1-65535)")
+        first: dict[int, str] = {}
+        for flag, port in self.listening_ports().items():
+            if port in first:      # Triton would print its whole usage text and exit
+                raise ValueError(f"{first[port]} and {flag} are both {port}: {PORT_CLASH}")
+            first[port] = flag
         if self.instances < 1:
             raise ValueError("instances must be at least 1")
         if self.intra_op_threads < 0:
             raise ValueError("intra_op_threads must be non-negative")
+
+    def listening_ports(self) -> dict[str, int]:
+        """{flag: port} of every endpoint this server opens."""
+        ports = {"--grpc-port": self.grpc_port, "--http-port": self.http_port, "--metrics-port": self.metrics_port}
+        if self.with_gateway:
+            ports["--gateway-port"] = self.gateway_port
+            if self.gateway_metrics_port:
+                ports["--gateway-metrics-port"] = self.gateway_metrics_port
+        return ports
 
     def session_threads(self) -> int:
         """ONNX Runtime's intra-op threads (0: its default): the flag, else the process's thread
@@ -230,13 +245,8 @@ def ports_in_use(cfg: ServeConfig) -> list[str]:
     """The ports this server would listen on where another socket already listens, as "--flag PORT".
     Checked before Triton starts, which would otherwise fail on its own with a less clear error. The probe
     sets SO_REUSEADDR, as servers do, so a port left in TIME_WAIT by a server just stopped counts as free."""
-    ports = {"--grpc-port": cfg.grpc_port, "--http-port": cfg.http_port, "--metrics-port": cfg.metrics_port}
-    if cfg.with_gateway:
-        ports["--gateway-port"] = cfg.gateway_port
-        if cfg.gateway_metrics_port:
-            ports["--gateway-metrics-port"] = cfg.gateway_metrics_port
     busy = []
-    for flag, port in ports.items():
+    for flag, port in cfg.listening_ports().items():
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

@@ -234,7 +234,7 @@ def test_metrics_count_requests_by_code(gateway):
 
 
 def test_health_follows_triton_and_unavailable_when_it_is_gone(repo_dir):
-    ports = (free_port(), free_port(), free_port())
+    ports = tuple(free_ports(3))
     gw = Gateway(repo_dir, f"127.0.0.1:{ports[0]}")
     try:
         with grpc.insecure_channel(gw.target) as ch:

@@ -245,7 +245,7 @@ def test_serve_is_never_ready_before_its_models(repo_dir):
 
     from tests.servers import free_port
 
-    grpc_port, http, metrics, gw = free_port(), free_port(), free_port(), free_port()
+    grpc_port, http, metrics, gw = free_ports(4)
     proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "serve", "--repository", str(repo_dir),
                              "--grpc-port", str(grpc_port), "--http-port", str(http), "--metrics-port", str(metrics),
                              "--intra-op-threads", "1", "--with-gateway", "--gateway-port", str(gw),
@@ -329,7 +329,7 @@ def test_a_port_in_use_is_refused_clearly_and_picked_ports_are_picked_again(repo
     import socket
     import sys
 
-    from tribune.services.launcher import PortInUse, free_port
+    from tribune.services.launcher import PORT_CLASH, PortInUse, free_port
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -341,19 +341,36 @@ def test_a_port_in_use_is_refused_clearly_and_picked_ports_are_picked_again(repo
         assert f"address already in use: --grpc-port {busy}" in proc.stderr
         with pytest.raises(PortInUse):            # ports given: nothing to pick again
             start_serve(repo_dir, ports=(busy, free_port(), free_port()))
-    # picked ports: a server that finds one taken (here, twice: a protocol double) starts again on others
+    # picked ports: a server that finds one taken or two equal (here, once each: a protocol double) starts
+    # again on others
     tries = tmp_path / "tries"
     double = ("import sys, time, pathlib; p = pathlib.Path(sys.argv[1]); "
               "port = sys.argv[sys.argv.index('--grpc-port') + 1]; "
               "p.write_text((p.read_text() if p.exists() else '') + port + ' '); n = len(p.read_text().split()); "
-              "print('address already in use' if n < 3 else 'tribune serve: ready', flush=True); "
+              "print(['', 'x and y are both 1: ' + sys.argv[2], 'address already in use'][n] if n < 3 "
+              "else 'tribune serve: ready', flush=True); "
               "n < 3 or time.sleep(60); sys.exit(2)")
-    server = start_serve(repo_dir, command=[sys.executable, "-c", double, str(tries)])
+    server = start_serve(repo_dir, command=[sys.executable, "-c", double, str(tries), PORT_CLASH])
     try:
         ports_seen = tries.read_text().split()
         assert len(ports_seen) == 3 and len(set(ports_seen)) == 3     # --grpc-port of each try: picked afresh
     finally:
         server.stop()
+
+
+def test_two_endpoints_on_one_port_are_refused_in_one_line_and_picked_ports_are_distinct(tmp_path):
+    from tribune.services.launcher import PORT_CLASH, free_ports
+    from tribune.services.serve import ServeConfig
+
+    # Triton's own answer is its whole usage text and exit 1 (what a flaky test once showed)
+    proc = tribune("serve", "--repository", tmp_path, "--grpc-port", "18001", "--http-port", "18001", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Usage: tritonserver" not in proc.stderr
+    assert f"--grpc-port and --http-port are both 18001: {PORT_CLASH}" in proc.stderr
+    with pytest.raises(ValueError, match="--gateway-port and --gateway-metrics-port are both 9100"):
+        ServeConfig(repository=tmp_path, with_gateway=True, gateway_port=9100, gateway_metrics_port=9100)
+    ServeConfig(repository=tmp_path, gateway_port=8001)         # no gateway: its port is not opened
+    picked = free_ports(64)
+    assert len(set(picked)) == 64
 
 
 def test_score_command_writes_raw_and_normalised_rewards(served, repo_dir, tmp_path):
