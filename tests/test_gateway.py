@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tribune.services.launcher import free_port
+from tribune.services.launcher import free_port, free_ports
 from tests.conftest import REPO, copy_source
 from tests.servers import WITHOUT_TORCH, start_serve
 from tribune.v1 import reward_pb2 as pb

@@ -243,7 +243,7 @@ def test_serve_is_never_ready_before_its_models(repo_dir):
     import urllib.error
     import urllib.request
 
-    from tests.servers import free_port
+    from tribune.services.launcher import free_ports
 
     grpc_port, http, metrics, gw = free_ports(4)
     proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "serve", "--repository", str(repo_dir),
