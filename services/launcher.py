@@ -43,10 +43,17 @@ class ServeProcess:
     http_port: int
     metrics_port: int
     lines: list[str] = field(default_factory=list)
+    gateway_port: int | None = None            # with ``start_serve(..., gateway=True)``
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        if self.gateway_port is None:
+            raise ValueError("this server was started without the gateway (start_serve(..., gateway=True))")
+        return f"127.0.0.1:{self.gateway_port}"
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -72,14 +79,16 @@ def _pump(stream, lines: list[str], echo: bool) -> None:
             sys.stderr.write(line)
 
 
-def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = None, timeout: float = 180,
-                echo: bool = False, ready: str = READY, command: list[str] | None = None) -> ServeProcess:
+def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = None, gateway: bool = False,
+                timeout: float = 180, echo: bool = False, ready: str = READY,
+                command: list[str] | None = None) -> ServeProcess:
     """Starts `tribune serve --repository REPO` on free (or given) ports; returns once ready.
+    ``gateway``: with the text gateway too, on a free port of its own (``ServeProcess.gateway_url``).
     ``command`` runs another `tribune` than this interpreter's (default ``python -m tribune.trainer``).
     A free port is free when it is picked, not when the server binds it: another process (a parallel
     job) may take it in between, so with picked ports a server that finds one in use starts again."""
-    start = lambda: _start_serve(repo, *extra, ports=ports, timeout=timeout, echo=echo, ready=ready,  # noqa: E731
-                                 command=command)
+    start = lambda: _start_serve(repo, *extra, ports=ports, gateway=gateway, timeout=timeout,  # noqa: E731
+                                 echo=echo, ready=ready, command=command)
     for _ in range(2 if ports is None else 0):      # given ports are the caller's to change
         try:
             return start()
@@ -92,16 +101,18 @@ class PortInUse(RuntimeError):
     """`tribune serve` exited because a port it was given is in use."""
 
 
-def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, timeout: float, echo: bool,
-                 ready: str, command: list[str] | None) -> ServeProcess:
-    grpc, http, metrics = ports or free_ports(3)
+def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, gateway: bool, timeout: float,
+                 echo: bool, ready: str, command: list[str] | None) -> ServeProcess:
+    picked = free_ports(4 if gateway else 3)
+    grpc, http, metrics = ports or picked[:3]
+    gateway_port = picked[3] if gateway else None
+    with_gateway = ["--with-gateway", "--gateway-port", str(gateway_port)] if gateway else []
     proc = subprocess.Popen(
         [*(command or [sys.executable, "-m", "tribune.trainer"]), "serve", "--repository", str(repo),
-         "--grpc-port", str(grpc),
-         "--http-port", str(http), "--metrics-port", str(metrics), *extra],
+         "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics), *with_gateway, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    served = ServeProcess(proc, grpc, http, metrics)
+    served = ServeProcess(proc, grpc, http, metrics, gateway_port=gateway_port)
     threading.Thread(target=_pump, args=(proc.stdout, served.lines, echo), daemon=True).start()
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -14,7 +14,6 @@ import torch
 
 from tribune.services.client import ClientConfig, TritonScorer
 from tribune.services.contract import REWARD, ContractError, ServedFacts, check_metadata
-from tribune.services.launcher import free_port
 from tribune.services.repository import read_config, verify_repository, write_config, write_manifest
 from tests.conftest import tribune
 from tests.servers import start_serve
@@ -142,9 +141,8 @@ def served_ensemble(ensemble_repo):
     """`tribune serve --with-gateway` on the ensemble repository (one process for both)."""
     from tests.test_gateway import SERVING, wait_health
 
-    port = free_port()
-    server = start_serve(ensemble_repo, "--with-gateway", "--gateway-port", str(port), "--gateway-metrics-port", "0")
-    server.gateway = f"127.0.0.1:{port}"
+    server = start_serve(ensemble_repo, "--gateway-metrics-port", "0", gateway=True)
+    server.gateway = server.gateway_url
     with grpc.insecure_channel(server.gateway) as ch:
         grpc.channel_ready_future(ch).result(timeout=60)    # "ready" is printed before the gateway binds
         wait_health(ch, SERVING)

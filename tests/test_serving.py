@@ -356,6 +356,17 @@ def test_a_port_in_use_is_refused_clearly_and_picked_ports_are_picked_again(repo
         assert len(ports_seen) == 3 and len(set(ports_seen)) == 3     # --grpc-port of each try: picked afresh
     finally:
         server.stop()
+    # with the gateway: its port is picked with the others (four distinct ones), not by the caller beforehand
+    argv = tmp_path / "argv.json"
+    record = ("import sys, json, time, pathlib; pathlib.Path(sys.argv[1]).write_text(json.dumps(sys.argv[2:])); "
+              "print('tribune serve: ready', flush=True); time.sleep(60)")
+    with start_serve(repo_dir, "--gateway-metrics-port", "0", gateway=True,
+                     command=[sys.executable, "-c", record, str(argv)]) as server:
+        args = json.loads(argv.read_text())
+        given = {flag: int(args[args.index(flag) + 1]) for flag in ("--grpc-port", "--http-port", "--metrics-port",
+                                                                    "--gateway-port")}
+        assert "--with-gateway" in args and len(set(given.values())) == 4
+        assert server.gateway_url == f"127.0.0.1:{given['--gateway-port']}"
 
 
 def test_two_endpoints_on_one_port_are_refused_in_one_line_and_picked_ports_are_distinct(tmp_path):

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tribune.services.common.config import field, group
-from tribune.services.launcher import free_port
 from tribune.trainer.pipeline import StageOptions, run_pipeline, stage_configs
 
 log = logging.getLogger("tribune")
@@ -62,10 +61,9 @@ def _per_prompt(counts: dict) -> int:
 
 def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
-    gateway_port = free_port()
-    with run_pipeline(cfg.output, cfg.seed, cfg.max_steps, cfg.stages, None, "--with-gateway", "--gateway-port",
-                      str(gateway_port), "--gateway-metrics-port", "0") as (result, _server):
-        score_call = gateway_score_call(f"127.0.0.1:{gateway_port}")
+    with run_pipeline(cfg.output, cfg.seed, cfg.max_steps, cfg.stages, None, "--gateway-metrics-port", "0",
+                      gateway=True) as (result, server):
+        score_call = gateway_score_call(server.gateway_url)
     task, sft, rm, ppo = result.task, result.sft, result.rm, result.ppo
     sft_cfg, rm_cfg, export_cfg = result.stages.sft, result.stages.rm, result.stages.export
     report = {

@@ -101,12 +101,11 @@ class EvaluateConfig:
 
 def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     """One row for the pipeline on ``task`` and one per round of the iterated loop."""
-    from tribune.services.launcher import free_port, start_serve
+    from tribune.services.launcher import start_serve
     from tribune.trainer.data import load_prompts
 
     t0 = time.perf_counter()
     out = Path(cfg.output) / task
-    port = free_port()
     bon: dict[int, dict] = {}
     cands: dict[int, Path] = {}
 
@@ -116,18 +115,18 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
         if 0 not in cands:
             cands[0] = onpolicy_candidates(cfg, stages.sft.output, stages.ppo.eval_prompts, stages.ppo,
                                            out / "eval_candidates_sft.jsonl")
-        bon[r] = best_of_n(f"127.0.0.1:{port}", cands[0], judge_)
+        bon[r] = best_of_n(server.gateway_url, cands[0], judge_)
 
-    gateway = ("--with-gateway", "--gateway-port", str(port), "--gateway-metrics-port", "0")
+    no_metrics = ("--gateway-metrics-port", "0")
     if cfg.reuse:
         result = reused_result(cfg, task)
-        with start_serve(result.stages.export.output, *gateway) as server:
+        with start_serve(result.stages.export.output, *no_metrics, gateway=True) as server:
             while_served(0, result.stages, server)
         if cfg.stages.rounds:             # the rounds run on the finished first pipeline
-            with run_rounds(result, cfg.stages, *gateway, while_served=while_served):
+            with run_rounds(result, cfg.stages, *no_metrics, gateway=True, while_served=while_served):
                 pass
     else:
-        with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task, *gateway,
+        with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task, *no_metrics, gateway=True,
                           while_served=while_served) as (result, _server):
             pass
     stages = result.stages
@@ -150,7 +149,7 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     row.update(targets(row, ppo_cfg.temperature))
     row["stage_seconds"] = result.seconds
     if cfg.compare_collected:
-        row["compared"] = compare_collected(cfg, stages, cands[0], prompts, gateway, port)
+        row["compared"] = compare_collected(cfg, stages, cands[0], prompts, no_metrics)
     rows = [row]
     for rr in result.rounds:
         rs = rr.stages

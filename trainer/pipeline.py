@@ -271,9 +271,11 @@ class PipelineResult:
 
 @contextmanager
 def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOptions, task: str | None = None,
-                 *serve_args: str, while_served: Callable[[int, Stages, Any], None] | None = None):
+                 *serve_args: str, gateway: bool = False,
+                 while_served: Callable[[int, Stages, Any], None] | None = None):
     """Runs every stage; yields (result, the running `tribune serve`) before the server stops,
-    so a caller can still use the served models. ``while_served(round, stages, server)`` is
+    so a caller can still use the served models. ``gateway``: the server runs the text gateway too
+    (on a port it picks: ``server.gateway_url``). ``while_served(round, stages, server)`` is
     called after each round's PPO (round 0: the first pipeline) while its models are served."""
     from tribune.services.launcher import start_serve
     from tribune.trainer.export import run_export
@@ -306,9 +308,9 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
     rm = timed("rm", run_train_rm, stages.rm)
     log.info("%d/%d export → %s", next(steps), n, stages.export.output)
     timed("export", run_export, stages.export)
-    log.info("%d/%d tribune serve %s(embedded Triton) in a child process", next(steps), n,
-             " ".join(serve_args) + " " if serve_args else "")
-    with start_serve(stages.export.output, *serve_args) as server:
+    shown = " ".join((["--with-gateway"] if gateway else []) + list(serve_args))
+    log.info("%d/%d tribune serve %s(embedded Triton) in a child process", next(steps), n, shown + " " if shown else "")
+    with start_serve(stages.export.output, *serve_args, gateway=gateway) as server:
         log.info("%d/%d ppo against %s", next(steps), n, server.url)
         ppo = timed("ppo", run_ppo, stage_configs(out, seed, max_steps, options, task, reward_url=server.url).ppo)
         result = PipelineResult(stages, task_summary, sft, rm, ppo, seconds, collected=collected)
@@ -317,18 +319,18 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
         if not options.rounds:
             yield result, server
             return
-    yield from _rounds(result, options, serve_args, while_served)
+    yield from _rounds(result, options, serve_args, gateway, while_served)
 
 
 @contextmanager
-def run_rounds(result: PipelineResult, options: StageOptions, *serve_args: str,
+def run_rounds(result: PipelineResult, options: StageOptions, *serve_args: str, gateway: bool = False,
                while_served: Callable[[int, Stages, Any], None] | None = None):
     """The iterated loop's rounds after a finished first pipeline (``result``, e.g. read back from
     its files); yields (result with its rounds, the last round's running `tribune serve`)."""
-    yield from _rounds(result, options, serve_args, while_served)
+    yield from _rounds(result, options, serve_args, gateway, while_served)
 
 
-def _rounds(result: PipelineResult, options: StageOptions, serve_args, while_served):
+def _rounds(result: PipelineResult, options: StageOptions, serve_args, gateway: bool, while_served):
     from tribune.services.launcher import start_serve
     from tribune.trainer.ppo import run_ppo
 
@@ -337,7 +339,7 @@ def _rounds(result: PipelineResult, options: StageOptions, serve_args, while_ser
     for r in range(1, options.rounds + 1):
         rs, collected, round_rm, round_seconds = prepare_round(stages, r, policy, rm_dir, options)
         last = r == options.rounds
-        with start_serve(rs.export.output, *serve_args) as server:
+        with start_serve(rs.export.output, *serve_args, gateway=gateway) as server:
             log.info("round %d/%d: ppo from %s against %s", r, options.rounds, policy, server.url)
             t0 = time.perf_counter()
             ppo_cfg = dataclasses.replace(rs.ppo, reward_url=server.url, reference_url=server.url)
