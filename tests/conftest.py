@@ -69,7 +69,8 @@ def last_json(stdout: str) -> dict:
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """``build(out)`` once per test run, also across pytest-xdist workers: the first worker to get
     here builds ``name`` under a file lock, the others wait for it and reuse it (tests never write
-    into these artefacts). A build that fails leaves nothing behind, so the next one tries again."""
+    into these artefacts). A build that fails leaves its error behind: the tests that need it elsewhere
+    fail at once with it instead of building it again, each in turn."""
     import shutil
 
     from filelock import FileLock
@@ -77,12 +78,19 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
     root.mkdir(parents=True, exist_ok=True)
-    out, done = root / name / name, root / f"{name}.done"
+    out, done, failed = root / name / name, root / f"{name}.done", root / f"{name}.failed"
     with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            raise RuntimeError(f"building the shared test artefact {name!r} failed earlier in this run:\n"
+                               f"{failed.read_text()}")
         if not done.exists():
             shutil.rmtree(out.parent, ignore_errors=True)
             out.parent.mkdir()
-            build(out)
+            try:
+                build(out)
+            except Exception as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[:4000])
+                raise
             done.touch()
     return out
 
