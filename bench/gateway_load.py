@@ -145,8 +145,8 @@ def main() -> None:
         make_task(TaskConfig(sft_size=10, prefs_train_size=10, prefs_eval_size=10, prompts_train_size=10,
                              prompts_eval_size=10), tmp / "task")
         run_export(ExportConfig(reward=tmp / "task" / "base", reference=tmp / "task" / "base", output=tmp / "repo"))
-        gw_port = free_port()
         with start_serve(tmp / "repo") as server:
+            gw_port = free_port()          # picked while Triton holds its own ports: never one of them
             # the gateway in its own process, as deployed (k8s/): it shares no GIL with Triton's side
             gateway = subprocess.Popen([sys.executable, "-m", "tribune.trainer", "gateway", "--repository", str(tmp / "repo"),
                                         "--triton-url", server.url, "--port", str(gw_port), "--metrics-port", "0"],

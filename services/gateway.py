@@ -293,7 +293,7 @@ class Gateway:
         else:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise UserError(f"cannot bind the gateway to {address}")
+            raise UserError(f"cannot bind the gateway to {address} (address already in use, or not this host's)")
         self._tasks: list[asyncio.Task] = []
 
     async def _set_health(self, serving: bool) -> None:

@@ -83,10 +83,13 @@ def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = No
                 timeout: float = 180, echo: bool = False, ready: str = READY,
                 command: list[str] | None = None) -> ServeProcess:
     """Starts `tribune serve --repository REPO` on free (or given) ports; returns once ready.
-    ``gateway``: with the text gateway too, on a free port of its own (``ServeProcess.gateway_url``).
+    ``gateway``: with the text gateway too, on a free port of its own (``ServeProcess.gateway_url``; its
+    metrics endpoint off unless ``extra`` sets ``--gateway-metrics-port``).
     ``command`` runs another `tribune` than this interpreter's (default ``python -m tribune.trainer``).
     A free port is free when it is picked, not when the server binds it: another process (a parallel
     job) may take it in between, so with picked ports a server that finds one in use starts again."""
+    if gateway and "--gateway-port" in extra:
+        raise ValueError("start_serve(gateway=True) picks the gateway's port itself: leave --gateway-port out")
     start = lambda: _start_serve(repo, *extra, ports=ports, gateway=gateway, timeout=timeout,  # noqa: E731
                                  echo=echo, ready=ready, command=command)
     for _ in range(2 if ports is None else 0):      # given ports are the caller's to change
@@ -105,8 +108,11 @@ def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, ga
                  echo: bool, ready: str, command: list[str] | None) -> ServeProcess:
     picked = free_ports(4 if gateway else 3)
     grpc, http, metrics = ports or picked[:3]
-    gateway_port = picked[3] if gateway else None
+    # four distinct picks: at least one differs from the three ports in use (given or picked)
+    gateway_port = next(p for p in picked if p not in (grpc, http, metrics)) if gateway else None
     with_gateway = ["--with-gateway", "--gateway-port", str(gateway_port)] if gateway else []
+    if gateway and "--gateway-metrics-port" not in extra:
+        with_gateway += ["--gateway-metrics-port", "0"]       # a fixed default port would clash between servers
     proc = subprocess.Popen(
         [*(command or [sys.executable, "-m", "tribune.trainer"]), "serve", "--repository", str(repo),
          "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics), *with_gateway, *extra],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tribune.services.launcher import free_port, free_ports
+from tribune.services.launcher import free_ports
 from tests.conftest import REPO, copy_source
 from tests.servers import WITHOUT_TORCH, start_serve
 from tribune.v1 import reward_pb2 as pb
@@ -28,12 +28,12 @@ class Gateway:
     """`tribune gateway` as a child process."""
 
     def __init__(self, repo, triton_url, *extra, without_torch=False, command=None, env=None):
-        self.port = free_port()
+        self.port, metrics_port = free_ports(2)
         python = command or ([sys.executable, "-c", WITHOUT_TORCH] if without_torch
                              else [sys.executable, "-m", "tribune.trainer"])
         self.proc = subprocess.Popen(
             [*python, "gateway", "--repository", str(repo), "--triton-url", triton_url,
-             "--port", str(self.port), "--metrics-port", str(free_port()), "--health-interval-s", "0.3", *extra],
+             "--port", str(self.port), "--metrics-port", str(metrics_port), "--health-interval-s", "0.3", *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
         self.lines = []

@@ -75,10 +75,11 @@ def _launch(name: str, c: dict, docs: list[dict], paths: dict[str, Path], ports:
             urls: dict[str, str], extra: list[str] = ()) -> Proc:
     """Runs a container's entrypoint + args as a local process: containerPorts → ``ports``,
     volume mount paths → local ``paths``, 0.0.0.0 → 127.0.0.1, Service targets → ``urls``."""
-    from tests.servers import free_port
+    from tribune.services.launcher import free_ports
 
     env = env_of(c, docs)
-    local_ports = {p["containerPort"]: free_port() for p in c.get("ports", [])}
+    wanted = [p["containerPort"] for p in c.get("ports", [])]
+    local_ports = dict(zip(wanted, free_ports(len(wanted))))
     ports.update(local_ports)
     args = []
     for a in c["args"]:

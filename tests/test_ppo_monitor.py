@@ -29,8 +29,11 @@ def test_a_gold_fall_within_the_sampling_noise_raises_no_warning(caplog):
 def test_the_gold_history_of_an_older_checkpoint_loads():
     d = HackingDetector()
     d.load_history([[0, -0.5, 0.5], [10, 0.2, 0.6, 0.03]])        # before and after the SE was kept
-    assert d.history == [(0, -0.5, 0.5, 0.0), (10, 0.2, 0.6, 0.03)]
+    assert d.history == [(0, -0.5, 0.5, None), (10, 0.2, 0.6, 0.03)]
     assert d.observe(20, proxy=0.6, gold=0.4, gold_se=0.03)
+    old = HackingDetector()
+    old.load_history([[0, 1.36, 0.661]])
+    assert not old.observe(10, proxy=1.42, gold=0.624, gold_se=0.03)   # its SE taken as this one's: noise
 
 
 def test_fell_beyond_noise_against_a_float64_reference():

@@ -81,12 +81,13 @@ class HackingDetector:
     the alarm."""
     tolerance: float = 0.02
     z: float = 2.0
-    history: list[tuple[int, float, float, float]] = field(default_factory=list)   # (step, proxy, gold, gold SE)
+    history: list[tuple] = field(default_factory=list)   # (step, proxy, gold, gold SE or None: not recorded)
 
     def observe(self, step: int, proxy: float, gold: float, gold_se: float = 0.0) -> bool:
         hacked = False
         if self.history:
             _, p0, g0, se0 = self.history[-1]
+            se0 = gold_se if se0 is None else se0          # a checkpoint's row from before the SE was kept
             if (proxy > p0 + self.tolerance and g0 - gold > self.tolerance
                     and fell_beyond_noise(g0, se0, gold, gold_se, self.z)):
                 log.warning("reward hacking? step %d: proxy reward rose %.3f → %.3f while the gold score fell "
@@ -97,8 +98,9 @@ class HackingDetector:
         return hacked
 
     def load_history(self, rows: list) -> None:
-        """From a checkpoint; rows written before the standard error was kept have three fields."""
-        self.history = [(*row[:3], row[3] if len(row) > 3 else 0.0) for row in rows]
+        """From a checkpoint; rows written before the standard error was kept have three fields (its SE is
+        then taken to be the next evaluation's)."""
+        self.history = [(*row[:3], row[3] if len(row) > 3 else None) for row in rows]
 
 
 def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path | None:
