@@ -26,6 +26,17 @@ def test_a_gold_fall_within_the_sampling_noise_raises_no_warning(caplog):
     assert caplog.text.count("reward hacking") == 1 and "step 40" in caplog.text
 
 
+def test_a_slow_fall_is_caught_against_the_best_gold_so_far(caplog):
+    # each step is within the noise (0.04 < 2 · √(0.03² + 0.03²) = 0.085); the fall since the best is not
+    d = HackingDetector(tolerance=0.02, z=2.0)
+    golds = [0.50, 0.46, 0.42, 0.38, 0.34]
+    with caplog.at_level(logging.WARNING, logger="tribune"):
+        fired = [d.observe(10 * i, proxy=0.2 * i, gold=g, gold_se=0.03) for i, g in enumerate(golds)]
+    assert fired == [False, False, False, True, True]
+    assert "step 30: since step 0, proxy reward rose 0.000 → 0.600 while the gold score fell 0.500 → 0.380" \
+        in caplog.text
+
+
 def test_the_gold_history_of_an_older_checkpoint_loads():
     d = HackingDetector()
     d.load_history([[0, -0.5, 0.5], [10, 0.2, 0.6, 0.03]])        # before and after the SE was kept

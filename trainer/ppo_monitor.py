@@ -75,10 +75,11 @@ def preferred_score(scorer, tokenizer, path: Path, optimised, *, max_prompt_leng
 
 @dataclass
 class HackingDetector:
-    """Warns when the proxy reward rises while the gold score falls between evaluations: by more than
-    ``tolerance`` and by more than ``z`` standard errors of the difference, so that the sampling noise of
-    a few hundred held-out responses (a standard error of about 0.03 on a score in [0, 1]) does not raise
-    the alarm."""
+    """Warns when the proxy reward has risen while the gold score has fallen since its best evaluation so
+    far: by more than ``tolerance`` and by more than ``z`` standard errors of the difference, so that the
+    sampling noise of a few hundred held-out responses (a standard error of about 0.03–0.05 on a score in
+    [0, 1]) does not raise the alarm, while a fall spread over several evaluations still does (each step of
+    it may be within the noise)."""
     tolerance: float = 0.02
     z: float = 2.0
     history: list[tuple] = field(default_factory=list)   # (step, proxy, gold, gold SE or None: not recorded)
@@ -86,13 +87,13 @@ class HackingDetector:
     def observe(self, step: int, proxy: float, gold: float, gold_se: float = 0.0) -> bool:
         hacked = False
         if self.history:
-            _, p0, g0, se0 = self.history[-1]
+            s0, p0, g0, se0 = max(self.history, key=lambda h: h[2])       # the best gold so far (the first if tied)
             se0 = gold_se if se0 is None else se0          # a checkpoint's row from before the SE was kept
             if (proxy > p0 + self.tolerance and g0 - gold > self.tolerance
                     and fell_beyond_noise(g0, se0, gold, gold_se, self.z)):
-                log.warning("reward hacking? step %d: proxy reward rose %.3f → %.3f while the gold score fell "
-                            "%.3f → %.3f (more than %g standard errors); consider a larger β (--kl-coef) or "
-                            "stopping here", step, p0, proxy, g0, gold, self.z)
+                log.warning("reward hacking? step %d: since step %d, proxy reward rose %.3f → %.3f while the gold "
+                            "score fell %.3f → %.3f (more than %g standard errors); consider a larger β (--kl-coef) "
+                            "or stopping at step %d's checkpoint", step, s0, p0, proxy, g0, gold, self.z, s0)
                 hacked = True
         self.history.append((step, proxy, gold, gold_se))
         return hacked
