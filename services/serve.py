@@ -57,6 +57,9 @@ class ServeConfig:
     intra_op_threads: int = field(0, help="ONNX Runtime threads per session (0: $OMP_NUM_THREADS when set, "
                                           "else ONNX Runtime's default, every core)")
     log_verbose: int = field(0, help="Triton's own log verbosity")
+    exit_timeout_s: int = field(15, help="on SIGTERM, how long Triton waits for in-flight requests (and model "
+                                         "unloads) before it exits; Triton's own default, 30, plus PyTriton's "
+                                         "30-second wait on it could outlast a pod's grace period")
     with_gateway: bool = field(False, help="also start the tribune.v1.RewardService gateway in front of it")
     gateway_port: int = field(50051, help="gateway gRPC port (with --with-gateway)")
     gateway_metrics_port: int = field(9090, help="gateway Prometheus port (with --with-gateway; 0: off)")
@@ -76,6 +79,8 @@ class ServeConfig:
             raise ValueError("instances must be at least 1")
         if self.intra_op_threads < 0:
             raise ValueError("intra_op_threads must be non-negative")
+        if not 0 <= self.exit_timeout_s < 30:       # below PyTriton's wait, which kills Triton past it
+            raise ValueError("exit_timeout_s must be between 0 and 29")
 
     def listening_ports(self) -> dict[str, int]:
         """{flag: port} of every endpoint this server opens."""
@@ -327,7 +332,7 @@ def run_serve(cfg: ServeConfig) -> None:
     tconfig = TritonConfig(grpc_address=cfg.host, grpc_port=cfg.grpc_port, http_address=cfg.host,
                            http_port=cfg.http_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
                            log_verbose=cfg.log_verbose, strict_readiness=True, exit_on_error=True,
-                           allow_gpu_metrics=False)
+                           allow_gpu_metrics=False, exit_timeout_secs=cfg.exit_timeout_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -116,4 +116,5 @@ def test_architectures_export_serve_score_and_train(wave, exported, task_dir, tm
     finally:
         codes = stop_serves(servers)
     assert not failures, failures
-    assert codes == [0] * len(names)
+    assert codes == [0] * len(names), {name: "".join(s.lines)[-2000:] for name, s, code in zip(names, servers, codes)
+                                       if code != 0}

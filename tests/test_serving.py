@@ -236,6 +236,28 @@ def test_malformed_requests_get_invalid_argument_and_one_line_and_the_server_kee
         assert scorer.score(*(v for v, _ in good.values())).shape == (1,)
 
 
+def test_triton_runs_with_a_shutdown_bounded_below_a_pods_grace_period(served):
+    """Triton's own exit timeout (30 s) plus PyTriton's 30-second wait on it could outlast the
+    manifests' grace period; serve passes its own --exit-timeout-s (15) to the real tritonserver."""
+    from pathlib import Path
+
+    from tribune.services.serve import ServeConfig
+
+    cmdlines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"tritonserver") and str(served.grpc_port).encode() in argv:
+            cmdlines.append([a.decode() for a in argv])
+    assert len(cmdlines) == 1, cmdlines
+    argv = cmdlines[0]
+    assert argv[argv.index("--exit-timeout-secs") + 1] == "15" == str(ServeConfig(repository=Path(".")).exit_timeout_s)
+    with pytest.raises(ValueError, match="exit_timeout_s"):
+        ServeConfig(repository=Path("."), exit_timeout_s=30)
+
+
 def test_serve_is_never_ready_before_its_models(repo_dir):
     """Polls from the first moment: no readiness endpoint says 200 while a model is not loaded."""
     import subprocess
