@@ -101,7 +101,7 @@ def start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None = No
 
 
 class PortInUse(RuntimeError):
-    """`tribune serve` exited because a port it was given is in use."""
+    """`tribune serve` exited because a port it was given is in use, or two of them were equal."""
 
 
 def _start_serve(repo: Path, *extra: str, ports: tuple[int, int, int] | None, gateway: bool, timeout: float,
