@@ -141,7 +141,7 @@ def served_ensemble(ensemble_repo):
     """`tribune serve --with-gateway` on the ensemble repository (one process for both)."""
     from tests.test_gateway import SERVING, wait_health
 
-    server = start_serve(ensemble_repo, "--gateway-metrics-port", "0", gateway=True)
+    server = start_serve(ensemble_repo, gateway=True)
     server.gateway = server.gateway_url
     with grpc.insecure_channel(server.gateway) as ch:
         grpc.channel_ready_future(ch).result(timeout=60)    # "ready" is printed before the gateway binds

@@ -81,8 +81,7 @@ def pipeline_variant(options: StageOptions) -> str:
     return "given_and_collected" if options.collect_sft else "given"
 
 
-def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: list[str],
-                      serve_args: tuple[str, ...]) -> dict:
+def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: list[str]) -> dict:
     """Reward models on the other data variants than the pipeline's (the given pairs alone, the
     preferences collected on πSFT's samples alone, both together), same start and training
     settings, each measured like the pipeline's. Under ``--reuse`` a variant whose reward model
@@ -100,14 +99,14 @@ def compare_collected(cfg: EvaluateConfig, stages, candidates: Path, prompts: li
         left_out.add("collected_equal_rows")
     else:
         collected_equal_rows(cfg, stages)
-    result = {name: _measure_variant(cfg, stages, name, *variant_data(stages, name), candidates, prompts, serve_args)
+    result = {name: _measure_variant(cfg, stages, name, *variant_data(stages, name), candidates, prompts)
               for name in VARIANTS if name not in left_out}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
 def _measure_variant(cfg: EvaluateConfig, stages, name: str, train: Path, eval_file: Path, candidates: Path,
-                     prompts: list[str], serve_args: tuple[str, ...]) -> dict:
+                     prompts: list[str]) -> dict:
     """One reward model of the comparison (``rm_NAME``), trained on ``train`` like the pipeline's:
     held-out gold accuracy, accuracy on πSFT's own samples, best-of-n and PPO gold (``ppo_NAME``)."""
     from tribune.services.launcher import start_serve
@@ -133,7 +132,7 @@ def _measure_variant(cfg: EvaluateConfig, stages, name: str, train: Path, eval_f
         run_export(export)
     given_eval = evaluate_rm_dir(rm_cfg.output, variant_data(stages, "given")[1], stages.rm, judge)
     onpolicy = onpolicy_accuracy(rm_cfg.output, candidates, stages.task.spec.judge, stages.rm)
-    with start_serve(export.output, *serve_args, gateway=True) as server:
+    with start_serve(export.output, gateway=True) as server:
         bon = best_of_n(server.gateway_url, candidates, judge)
         ppo_cfg = dataclasses.replace(stages.ppo, reward_url=server.url, reference_url=server.url,
                                       value_init=rm_cfg.output, preferred_eval=rm_cfg.eval, output=ppo_dir)

@@ -61,8 +61,7 @@ def _per_prompt(counts: dict) -> int:
 
 def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
-    with run_pipeline(cfg.output, cfg.seed, cfg.max_steps, cfg.stages, None, "--gateway-metrics-port", "0",
-                      gateway=True) as (result, server):
+    with run_pipeline(cfg.output, cfg.seed, cfg.max_steps, cfg.stages, None, gateway=True) as (result, server):
         score_call = gateway_score_call(server.gateway_url)
     task, sft, rm, ppo = result.task, result.sft, result.rm, result.ppo
     sft_cfg, rm_cfg, export_cfg = result.stages.sft, result.stages.rm, result.stages.export

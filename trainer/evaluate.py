@@ -117,16 +117,15 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
                                            out / "eval_candidates_sft.jsonl")
         bon[r] = best_of_n(server.gateway_url, cands[0], judge_)
 
-    no_metrics = ("--gateway-metrics-port", "0")
     if cfg.reuse:
         result = reused_result(cfg, task)
-        with start_serve(result.stages.export.output, *no_metrics, gateway=True) as server:
+        with start_serve(result.stages.export.output, gateway=True) as server:
             while_served(0, result.stages, server)
         if cfg.stages.rounds:             # the rounds run on the finished first pipeline
-            with run_rounds(result, cfg.stages, *no_metrics, gateway=True, while_served=while_served):
+            with run_rounds(result, cfg.stages, gateway=True, while_served=while_served):
                 pass
     else:
-        with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task, *no_metrics, gateway=True,
+        with run_pipeline(out, cfg.seed, cfg.max_steps, cfg.stages, task, gateway=True,
                           while_served=while_served) as (result, _server):
             pass
     stages = result.stages
@@ -149,7 +148,7 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     row.update(targets(row, ppo_cfg.temperature))
     row["stage_seconds"] = result.seconds
     if cfg.compare_collected:
-        row["compared"] = compare_collected(cfg, stages, cands[0], prompts, no_metrics)
+        row["compared"] = compare_collected(cfg, stages, cands[0], prompts)
     rows = [row]
     for rr in result.rounds:
         rs = rr.stages

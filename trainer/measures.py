@@ -6,7 +6,6 @@ gateway's ``ScoreBestOfN``; the suite's targets (issue 9) and whether a row meet
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 
