@@ -71,9 +71,12 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert "compare: reward model on" in (out / "sequence" / "evaluate.log").read_text()
     summary = json.loads((out / "evaluation.json").read_text())
     again = summary["rows"]
-    # the over-optimisation study, in its own worker once its task was done: the mixed ensemble's members
-    # each train and early-stop on one data source, and both PPO runs report their gold trajectory
-    assert "over-optimisation study: ppo (ensemble_uncertainty" in (out / "sequence-study.log").read_text()
+    # the over-optimisation study, its two runs in workers of their own once their task was done: the mixed
+    # ensemble's members each train and early-stop on one data source, and both PPO runs report their gold trajectory
+    ensemble_log = (out / "sequence-study-ensemble_uncertainty.log").read_text()
+    assert "over-optimisation study: ppo (ensemble_uncertainty" in ensemble_log and "ensemble member 2/2" in ensemble_log
+    single_log = (out / "sequence-study-single_rm.log").read_text()
+    assert "over-optimisation study: ppo (single_rm" in single_log and "ensemble member" not in single_log
     study = summary["overoptimisation"]
     assert study["task"] == "sequence" and set(study["runs"]) == {"single_rm", "ensemble_uncertainty"}
     for r in study["runs"].values():

@@ -58,6 +58,24 @@ def test_the_console_says_when_a_queued_job_gets_its_worker(tmp_path, caplog):
         "first: started", "first: done in", "second: started", "second: done in"]
 
 
+def test_a_job_submitted_first_while_a_result_is_handled_takes_the_free_worker_before_the_queue(tmp_path, caplog):
+    """The study's runs can start only once their task is done; they go ahead of the tasks still queued."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tribune"), JobPool(1) as pool:
+        for name in ("task-a", "task-b", "task-c"):
+            pool.submit(Job(name, report, (name,), tmp_path / f"{name}.log"))
+        order = []
+        for job, _ in pool.completed():
+            order.append(job.name)
+            if job.name == "task-a":
+                pool.submit(Job("long", report, ("long",), tmp_path / "long.log"))          # the free worker
+                pool.submit(Job("after-long", report, ("after-long",), tmp_path / "x.log"), first=True)
+    assert order == ["task-a", "long", "after-long", "task-b", "task-c"]
+    started = [r.getMessage().split(":")[0] for r in caplog.records if ": started in a worker" in r.getMessage()]
+    assert started == order
+
+
 def test_a_failing_job_is_raised_with_its_own_error(tmp_path):
     with pytest.raises(ValueError, match="the task broke"):
         with JobPool(2) as pool:

@@ -29,7 +29,7 @@ from tribune.trainer.evaluate_report import comparison_lines, plot, study_lines,
 from tribune.trainer.jobs import Job, JobPool, resolve_jobs
 from tribune.trainer.measures import (TARGET_HEADROOM_SHARE, TARGET_RM_GOLD_ACCURACY, best_of_n, onpolicy_accuracy,
                                       onpolicy_candidates, policy_row, targets)
-from tribune.trainer.overoptimisation import overoptimisation_study
+from tribune.trainer.overoptimisation import STUDY_ARMS, merge_study_arms, overoptimisation_study
 from tribune.trainer.pipeline import StageOptions, run_pipeline, run_rounds
 from tribune.trainer.task.registry import TASKS
 
@@ -220,15 +220,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], dict | None]:
-    """Every task's rows, and the study's result; the study starts once its task's pipeline is done
-    (at once when its task is not among those run now: it needs that task's earlier run)."""
+    """Every task's rows, and the study's result. The study's two runs are jobs of their own; they start
+    once their task's pipeline is done (at once when it is not among the tasks run now: they need its
+    earlier run), ahead of the tasks still queued, since the study is the longest part."""
     study_task = cfg.overoptimisation_task
     study_waits = study_task in cfg.tasks
-    # the most that can run at once: a study that waits for its task takes that task's place
-    at_once = len(cfg.tasks) + (study_task is not None and not study_waits)
+    # the most that can run at once: the study's runs that wait for their task take its place
+    at_once = len(cfg.tasks) + (len(STUDY_ARMS) - study_waits if study_task is not None else 0)
     jobs = resolve_jobs(cfg.jobs, at_once)
     by_task: dict[str, list[dict]] = {}
-    study = None
+    study_parts: list[dict] = []
 
     def finished(task: str, rows: list[dict]) -> None:
         by_task[task] = rows
@@ -239,12 +240,12 @@ def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], di
         for i, task in enumerate(cfg.tasks, 1):
             log.info("evaluate: task %d/%d: %s", i, len(cfg.tasks), task)
             finished(task, evaluate_task(cfg, task))
-        if study_task:
-            study = overoptimisation_study(cfg, study_task)
-        return by_task, study
+        return by_task, overoptimisation_study(cfg, study_task) if study_task else None
 
-    study_job = Job(f"over-optimisation study ({study_task})", overoptimisation_study, (cfg, study_task),
-                    out / f"{study_task}-study.log") if study_task else None
+    # the ensemble's run (it trains and exports the ensemble first) is the longer one: it starts first
+    study_jobs = [Job(f"over-optimisation study ({study_task}, {arm})", overoptimisation_study,
+                      (cfg, study_task, (arm,)), out / f"{study_task}-study-{arm}.log")
+                  for arm in reversed(STUDY_ARMS)] if study_task else []
     log.info("evaluate: %d task(s)%s, %d at once", len(cfg.tasks), " and the over-optimisation study" if study_task
              else "", jobs)
     # the study's task first, so that the study (which needs its pipeline) overlaps the other tasks
@@ -252,16 +253,18 @@ def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], di
     with JobPool(min(jobs, at_once)) as pool:
         for task in order:
             pool.submit(Job(f"evaluate {task}", evaluate_task, (cfg, task), out / task / "evaluate.log"))
-        if study_job and not study_waits:
-            pool.submit(study_job)
+        if not study_waits:
+            for job in study_jobs:
+                pool.submit(job)
         for job, result in pool.completed():
-            if job is study_job:
-                study = result
+            if job in study_jobs:
+                study_parts.append(result)
                 log.info("%s: done", job.name)
                 continue
             task = job.args[1]
             finished(task, result)
             log.info("%s: done (%d/%d tasks)", job.name, len(by_task), len(cfg.tasks))
-            if study_job and task == study_task:
-                pool.submit(study_job)
-    return by_task, study
+            if study_waits and task == study_task:
+                for i, job in enumerate(study_jobs):
+                    pool.submit(job, first=i > 0)     # the first takes the free worker, the next leads the queue
+    return by_task, merge_study_arms(study_parts) if study_parts else None

@@ -74,10 +74,13 @@ def _run_job(job: Job, threads: int, verbose: bool) -> Any:
 class JobPool:
     """At most ``workers`` jobs at once, each in a spawned process with ``cores // workers`` threads.
 
-    ``submit`` queues a job; ``completed`` yields (job, result) as each finishes, including jobs
-    submitted while iterating (a job that needs another's output is submitted once that one is
-    done). A job that raises re-raises here, after the pending jobs are cancelled and the
-    running ones have ended.
+    ``submit`` starts a job when a worker is free and otherwise queues it; ``completed`` yields
+    (job, result) as each finishes, including jobs submitted while iterating (a job that needs
+    another's output is submitted once that one is done). A finished job's worker goes to the
+    jobs submitted while its result is handled first, then to the queue: ``submit(job,
+    first=True)`` puts a job ahead of the queued ones (the longest job, once it can start, so
+    that it does not end the run alone). A job that raises re-raises here, after the queued
+    jobs are dropped and the running ones have ended.
     """
 
     def __init__(self, workers: int):
@@ -86,51 +89,46 @@ class JobPool:
         self._verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         self._running: dict[Future, Job] = {}
-        self._order: dict[Future, int] = {}   # submission order, which is the order the pool starts them in
-        self._queued: list[Future] = []       # submitted, not yet seen to have a worker
+        self._order: dict[Future, int] = {}   # start order
         self._started: dict[Future, float] = {}
+        self._queued: list[Job] = []          # submitted while every worker was busy, in the order they start
 
     def __enter__(self) -> "JobPool":
         return self
 
     def __exit__(self, *exc) -> None:
+        self._queued.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, first: bool = False) -> None:
+        if len(self._running) < self.workers:
+            self._start(job)
+            return
+        self._queued.insert(0, job) if first else self._queued.append(job)
+        log.info("%s: queued until a worker is free; its output will be in %s", job.name, job.log)
+
+    def _start(self, job: Job) -> None:
         future = self._pool.submit(_run_job, job, self.threads, self._verbose)
         self._running[future] = job
         self._order[future] = len(self._order)
-        self._queued.append(future)
-        if not self._start_queued():
-            log.info("%s: queued until a worker is free; its output will be in %s", job.name, job.log)
-
-    def _start_queued(self, through: Future | None = None) -> bool:
-        """Announces the queued jobs that have a free worker now (and every one up to ``through``,
-        which has been seen to run); whether the newest did."""
-        newest = self._queued[-1] if self._queued else None
-        while self._queued and (len(self._started) < self.workers or through in self._queued):
-            future = self._queued.pop(0)
-            self._started[future] = time.perf_counter()
-            job = self._running[future]
-            log.info("%s: started in a worker process (%d thread%s); its output: %s", job.name, self.threads,
-                     "s" if self.threads > 1 else "", job.log)
-        return newest is not None and newest in self._started
+        self._started[future] = time.perf_counter()
+        log.info("%s: started in a worker process (%d thread%s); its output: %s", job.name, self.threads,
+                 "s" if self.threads > 1 else "", job.log)
 
     def completed(self) -> Iterator[tuple[Job, Any]]:
         while self._running:
             done, _ = wait(list(self._running), return_when=FIRST_COMPLETED)
-            # in the order they were submitted: two that end between two looks come back in their order
+            # in the order they started: two that end between two looks come back in that order
             for future in sorted(done, key=self._order.__getitem__):
-                if future in self._queued:          # it ran (and ended) before a look saw it start
-                    self._start_queued(through=future)
                 job = self._running.pop(future)
-                seconds = time.perf_counter() - self._started.pop(future, time.perf_counter())
+                seconds = time.perf_counter() - self._started.pop(future)
                 try:
                     result = future.result()
                 except BaseException:
                     log.error("%s: failed; its output: %s", job.name, job.log)
+                    self._queued.clear()
                     raise
                 log.info("%s: done in %.0f s", job.name, seconds)
-                self._start_queued()
-                yield job, result
-
+                yield job, result           # what the caller submits now takes the free worker
+                while self._queued and len(self._running) < self.workers:
+                    self._start(self._queued.pop(0))

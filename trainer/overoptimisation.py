@@ -36,10 +36,14 @@ def _trajectory(ppo_dir: Path) -> dict:
                                         if "monitor/length_ratio" in r), None)}
 
 
-def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
+# the study's two PPO runs; each can run as a job of its own (the ensemble's also trains and exports it)
+STUDY_ARMS: tuple[str, ...] = ("single_rm", "ensemble_uncertainty")
+
+
+def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...] = STUDY_ARMS) -> dict:
     """Aggressive PPO against the single reward model and against an ensemble with the uncertainty
     penalty, from the same πSFT: does the gold score fall while the proxy rises, and does the
-    gold-free monitor warn first?"""
+    gold-free monitor warn first? ``arms``: which of the two runs (``STUDY_ARMS``) to do here."""
 
     from tribune.services.common.config import build_config
     from tribune.services.launcher import start_serve
@@ -49,26 +53,20 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
     from tribune.trainer.reward import run_train_rm
     from tribune.trainer.pipeline import stage_configs
 
+    unknown = set(arms) - set(STUDY_ARMS)
+    if unknown:
+        raise ValueError(f"unknown study runs {sorted(unknown)}; the study has {', '.join(STUDY_ARMS)}")
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
-    member_train, member_eval = [], []
-    if cfg.study_members == "mixed":
-        from tribune.trainer.pipeline import collected_on_sft
-
-        # each member early-stops on held-out data of its own kind: scored on πSFT's samples, a member of the
-        # given pairs got worse from its first evaluation on (sequence) and kept nearly untrained weights
-        collected_on_sft(stages, cfg.stages)
-        member_train, member_eval = map(list, zip(variant_data(stages, "collected"), variant_data(stages, "given")))
-    ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
-                                      member_train=member_train, member_eval=member_eval)
-    log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,
-             cfg.study_members, ensemble_rm.output)
-    run_train_rm(ensemble_rm)
-    run_export(dataclasses.replace(stages.export, reward=ensemble_rm.output, output=out / "repository_ensemble"))
+    setups = {"single_rm": (stages.export.output, {})}
+    if "ensemble_uncertainty" in arms:
+        ensemble_rm = _train_study_ensemble(cfg, task, stages, run_train_rm)
+        run_export(dataclasses.replace(stages.export, reward=ensemble_rm.output, output=out / "repository_ensemble"))
+        setups["ensemble_uncertainty"] = (out / "repository_ensemble", {
+            "ensemble_reward": "uncertainty", "value_init": ensemble_rm.output / "member-0"})
     runs = {}
-    for name, repo, extra in (("single_rm", stages.export.output, {}),
-                              ("ensemble_uncertainty", out / "repository_ensemble",
-                               {"ensemble_reward": "uncertainty", "value_init": ensemble_rm.output / "member-0"})):
+    for name in (a for a in STUDY_ARMS if a in arms):
+        repo, extra = setups[name]
         with start_serve(repo) as server:
             base = {k: getattr(stages.ppo, k) for k in ("policy", "prompts", "eval_prompts", "value_init",
                                                         "preferred_eval")}
@@ -88,6 +86,31 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str) -> dict:
         runs[name]["overoptimised"] = overoptimised(runs[name])
     return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
             "members": cfg.study_members, "runs": runs}
+
+
+def _train_study_ensemble(cfg: EvaluateConfig, task: str, stages, run_train_rm):
+    """The study's K-member reward ensemble, trained into OUTPUT/TASK/rm_ensemble; its RewardConfig."""
+    out = Path(cfg.output) / task
+    member_train, member_eval = [], []
+    if cfg.study_members == "mixed":
+        from tribune.trainer.pipeline import collected_on_sft
+
+        # each member early-stops on held-out data of its own kind: scored on πSFT's samples, a member of the
+        # given pairs got worse from its first evaluation on (sequence) and kept nearly untrained weights
+        collected_on_sft(stages, cfg.stages)
+        member_train, member_eval = map(list, zip(variant_data(stages, "collected"), variant_data(stages, "given")))
+    ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
+                                      member_train=member_train, member_eval=member_eval)
+    log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,
+             cfg.study_members, ensemble_rm.output)
+    run_train_rm(ensemble_rm)
+    return ensemble_rm
+
+
+def merge_study_arms(parts: list[dict]) -> dict:
+    """One study result from the results of jobs that each ran some of its runs (in ``STUDY_ARMS`` order)."""
+    runs = {name: part["runs"][name] for name in STUDY_ARMS for part in parts if name in part["runs"]}
+    return {**parts[0], "runs": runs}
 
 
 def overoptimised(run: dict, z: float = 2.0) -> bool:
