@@ -25,7 +25,7 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
                     "ppo_length"} <= set(row[setting])
         assert row["T=1"]["ppo_gold_se"] > 0 and row["greedy"]["ppo_gold_se"] >= 0
         assert 0.0 <= row["rm_gold_accuracy"] <= 1.0 and row["ppo_final_kl"] is not None
-        assert 0.0 <= row["rm_onpolicy_accuracy"] <= 1.0
+        assert 0.0 <= row["rm_onpolicy_accuracy"] <= 1.0 and 0.0 <= row["rm_equal_length_accuracy"] <= 1.0
         bon = row["best_of_n"]         # through the gateway's ScoreBestOfN
         assert bon["n"] >= 2 and bon["oracle_gold"] >= bon["picked_gold"] and bon["oracle_gold"] >= bon["random_gold"]
     row, r1 = table["rows"]

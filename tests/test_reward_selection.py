@@ -34,6 +34,49 @@ def test_best_weights_are_kept_and_training_stops_when_held_out_loss_stalls(task
     assert -1.0 <= metrics["eval_gold_length_correlation"] <= 1.0
 
 
+def test_at_chance_against_a_float64_reference():
+    import math
+
+    from tribune.trainer.measures import at_chance
+
+    for acc, n, z in ((0.517, 755, 2.0), (0.638, 644, 2.0), (0.55, 100, 2.0), (0.56, 100, 2.0), (0.4, 10, 2.0),
+                      (0.55, 100, 1.0)):
+        want = acc - 0.5 <= z * math.sqrt(0.25 / n)
+        assert at_chance(acc, n, z) == want
+    assert at_chance(0.517, 755) and not at_chance(0.638, 644)       # keyword's reward model, bundled's
+    assert not at_chance(0.5, 0)                                     # nothing to judge by
+
+
+def test_equal_length_accuracy_counts_only_the_pairs_length_cannot_decide_and_warns_at_chance(task_dir, caplog):
+    """A protocol double of a reward model that scores by length alone: right on every pair that differs in
+    length, at chance (ties) on the pairs of equal length, and train-rm's warning says so."""
+    import logging
+
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.data import PreferenceGroup
+    from tribune.trainer.reward import RewardConfig, evaluate_rm, warn_if_length_only
+
+    tok = load_tokenizer(task_dir / "tokenizer")
+    cfg = RewardConfig(model=task_dir, train=task_dir, eval=task_dir, output=task_dir, max_length=32,
+                       max_prompt_length=16)
+    by_length = lambda ids, mask: mask.sum(-1).float()               # noqa: E731  (B,)
+    groups = [PreferenceGroup("name three fruits", ["apple pear plum", "apple pear fig", "apple"]),   # 1 equal pair
+              PreferenceGroup("name two colours", ["red blue", "red green"])] * 20                   # 1 equal pair
+    m = evaluate_rm(by_length, tok, groups, cfg, "cpu", None)
+    assert m["eval_pairs"] == 20 * 4 and m["eval_equal_length_pairs"] == 20 * 2
+    assert m["eval_equal_length_groups"] == 40 and m["eval_equal_length_accuracy"] == 0.0
+    assert m["eval_accuracy"] == pytest.approx(0.5)                  # both unequal pairs right, both equal ones tied
+    with caplog.at_level(logging.WARNING, logger="tribune"):
+        assert warn_if_length_only(m)
+    assert "on held-out pairs of equal length the reward model is at chance" in caplog.text
+    # one that also tells equal-length responses apart does not warn, nor one judged on too few rows
+    assert not warn_if_length_only({**m, "eval_equal_length_accuracy": 0.7})
+    assert not warn_if_length_only({**m, "eval_equal_length_groups": 29})
+    # no pair of equal length: nothing reported, nothing to warn about
+    alone = evaluate_rm(by_length, tok, [PreferenceGroup("p", ["a b", "c"])], cfg, "cpu", None)
+    assert "eval_equal_length_pairs" not in alone and not warn_if_length_only(alone)
+
+
 def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, tmp_path):
     out = tmp_path / "ens"
     # member 1 on its own training and early-stopping files (members of different data sources)

@@ -73,6 +73,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "collected_on_sft": result.collected,       # the data step's counts (None: --no-collect-sft)
         "rm_eval_accuracy": rm["eval_accuracy"],
         "rm_eval_gold_accuracy": rm.get("eval_gold_accuracy"),
+        "rm_eval_equal_length_accuracy": rm.get("eval_equal_length_accuracy"),   # gold-free: 0.5 is length only
         "rm_reward_mean": rm["reward_mean"],
         "rm_reward_std": rm["reward_std"],
         "sft_policy": {"gold_score": ppo.get("sft/score"), "proxy_reward": ppo.get("sft/proxy_score")},
@@ -100,8 +101,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     if c:
         print(f"  reward model data: the given pairs + {c['rows']} rankings of {_per_prompt(c)} "
               f"πSFT samples each (the simulated rater); held-out set: the rater's rankings of πSFT samples")
-    print(f"  reward model held-out accuracy: {report['rm_eval_accuracy']:.3f} on rater labels, "
-          f"{report['rm_eval_gold_accuracy']:.3f} on the gold ordering")
+    eq = report["rm_eval_equal_length_accuracy"]
+    print(f"  reward model held-out accuracy: {report['rm_eval_accuracy']:.3f} on rater labels"
+          + ("" if eq is None else f" ({eq:.3f} on pairs of equal length)")
+          + f", {report['rm_eval_gold_accuracy']:.3f} on the gold ordering")
     print("  held-out prompts, sampled responses:      gold score   proxy reward (raw)")
     for name in ("sft_policy", "ppo_policy"):
         r = report[name]

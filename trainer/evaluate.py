@@ -138,6 +138,7 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     held_out = _held_out_accuracy(stages, stages.rm, result.rm)
     row: dict = {"task": task, "round": 0, "rm_data": pipeline_variant(cfg.stages),
                  "rm_eval_accuracy": result.rm.get("eval_accuracy"),
+                 "rm_equal_length_accuracy": result.rm.get("eval_equal_length_accuracy"),
                  "rm_gold_accuracy": held_out.get("eval_gold_accuracy"),
                  "rm_length_correlation": held_out.get("eval_length_correlation"),
                  "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
@@ -157,6 +158,7 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
         held_out_r = _held_out_accuracy(stages, rs.rm, rr.rm)
         # the rounds' policies are compared with πSFT, like round 0's: gain is over the whole recipe
         r_row = {"task": task, "round": rs.round, "rm_eval_accuracy": rr.rm.get("eval_accuracy"),
+                 "rm_equal_length_accuracy": rr.rm.get("eval_equal_length_accuracy"),
                  "rm_gold_accuracy": held_out_r.get("eval_gold_accuracy"),
                  "rm_length_correlation": held_out_r.get("eval_length_correlation"),
                  "rm_onpolicy_accuracy": onpolicy_r["accuracy"],

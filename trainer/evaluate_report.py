@@ -42,12 +42,15 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def table(rows: list[dict]) -> list[str]:
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]]
-    head = ("task        RM gold-acc  own-samples  best-of-n  " + "  ".join(f"{s:>22s}" for s in settings)
+    # eq-len: held-out accuracy on the rater's pairs of equal length (gold-free; near 0.5, the model ranks by length)
+    head = ("task        RM gold-acc  eq-len  own-samples  best-of-n  " + "  ".join(f"{s:>22s}" for s in settings)
             + "   KL    len SFT→PPO  stop   wall")
-    lines = [head, " " * 22 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO ± se':>22s}" for _ in settings)]
+    lines = [head, " " * 30 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO ± se':>22s}" for _ in settings)]
     for r in rows:
         first, bon = r[settings[0]], r.get("best_of_n") or {}
-        lines.append(f"{row_name(r):<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  {r.get('rm_onpolicy_accuracy') or 0:>11.3f}"
+        eq = r.get("rm_equal_length_accuracy")
+        lines.append(f"{row_name(r):<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  {'-' if eq is None else f'{eq:.3f}':>6s}"
+                     f"  {r.get('rm_onpolicy_accuracy') or 0:>11.3f}"
                      f"  {bon.get('gain_over_random', 0):>+9.3f}  "
                      + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} ± {r[s]['ppo_gold_se']:.3f}"
                                  for s in settings)

@@ -58,6 +58,12 @@ def fell_beyond_noise(before: float, before_se: float, after: float, after_se: f
     return before - after > z * math.hypot(before_se, after_se)
 
 
+def at_chance(accuracy: float, n: int, z: float = 2.0) -> bool:
+    """A pairwise ``accuracy`` over ``n`` independent comparisons is not above chance (0.5) by more than
+    ``z`` standard errors (√(0.25 / n)); False when there are none to judge by."""
+    return n > 0 and accuracy - 0.5 <= z * math.sqrt(0.25 / n)
+
+
 def sampling_settings(sampling_t: float) -> list[tuple[str, float]]:
     return [(f"T={sampling_t:g}", sampling_t), ("T=0.7", 0.7), ("greedy", 0.0)]
 

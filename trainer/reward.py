@@ -31,6 +31,7 @@ from tribune.trainer.adapters import prepare_model
 from tribune.trainer.lengths import check_lengths, with_fitted_lengths
 from tribune.trainer.data import PreferenceGroup, load_preference_groups, pad_right
 from tribune.trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
+from tribune.trainer.measures import at_chance
 from tribune.trainer.modeling import (check_model_dir, load_causal_lm, load_reward_model, reward_head_name, sample_responses,
                               score_sequences)
 from tribune.trainer.run import Run, TrainingConfig, default, train_supervised
@@ -156,8 +157,11 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
                 judge: Judge | None) -> dict[str, float]:
     """Held-out pairwise accuracy, mean margin and loss; accuracy against the judge's ordering;
     and how much the reward leans on response length (its most common flaw: Singhal et al. 2023),
-    next to how much the gold score does."""
-    rc, rr, mg, gold_hits, gold_pairs = [], [], [], 0, 0
+    next to how much the gold score does. From the labels alone (no judge needed): the accuracy on
+    the pairs whose two responses have the same length, where length cannot decide (``eval_equal_length_accuracy``,
+    over ``eval_equal_length_pairs`` pairs from ``eval_equal_length_groups`` rows): at chance,
+    the reward model has learnt length and little else."""
+    rc, rr, mg, eq_all, gold_hits, gold_pairs, eq_groups = [], [], [], [], 0, 0, 0
     rewards, lengths, golds_all = [], [], []
     for i in range(0, len(groups), 64):
         chunk = groups[i:i + 64]
@@ -166,7 +170,14 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
         c, r = r_all[batch.chosen_idx], r_all[batch.rejected_idx]                              # (K,), (K,)
         rc.append(c), rr.append(r), mg.append(batch.margin)
         rewards.append(r_all)
-        lengths += [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for g in chunk for resp in g.responses]
+        chunk_lengths = torch.tensor([len(tokenizer(resp, add_special_tokens=False)["input_ids"])
+                                      for g in chunk for resp in g.responses])                 # (S,)
+        lengths += chunk_lengths.tolist()
+        eq = chunk_lengths[batch.chosen_idx] == chunk_lengths[batch.rejected_idx]               # (K,)
+        eq_all.append(eq)
+        pair_group = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(
+            [math.comb(len(g.responses), 2) for g in chunk]))                                  # (K,)
+        eq_groups += int(pair_group[eq].unique().numel())
         if judge is not None:
             flat = judge.score([g.prompt for g in chunk for _ in g.responses], [r for g in chunk for r in g.responses])
             golds_all += flat
@@ -188,10 +199,29 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
         "eval_pairs": int(c.numel()),
         "eval_length_correlation": pearson(torch.cat(rewards), length),
     }
+    eq = torch.cat(eq_all)
+    if eq.any():
+        metrics.update({"eval_equal_length_accuracy": float(pairwise_accuracy(c[eq], r[eq])),
+                        "eval_equal_length_pairs": int(eq.sum()), "eval_equal_length_groups": eq_groups})
     if judge is not None and gold_pairs:
         metrics["eval_gold_accuracy"] = gold_hits / gold_pairs
         metrics["eval_gold_length_correlation"] = pearson(torch.tensor(golds_all), length)
     return metrics
+
+
+def warn_if_length_only(metrics: dict, min_rows: int = 30) -> bool:
+    """Warns (and says True) when the held-out pairs of equal-length responses, from at least ``min_rows``
+    rows, are ranked at chance: the reward model orders responses by length and little else, so PPO
+    against it can only move the length (gold-free; the keyword task's reward model is such a case)."""
+    n = metrics.get("eval_equal_length_groups", 0)
+    if n < min_rows or not at_chance(metrics["eval_equal_length_accuracy"], n):
+        return False
+    log.warning("train-rm: on held-out pairs of equal length the reward model is at chance (accuracy %.3f over %d "
+                "pairs from %d rows, %.3f on all pairs): it ranks by length and little else, so PPO against it can "
+                "only change the length; more or cleaner preferences on what the raters judge besides length, or a "
+                "base model able to tell it, are what help", metrics["eval_equal_length_accuracy"],
+                metrics["eval_equal_length_pairs"], n, metrics["eval_accuracy"])
+    return True
 
 
 @torch.no_grad()
@@ -337,6 +367,7 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     scorer, metrics = train_supervised(run, cfg, scorer, len(train), loss_on,
                                        lambda m: evaluate_rm(m, tokenizer, evals, cfg, acc.device, judge))
     rm = scorer.model
+    warn_if_length_only(metrics)
     prompts = [g.prompt for g in train[:cfg.stats_samples]]
     stats_cfg = dataclasses.replace(cfg, seed=cfg.seed if stats_seed is None else stats_seed)
     stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.stats_policy or cfg.model,
