@@ -367,7 +367,8 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     scorer, metrics = train_supervised(run, cfg, scorer, len(train), loss_on,
                                        lambda m: evaluate_rm(m, tokenizer, evals, cfg, acc.device, judge))
     rm = scorer.model
-    warn_if_length_only(metrics)
+    if run.is_main:
+        warn_if_length_only(metrics)
     prompts = [g.prompt for g in train[:cfg.stats_samples]]
     stats_cfg = dataclasses.replace(cfg, seed=cfg.seed if stats_seed is None else stats_seed)
     stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.stats_policy or cfg.model,
