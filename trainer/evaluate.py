@@ -222,9 +222,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], dict | None]:
-    """Every task's rows, and the study's result. The study's two runs are jobs of their own; they start
-    once their task's pipeline is done (at once when it is not among the tasks run now: they need its
-    earlier run), ahead of the tasks still queued, since the study is the longest part."""
+    """Every task's rows, and the study's result. The study's two runs are jobs of their own, the longest
+    of all: once their task's pipeline is done, the ensemble's takes the worker it freed and the single
+    model's leads the queue (when their task is not among the tasks run now, they need its earlier run
+    and are queued first)."""
     study_task = cfg.overoptimisation_task
     study_waits = study_task in cfg.tasks
     # the most that can run at once: the study's runs that wait for their task take its place
@@ -253,11 +254,11 @@ def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], di
     # the study's task first, so that the study (which needs its pipeline) overlaps the other tasks
     order = sorted(cfg.tasks, key=lambda t: t != study_task)
     with JobPool(min(jobs, at_once)) as pool:
-        for task in order:
-            pool.submit(Job(f"evaluate {task}", evaluate_task, (cfg, task), out / task / "evaluate.log"))
-        if not study_waits:
+        if not study_waits:             # its task's earlier run is there: the longest jobs start first
             for job in study_jobs:
                 pool.submit(job)
+        for task in order:
+            pool.submit(Job(f"evaluate {task}", evaluate_task, (cfg, task), out / task / "evaluate.log"))
         for job, result in pool.completed():
             if job in study_jobs:
                 study_parts.append(result)
@@ -267,6 +268,7 @@ def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], di
             finished(task, result)
             log.info("%s: done (%d/%d tasks)", job.name, len(by_task), len(cfg.tasks))
             if study_waits and task == study_task:
-                for i, job in enumerate(study_jobs):
-                    pool.submit(job, first=i > 0)     # the first takes the free worker, the next leads the queue
+                pool.submit(study_jobs[0])            # takes the worker its task freed
+                for job in reversed(study_jobs[1:]):  # the others lead the queue, in their order
+                    pool.submit(job, first=True)
     return by_task, merge_study_arms(study_parts) if study_parts else None

@@ -60,7 +60,8 @@ def fell_beyond_noise(before: float, before_se: float, after: float, after_se: f
 
 def at_chance(accuracy: float, n: int, z: float = 2.0) -> bool:
     """A pairwise ``accuracy`` over ``n`` independent comparisons is not above chance (0.5) by more than
-    ``z`` standard errors (√(0.25 / n)); False when there are none to judge by."""
+    ``z`` standard errors (√(0.25 / n)): one-sided, so below chance counts too; False when there are none
+    to judge by. Pairs drawn from one ranking are not independent: give the number of rankings, not of pairs."""
     return n > 0 and accuracy - 0.5 <= z * math.sqrt(0.25 / n)
 
 

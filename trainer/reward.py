@@ -170,10 +170,10 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
         c, r = r_all[batch.chosen_idx], r_all[batch.rejected_idx]                              # (K,), (K,)
         rc.append(c), rr.append(r), mg.append(batch.margin)
         rewards.append(r_all)
-        chunk_lengths = torch.tensor([len(tokenizer(resp, add_special_tokens=False)["input_ids"])
-                                      for g in chunk for resp in g.responses])                 # (S,)
-        lengths += chunk_lengths.tolist()
-        eq = chunk_lengths[batch.chosen_idx] == chunk_lengths[batch.rejected_idx]               # (K,)
+        lengths += [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for g in chunk for resp in g.responses]
+        # a pair shares its prompt: equal sequences as the model sees them (after any cut) are equal responses
+        seq_lengths = batch.attention_mask.sum(-1)                                              # (S,)
+        eq = seq_lengths[batch.chosen_idx] == seq_lengths[batch.rejected_idx]                   # (K,)
         eq_all.append(eq)
         pair_group = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(
             [math.comb(len(g.responses), 2) for g in chunk]))                                  # (K,)
