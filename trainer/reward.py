@@ -112,7 +112,8 @@ class PairBatch:
     """A batch of preference groups flattened for one forward pass.
 
     input_ids, attention_mask: (S, T) every distinct sequence, right-padded;
-    chosen_idx, rejected_idx, margin, weight: (K,) one entry per pair.
+    chosen_idx, rejected_idx, margin, weight, group_idx: (K,) one entry per pair (group_idx: its group's
+    index in the batch).
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -120,12 +121,13 @@ class PairBatch:
     rejected_idx: torch.Tensor
     margin: torch.Tensor
     weight: torch.Tensor
+    group_idx: torch.Tensor
 
 
 def collate_groups(tokenizer, groups: list[PreferenceGroup], max_prompt_length: int, max_length: int,
                    trunc: Truncation | None = None) -> PairBatch:
-    seqs, chosen, rejected, margin, weight = [], [], [], [], []
-    for g in groups:
+    seqs, chosen, rejected, margin, weight, group = [], [], [], [], [], []
+    for gi, g in enumerate(groups):
         base = len(seqs)
         seqs.extend(encode_pair(tokenizer, g.prompt, r, max_prompt_length, max_length, trunc)[0]
                     for r in g.responses)
@@ -135,9 +137,11 @@ def collate_groups(tokenizer, groups: list[PreferenceGroup], max_prompt_length: 
             rejected.append(base + b)
             margin.append(g.margin)
             weight.append(1.0 / (len(pairs) * len(groups)))
+            group.append(gi)
     ids, mask = pad_right(seqs, tokenizer.pad_token_id)
     return PairBatch(ids, mask, torch.tensor(chosen), torch.tensor(rejected),
-                     torch.tensor(margin, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32))
+                     torch.tensor(margin, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32),
+                     torch.tensor(group, dtype=torch.long))
 
 
 def pair_rewards(scorer: nn.Module, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,9 +179,7 @@ def evaluate_rm(scorer, tokenizer, groups: list[PreferenceGroup], cfg: RewardCon
         seq_lengths = batch.attention_mask.sum(-1)                                              # (S,)
         eq = seq_lengths[batch.chosen_idx] == seq_lengths[batch.rejected_idx]                   # (K,)
         eq_all.append(eq)
-        pair_group = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(
-            [math.comb(len(g.responses), 2) for g in chunk]))                                  # (K,)
-        eq_groups += int(pair_group[eq].unique().numel())
+        eq_groups += int(batch.group_idx[eq].unique().numel())
         if judge is not None:
             flat = judge.score([g.prompt for g in chunk for _ in g.responses], [r for g in chunk for r in g.responses])
             golds_all += flat
