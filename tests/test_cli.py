@@ -38,6 +38,22 @@ def test_validation_raises_naming_the_field():
         build_config(SFTConfig, {"model": "m", "output": "o"})
 
 
+def test_yaml_and_key_value_options_are_typed_like_the_flags():
+    """`--sft early_stopping_patience=none` clears the option, as `--early-stopping-patience none` does;
+    a value of the wrong type is a user error naming the field, not a TypeError inside a stage."""
+    base = {"model": "m", "train": "t", "output": "o"}
+    assert build_config(SFTConfig, {**base, "early_stopping_patience": "none"}).early_stopping_patience is None
+    cfg = build_config(SFTConfig, {**base, "learning_rate": "1e-3", "seed": "7", "epochs": 3})
+    assert cfg.optim.learning_rate == 1e-3 and cfg.seed == 7 and cfg.epochs == 3.0   # PyYAML reads 1e-3 as text
+    cfg = build_config(SFTConfig, {**base, "mixed_precision": False, "lora_target_modules": "q_proj"})
+    assert cfg.memory.mixed_precision == "no" and cfg.memory.lora_target_modules == ["q_proj"]  # YAML's `no`
+    for key, value, expected in [("early_stopping_patience", "abc", "a whole number"), ("seed", 2.5, "a whole number"),
+                                 ("keep_best", "yes", "true or false"), ("learning_rate", [1], "a number"),
+                                 ("mixed_precision", "fp8", "one of no, bf16, fp16"), ("epochs", None, "needs a value")]:
+        with pytest.raises(UserError, match=f"{key}: .*{expected}"):
+            build_config(SFTConfig, {**base, key: value})
+
+
 def test_user_errors_print_one_line_without_traceback(tmp_path, task_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "name two fruits", "response": "fig kiwi"}\n{"prompt": oops}\n')

@@ -153,16 +153,66 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_YAML_BOOLS = {False: ("no", "false", "off"), True: ("yes", "true", "on")}
+
+
 def _coerce(f: FlatField, v: Any) -> Any:
+    """A YAML or ``KEY=VALUE`` value checked against the field's type; a mismatch is a user error.
+
+    ``none``/``null`` clear an optional field, as on the command line; numbers written as
+    text are read as the flag reads them; a number for a text field becomes text; a YAML 1.1 boolean (``no``, ``off``) for a field of named choices is
+    read back as the word it was.
+    """
+    tp = f.type
+    if isinstance(v, str) and f.optional and v.lower() in ("none", "null"):
+        return None
     if v is None:
+        if f.optional or tp is Any:
+            return v
+        raise UserError(f"{f.name}: needs a value ({_describe(tp)}), got none")
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if isinstance(v, bool) and not any(isinstance(c, bool) for c in choices):
+            v = next((w for w in _YAML_BOOLS[v] if w in choices), v)
+        if v not in choices:
+            raise UserError(f"{f.name}: expected {_describe(tp)}, got {v!r}")
         return v
-    if f.type is Path:
-        return Path(v)
-    if f.type is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    if (get_origin(f.type) is dict or f.type is dict) and isinstance(v, list):
+    if (get_origin(tp) is dict or tp is dict) and isinstance(v, list):
         return _parse_mapping(v)
+    if get_origin(tp) in (list, tuple):
+        return list(v) if isinstance(v, (list, tuple)) else [v]
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise UserError(f"{f.name}: expected true or false, got {v!r}")
+        return v
+    if tp in (int, float):
+        return _number(f.name, tp, v)
+    if tp in (str, Path):
+        if isinstance(v, (dict, list, bool)):
+            raise UserError(f"{f.name}: expected {_describe(tp)}, got {v!r}")
+        return tp(v) if tp is Path else (v if isinstance(v, str) else str(v))
     return v
+
+
+def _number(name: str, tp: type, v: Any) -> int | float:
+    """An int or float field's value; text is parsed as the flag would (PyYAML reads ``1e-3`` as text)."""
+    if isinstance(v, str):
+        try:
+            v = float(v) if tp is float else int(v)
+        except ValueError:
+            pass
+    if isinstance(v, float) and tp is int and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (tp is int and not isinstance(v, int)):
+        raise UserError(f"{name}: expected {_describe(tp)}, got {v!r}")
+    return tp(v)
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(c) for c in get_args(tp))
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+            Path: "a path"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _flatten_values(cls: type, values: dict[str, Any], leaves: list[FlatField]) -> dict[tuple[str, ...], Any]:
