@@ -161,3 +161,10 @@ def test_evaluate_refuses_bad_options_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()
     proc = tribune("evaluate", "--output", tmp_path / "ev", "--tasks", "sequence", "nonesuch", check=False)
     assert proc.returncode == 2 and "tasks: unknown nonesuch" in proc.stderr
+    # a stage option or a study option of the wrong type or name: before any worker starts
+    for args, says in [(("--sft", "early_stopping_patience=abc"), "early_stopping_patience: expected a whole number"),
+                       (("--ppo", "lerning_rate=1e-4"), "unknown PPOConfig field(s): lerning_rate"),
+                       (("--aggressive", "learning_rate=fast"), "aggressive: learning_rate: expected a number")]:
+        proc = tribune("evaluate", "--output", tmp_path / "ev", *args, check=False)
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()

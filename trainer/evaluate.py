@@ -29,7 +29,7 @@ from tribune.trainer.evaluate_report import comparison_lines, plot, study_lines,
 from tribune.trainer.jobs import Job, JobPool, resolve_jobs
 from tribune.trainer.measures import (TARGET_HEADROOM_SHARE, TARGET_RM_GOLD_ACCURACY, best_of_n, onpolicy_accuracy,
                                       onpolicy_candidates, policy_row, targets)
-from tribune.trainer.overoptimisation import STUDY_ARMS, merge_study_arms, overoptimisation_study
+from tribune.trainer.overoptimisation import STUDY_ARMS, merge_study_arms, overoptimisation_study, study_ppo_config
 from tribune.trainer.pipeline import StageOptions, run_pipeline, run_rounds
 from tribune.trainer.task.registry import TASKS
 
@@ -97,6 +97,18 @@ class EvaluateConfig:
         if self.ensemble_size < (2 if self.study_members == "mixed" else 1):
             raise ValueError("ensemble_size must be at least 2 with study_members mixed (one member per data "
                              "source), 1 otherwise")
+        from tribune.trainer.pipeline import stage_configs
+
+        # every task's stage options, and the study's PPO options, checked before any worker starts
+        for task in self.tasks:
+            stage_configs(self.output / task, self.seed, self.max_steps, self.stages, task)
+        if self.overoptimisation_task is not None:
+            stages = stage_configs(self.output / self.overoptimisation_task, self.seed, self.max_steps, self.stages,
+                                   self.overoptimisation_task)
+            try:
+                study_ppo_config(self, stages, STUDY_ARMS[0], "127.0.0.1:1", {})
+            except UserError as e:
+                raise ValueError(f"aggressive: {e}") from None
 
 
 def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:

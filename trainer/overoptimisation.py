@@ -15,6 +15,8 @@ from tribune.trainer.measures import fell_beyond_noise
 
 if TYPE_CHECKING:
     from tribune.trainer.evaluate import EvaluateConfig
+    from tribune.trainer.pipeline import Stages
+    from tribune.trainer.ppo_config import PPOConfig
 
 log = logging.getLogger("tribune")
 
@@ -45,11 +47,9 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...]
     penalty, from the same πSFT: does the gold score fall while the proxy rises, and does the
     gold-free monitor warn first? ``arms``: which of the two runs (``STUDY_ARMS``) to do here."""
 
-    from tribune.services.common.config import build_config
     from tribune.services.launcher import start_serve
     from tribune.trainer.export import run_export
     from tribune.trainer.ppo import run_ppo
-    from tribune.trainer.ppo_config import PPOConfig
     from tribune.trainer.reward import run_train_rm
     from tribune.trainer.pipeline import stage_configs
 
@@ -68,15 +68,7 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...]
     for name in (a for a in STUDY_ARMS if a in arms):
         repo, extra = setups[name]
         with start_serve(repo) as server:
-            base = {k: getattr(stages.ppo, k) for k in ("policy", "prompts", "eval_prompts", "value_init",
-                                                        "preferred_eval")}
-            ppo_cfg = build_config(PPOConfig, {**{k: v for k, v in vars(stages.ppo).items()
-                                                  if k in ("seed", "iterations", "scoring_chunk", "gold_every",
-                                                           "max_steps") and v is not None},
-                                               **base, "judge": stages.ppo.gold.judge, "reward_url": server.url,
-                                               "reference_url": server.url, "output": out / f"ppo_{name}",
-                                               # the whole trajectory, past the monitor's first warning
-                                               "stop_on_drift": False, **cfg.aggressive, **extra})
+            ppo_cfg = study_ppo_config(cfg, stages, name, server.url, extra)
             log.info("over-optimisation study: ppo (%s, %s) → %s", name, cfg.aggressive, ppo_cfg.output)
             metrics = run_ppo(ppo_cfg)
         runs[name] = {"sft_gold": metrics.get("sft/score"), "final_gold": metrics.get("gold/score"),
@@ -120,3 +112,18 @@ def overoptimised(run: dict, z: float = 2.0) -> bool:
         return False
     return fell_beyond_noise(run["sft_gold"], run.get("sft_gold_se") or 0.0, run["final_gold"],
                              run.get("final_gold_se") or 0.0, z)
+
+
+def study_ppo_config(cfg: EvaluateConfig, stages: Stages, name: str, reward_url: str, extra: dict) -> PPOConfig:
+    """The PPO options of the study's run ``name``: the task's PPO run's data and schedule, the
+    aggressive options over them, and the run's own (``extra``) last; the whole trajectory is kept."""
+    from tribune.services.common.config import build_config
+    from tribune.trainer.ppo_config import PPOConfig
+
+    base = {k: getattr(stages.ppo, k) for k in ("policy", "prompts", "eval_prompts", "value_init", "preferred_eval")}
+    schedule = {k: v for k, v in vars(stages.ppo).items()
+                if k in ("seed", "iterations", "scoring_chunk", "gold_every", "max_steps") and v is not None}
+    return build_config(PPOConfig, {**schedule, **base, "judge": stages.ppo.gold.judge, "reward_url": reward_url,
+                                    "reference_url": reward_url, "output": stages.ppo.output.parent / f"ppo_{name}",
+                                    # the whole trajectory, past the monitor's first warning
+                                    "stop_on_drift": False, **cfg.aggressive, **extra})
