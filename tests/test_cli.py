@@ -1,5 +1,6 @@
 """The command line: typed configs from YAML and flags, --help, and clean user errors."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,9 +48,12 @@ def test_yaml_and_key_value_options_are_typed_like_the_flags():
     assert cfg.optim.learning_rate == 1e-3 and cfg.seed == 7 and cfg.epochs == 3.0   # PyYAML reads 1e-3 as text
     cfg = build_config(SFTConfig, {**base, "mixed_precision": False, "lora_target_modules": "q_proj"})
     assert cfg.memory.mixed_precision == "no" and cfg.memory.lora_target_modules == ["q_proj"]  # YAML's `no`
+    rm = build_config(RewardConfig, {**base, "eval": "e", "ensemble": 2, "member_train": ["a.jsonl", "b.jsonl"]})
+    assert rm.member_train == [Path("a.jsonl"), Path("b.jsonl")]          # items typed as the flag types them
     for key, value, expected in [("early_stopping_patience", "abc", "a whole number"), ("seed", 2.5, "a whole number"),
                                  ("keep_best", "yes", "true or false"), ("learning_rate", [1], "a number"),
-                                 ("mixed_precision", "fp8", "one of no, bf16, fp16"), ("epochs", None, "needs a value")]:
+                                 ("mixed_precision", "fp8", "one of no, bf16, fp16"), ("epochs", None, "needs a value"),
+                                 ("lora_target_modules", [["q"]], "text")]:
         with pytest.raises(UserError, match=f"{key}: .*{expected}"):
             build_config(SFTConfig, {**base, key: value})
 

@@ -180,7 +180,11 @@ def _coerce(f: FlatField, v: Any) -> Any:
     if (get_origin(tp) is dict or tp is dict) and isinstance(v, list):
         return _parse_mapping(v)
     if get_origin(tp) in (list, tuple):
-        return list(v) if isinstance(v, (list, tuple)) else [v]
+        (inner, *_) = get_args(tp) or (Any,)
+        items = list(v) if isinstance(v, (list, tuple)) else [v]
+        if inner in (int, float, str, Path):
+            return [_coerce(dataclasses.replace(f, type=inner, optional=False), x) for x in items]
+        return items
     if tp is bool:
         if not isinstance(v, bool):
             raise UserError(f"{f.name}: expected true or false, got {v!r}")
