@@ -100,13 +100,12 @@ class EvaluateConfig:
         from tribune.trainer.pipeline import stage_configs
 
         # every task's stage options, and the study's PPO options, checked before any worker starts
-        for task in self.tasks:
-            stage_configs(self.output / task, self.seed, self.max_steps, self.stages, task)
-        if self.overoptimisation_task is not None:
-            stages = stage_configs(self.output / self.overoptimisation_task, self.seed, self.max_steps, self.stages,
-                                   self.overoptimisation_task)
-            try:
-                study_ppo_config(self, stages, STUDY_ARMS[0], "127.0.0.1:1", {})
+        study = self.overoptimisation_task
+        stages = {t: stage_configs(self.output / t, self.seed, self.max_steps, self.stages, t)
+                  for t in dict.fromkeys([*self.tasks, *([study] if study else [])])}
+        if study is not None:
+            try:        # with the placeholder address that stage_configs gives before anything is served
+                study_ppo_config(self, stages[study], STUDY_ARMS[0], stages[study].ppo.reward_url, {})
             except UserError as e:
                 raise ValueError(f"aggressive: {e}") from None
 

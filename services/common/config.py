@@ -160,8 +160,8 @@ def _coerce(f: FlatField, v: Any) -> Any:
     """A YAML or ``KEY=VALUE`` value checked against the field's type; a mismatch is a user error.
 
     ``none``/``null`` clear an optional field, as on the command line; numbers written as
-    text are read as the flag reads them; a number for a text field becomes text; a YAML 1.1 boolean (``no``, ``off``) for a field of named choices is
-    read back as the word it was.
+    text are read as the flag reads them; a number for a text field becomes text; a YAML 1.1
+    boolean (``no``, ``off``) for a field of named choices is read back as the word it was.
     """
     tp = f.type
     if isinstance(v, str) and f.optional and v.lower() in ("none", "null"):
@@ -194,7 +194,7 @@ def _coerce(f: FlatField, v: Any) -> Any:
     if tp in (str, Path):
         if isinstance(v, (dict, list, bool)):
             raise UserError(f"{f.name}: expected {_describe(tp)}, got {v!r}")
-        return tp(v) if tp is Path else (v if isinstance(v, str) else str(v))
+        return tp(v)
     return v
 
 
