@@ -1,12 +1,13 @@
-"""PPO step time split into generation / scorer wait / training, scoring overlapped vs not.
+"""PPO step time split into generation / scorer wait / training, scoring overlapped vs not, GAE vs RLOO.
 
     python bench/ppo_step.py --output bench/results [--iterations 20]
 
 Builds the bundled pipeline quickly (short SFT and RM runs: the cost of a step does not
 depend on how well they are trained), serves it with `tribune serve` in a child process,
-then runs PPO twice in one run against the same server: with scoring overlapped with
-generation and the policy's own forward passes, and with each chunk awaited (sequential).
-Target: scorer wait ≤ 10% of step time with overlap.
+then runs PPO three times in one run against the same server: with scoring overlapped with
+generation and the policy's own forward passes, with each chunk awaited (sequential), and
+overlapped with leave-one-out advantages (`--advantage-estimator rloo --samples-per-prompt 4`:
+no value model to run or train). Target: scorer wait ≤ 10% of step time with overlap.
 """
 from __future__ import annotations
 
@@ -47,17 +48,21 @@ def main() -> None:
         bundled_repository(tmp)
         results = {}
         with start_serve(tmp / "repo") as server:
-            for mode, overlap in (("overlapped", True), ("sequential", False)):
+            for mode, overlap, estimator in (("overlapped", True, "gae"), ("sequential", False, "gae"),
+                                             ("rloo", True, "rloo")):
                 cfg = PPOConfig(policy=tmp / "sft", prompts=tmp / "task" / "prompts_train.jsonl",
                                 reward_url=server.url, reference_url=server.url, output=tmp / f"ppo_{mode}",
                                 iterations=args.iterations, rollout_batch_size=args.rollout_batch_size,
-                                overlap_scoring=overlap, checkpoint_every=10 ** 6, gold_every=10 ** 6)
+                                overlap_scoring=overlap, checkpoint_every=10 ** 6, gold_every=10 ** 6,
+                                advantage_estimator=estimator, samples_per_prompt=4 if estimator == "rloo" else 1)
                 run_ppo(cfg)
                 results[mode] = summarise(tmp / f"ppo_{mode}" / "metrics.jsonl", skip=2)
     write_result(args.output, "ppo_step", {
         "command": f"python bench/ppo_step.py --iterations {args.iterations}",
         "rollout_batch_size": args.rollout_batch_size, **results,
         "step_speedup_overlapped_vs_sequential": results["sequential"]["step_s"] / results["overlapped"]["step_s"],
+        "training_speedup_rloo_vs_gae": results["overlapped"]["training_s"] / results["rloo"]["training_s"],
+        "step_speedup_rloo_vs_gae": results["overlapped"]["step_s"] / results["rloo"]["step_s"],
         "target_scoring_wait_share": 0.10})
 
 

@@ -80,6 +80,19 @@ def test_ppo_raises_the_gold_score_with_a_bounded_kl(served, sft_dir, rm_dir, ta
     assert list((out / "tensorboard").iterdir())
 
 
+def test_rloo_ppo_raises_the_gold_score_without_a_value_model(served, sft_dir, rm_dir, task_dir, tmp_path):
+    """--advantage-estimator rloo end to end: k samples per prompt, leave-one-out baselines, no value model."""
+    out = tmp_path / "rloo"
+    metrics = last_json(tribune(*ppo_args(served.url, sft_dir, rm_dir, task_dir, out, "--iterations", "30",
+                                          "--gold-every", "30", "--advantage-estimator", "rloo",
+                                          "--samples-per-prompt", "4")).stdout)
+    assert metrics["gold/score"] > metrics["sft/score"] + 0.05, metrics
+    assert (out / "model.safetensors").is_file() and not (out / "value_model").exists()
+    rows = [r for r in _rows(out) if "objective/kl" in r]
+    assert len(rows) == 30 and all("loss/policy_avg" in r and "loss/value_avg" not in r for r in rows)
+    assert "value model" in (out / "tribune.log").read_text()
+
+
 def test_ppo_resumes_after_an_interruption_like_an_uninterrupted_run(served, sft_dir, rm_dir, task_dir, tmp_path):
     common = ["--iterations", "8", "--checkpoint-every", "2", "--gold-every", "100", "--rollout-batch-size", "32"]
     straight = tmp_path / "straight"

@@ -25,6 +25,7 @@ class LocalScorers:
                                  ensemble_size=members, member_reward_mean=(0.0,) * members,
                                  member_reward_std=(1.0,) * members)
         self.calls = 0
+        self.prompts: list[str] = []          # every scored chunk's prompts, in order
 
     @staticmethod
     def _done(value) -> Future:
@@ -34,6 +35,7 @@ class LocalScorers:
 
     def score_members_async(self, chunk) -> Future:
         self.calls += 1
+        self.prompts += chunk.prompts
         scores = np.asarray(self.reward_fn(chunk.query_responses, chunk.attention_mask), dtype=np.float32)
         return self._done(scores if scores.ndim == 2 else scores[:, None])            # (B, K)
 
@@ -89,11 +91,13 @@ def test_first_iteration_has_zero_kl_and_updates_both_models(task_dir, tmp_path)
     assert 0 <= row["policy/clipfrac_avg"] <= 1 and row["objective/kl_coef"] == cfg.kl_coef
 
 
-def test_iterations_follow_the_reward(task_dir, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_iterations_follow_the_reward(task_dir, tmp_path, estimator):
     """A reward for ending early: a few iterations shorten the responses (the maths points the right way)."""
     from tribune.trainer.ppo_step import ppo_iteration
 
-    cfg, learner = _learner(task_dir, tmp_path, learning_rate=1e-2, kl_coef=0.0)
+    cfg, learner = _learner(task_dir, tmp_path, learning_rate=1e-2, kl_coef=0.0, advantage_estimator=estimator,
+                            samples_per_prompt=4 if estimator == "rloo" else 1)
     scorer = LocalScorers(load_causal_lm(task_dir / "base"), lambda ids, mask: -mask.sum(-1).astype(float))
     prompts = _prompts(task_dir)
     lengths = [ppo_iteration(cfg, learner, scorer, prompts, it)["response/length"] for it in range(8)]
@@ -119,3 +123,33 @@ def test_ensemble_members_penalise_disagreement(task_dir, tmp_path):
     assert rows["mean"]["objective/scores_normalized"] == pytest.approx(0.0, abs=1e-6)    # n and −n cancel
     assert rows["uncertainty"]["objective/scores_normalized"] < -1
     assert rows["worst"]["objective/scores_normalized"] < -1
+
+
+def test_rloo_samples_each_prompt_k_times_and_trains_no_value_model(task_dir, tmp_path):
+    """rloo: 16 rollouts are 4 prompts × 4 consecutive samples; no value model is built, the policy
+    still moves, and the value model's statistics are absent rather than made up."""
+    from tribune.trainer.ppo_step import ppo_iteration
+
+    cfg, learner = _learner(task_dir, tmp_path, advantage_estimator="rloo", samples_per_prompt=4)
+    assert learner.value is None and learner.opt_value is None
+    scorer = LocalScorers(load_causal_lm(task_dir / "base"), lambda ids, mask: -mask.sum(-1).astype(float))
+    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    row = ppo_iteration(cfg, learner, scorer, _prompts(task_dir), it=0)
+    groups = [scorer.prompts[i:i + 4] for i in range(0, 16, 4)]
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 4, scorer.prompts
+    assert any(not torch.equal(v, before[k]) for k, v in learner.policy.state_dict().items())
+    assert all(np.isfinite(v) for v in row.values())
+    assert not {"loss/value_avg", "val/clipfrac_avg", "val/explained_variance"} & set(row), sorted(row)
+    assert {"loss/policy_avg", "policy/clipfrac_avg", "objective/kl"} <= set(row)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"advantage_estimator": "rloo"}, "needs samples_per_prompt of at least 2"),
+    ({"samples_per_prompt": 3}, "multiple of samples_per_prompt"),
+    ({"samples_per_prompt": 0}, "samples_per_prompt must be at least 1"),
+])
+def test_rloo_options_are_checked(task_dir, tmp_path, overrides, message):
+    from tribune.services.common.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        _learner(task_dir, tmp_path, **overrides)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tribune.trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty,
-                             ppo_policy_loss, shaped_rewards, value_loss, whiten)
+                                     leave_one_out_advantages, ppo_policy_loss, shaped_rewards, value_loss, whiten)
 
 torch.manual_seed(0)
 B, R = 3, 6
@@ -32,6 +32,24 @@ def test_gae_matches_a_loop():
         assert adv[b].tolist() == pytest.approx(expected, abs=1e-12)
         assert ret[b, :n].tolist() == pytest.approx([expected[t] + values[b, t].item() for t in range(n)], abs=1e-12)
         assert ret[b, n:].abs().sum() == 0
+
+
+def test_leave_one_out_advantages_match_a_loop():
+    k, returns = 3, _rand(12)                     # 4 prompts × 3 samples, consecutive
+    adv = leave_one_out_advantages(returns, k)
+    for i in range(12):
+        g = i // k
+        others = [returns[j].item() for j in range(g * k, g * k + k) if j != i]
+        assert adv[i].item() == pytest.approx(returns[i].item() - sum(others) / (k - 1), abs=1e-12)
+    # a group whose samples all score the same learns nothing; adding a constant per prompt changes nothing
+    assert leave_one_out_advantages(torch.full((4,), 2.5, dtype=torch.float64), 2).abs().max() == 0
+    shift = torch.arange(4, dtype=torch.float64).repeat_interleave(k) * 10
+    torch.testing.assert_close(leave_one_out_advantages(returns + shift, k), adv)
+    assert adv.reshape(-1, k).sum(-1).abs().max() < 1e-12        # zero-sum within each prompt
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_out_advantages(returns, 1)
+    with pytest.raises(ValueError, match="groups of 5"):
+        leave_one_out_advantages(returns, 5)
 
 
 def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():

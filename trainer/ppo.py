@@ -1,6 +1,6 @@
 """Stage 3, `tribune ppo`: PPO against the remote reward and reference services.
 
-The trainer holds only the policy πθ (from πSFT) and a value model; rewards and reference
+The trainer holds only the policy πθ (from πSFT) and, for GAE, a value model; rewards and reference
 log-probs come from the remote services (``tribune.trainer.scorers``: token ids to Triton, or text to
 a RewardService with the reward model's own tokenizer). The run itself (resume,
 logs, checkpoints, final save) is the shared ``tribune.trainer.run.Run``; one iteration is
@@ -44,16 +44,23 @@ def with_fitted_generation(cfg: PPOConfig, lengths: list[int]) -> PPOConfig:
 
 
 def make_learner(cfg: PPOConfig, acc, tokenizer) -> Learner:
-    """Policy and value model with their optimisers and schedulers, prepared by accelerate."""
+    """Policy (and, for GAE, the value model) with optimisers and schedulers, prepared by accelerate."""
     policy = prepare_model(load_causal_lm(cfg.policy), cfg.memory, name="ppo policy")
-    critic = load_reward_model(cfg.value_init or cfg.policy)
-    value = ValueModel(prepare_model(critic, cfg.memory, head=reward_head_name(critic), name="ppo value model"))
     steps = cfg.total_iterations * cfg.optimizer_steps_per_iteration()
     opt_p, sched_p = cfg.optim.build(policy.parameters(), steps)
-    opt_v, sched_v = cfg.optim.build(value.parameters(), steps, learning_rate=cfg.value_learning_rate)
-    policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
+    value = opt_v = sched_v = None
+    if cfg.uses_value_model:
+        critic = load_reward_model(cfg.value_init or cfg.policy)
+        value = ValueModel(prepare_model(critic, cfg.memory, head=reward_head_name(critic), name="ppo value model"))
+        opt_v, sched_v = cfg.optim.build(value.parameters(), steps, learning_rate=cfg.value_learning_rate)
+        policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
+    else:
+        if cfg.value_init is not None:
+            log.info("ppo: rloo advantages need no value model; --value-init %s is not used", cfg.value_init)
+        policy, opt_p = acc.prepare(policy, opt_p)
     for sched in (sched_p, sched_v):    # stepped once per optimiser step on every rank (not wrapped)
-        acc.register_for_checkpointing(sched)
+        if sched is not None:
+            acc.register_for_checkpointing(sched)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
     return Learner(acc, policy, value, opt_p, opt_v, sched_p, sched_v, kl_ctl, tokenizer)
 
@@ -70,8 +77,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     cfg = run.cfg = with_fitted_generation(cfg, lengths)
     cut = sum(n > cfg.max_prompt_length for n in lengths)
     world = acc.num_processes
-    if cfg.rollout_batch_size % world or cfg.mini_batch_size % world:
-        raise UserError(f"rollout_batch_size and mini_batch_size must be multiples of the {world} processes")
+    if cfg.prompts_per_iteration % world or cfg.mini_batch_size % world:
+        raise UserError(f"rollout_batch_size / samples_per_prompt ({cfg.prompts_per_iteration} prompts) and "
+                        f"mini_batch_size must be multiples of the {world} processes")
     scorers = connect(cfg, tokenizer, tokenizer_fingerprint(tokenizer))
     log.info("ppo: %d prompts (skipped %s); max_prompt_length %d (%d prompts cut), max_new_tokens %d; reward model "
              "%s (%s); %d process(es)", len(prompts), skipped.summary(), cfg.max_prompt_length, cut,
@@ -163,6 +171,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         plot = plot_metrics(run.metrics_log.path, run.out / "ppo.png")
         final["plot"] = str(plot) if plot else None
     policy = acc.unwrap_model(learner.policy)
-    final = run.finish(policy, final, extra={"value_model": acc.unwrap_model(learner.value).model})
+    extra = {"value_model": acc.unwrap_model(learner.value).model} if learner.value is not None else {}
+    final = run.finish(policy, final, extra=extra)
     final["time/total_s"] = round(time.perf_counter() - t0, 2)
     return final

@@ -31,8 +31,8 @@ class PPOConfig(RunConfig):
                                        "own tokenizer and chat template")
     reference_url: str = field(help="host:port (or dns:///host:port) of the Triton serving `reference` (must "
                                "share the policy's tokenizer)")
-    value_init: Path | None = field(None, help="initialise the value model from this directory, e.g. the reward "
-                                    "model (N+ details); default: the policy's weights with a fresh head")
+    value_init: Path | None = field(None, help="initialise the value model (gae) from this directory, e.g. the "
+                                    "reward model (N+ details); default: the policy's weights with a fresh head")
     eval_prompts: Path | None = field(None, help="held-out JSONL of {prompt} or {messages} for the gold score "
                                       "(with a judge)")
     log_every: int = default(RunConfig, "log_every", 1)
@@ -53,6 +53,12 @@ class PPOConfig(RunConfig):
     vf_coef: float = field(0.5, help="weight of the value loss (the value model has its own optimiser)")
     gamma: float = field(1.0, help="discount γ")
     lam: float = field(0.95, help="GAE λ")
+    advantage_estimator: Literal["gae", "rloo"] = field(
+        "gae", help="gae: a value model and GAE over the response tokens; rloo: no value model, each response's "
+                    "return (its score less β·its KL) minus the mean return of the other responses to its prompt "
+                    "(REINFORCE leave-one-out, Ahmadian et al. 2024), under the same clipped update")
+    samples_per_prompt: int = field(1, help="responses sampled for each prompt of a rollout batch (rloo: at least "
+                                            "2); --rollout-batch-size counts responses")
     whiten_advantages: bool = field(True, help="normalise advantages per batch")
     kl_coef: float = field(0.1, help="initial β of the KL penalty")
     kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator in the reward")
@@ -99,7 +105,7 @@ class PPOConfig(RunConfig):
         super().__post_init__()
         positives = ("iterations", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
                      "ppo_epochs", "max_new_tokens", "max_prompt_length", "scoring_chunk", "gold_every",
-                     "gold_eval_size")
+                     "gold_eval_size", "samples_per_prompt")
         for name in positives:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -107,6 +113,11 @@ class PPOConfig(RunConfig):
             raise ValueError("give exactly one of reward_url (token ids to Triton) and reward_gateway (text)")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError("rollout_batch_size must be a multiple of mini_batch_size")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ValueError("rollout_batch_size must be a multiple of samples_per_prompt")
+        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("advantage_estimator rloo needs samples_per_prompt of at least 2 (the baseline of a "
+                             "response is the mean of the other responses to its prompt)")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -121,6 +132,14 @@ class PPOConfig(RunConfig):
     @property
     def total_iterations(self) -> int:
         return min(self.iterations, self.max_steps) if self.max_steps else self.iterations
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.rollout_batch_size // self.samples_per_prompt
+
+    @property
+    def uses_value_model(self) -> bool:
+        return self.advantage_estimator == "gae"
 
     def optimizer_steps_per_iteration(self) -> int:
         """Optimiser steps each iteration takes (epochs × minibatches / accumulation, rounded up)."""

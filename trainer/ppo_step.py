@@ -15,8 +15,9 @@ import torch
 from tribune.trainer.defences import ensemble_reward, member_disagreement
 from tribune.trainer.modeling import response_logprobs
 from tribune.trainer.ppo_config import PPOConfig
-from tribune.trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty, masked_mean,
-                             ppo_policy_loss, shaped_rewards, value_loss, whiten)
+from tribune.trainer.rl_math import (AdaptiveKLController, compute_gae, explained_variance, kl_penalty,
+                                     leave_one_out_advantages, masked_mean, ppo_policy_loss, shaped_rewards,
+                                     value_loss, whiten)
 from tribune.trainer.rollout import Scorer, start_rollouts
 from tribune.trainer.run import global_batch_indices, shard
 
@@ -34,22 +35,24 @@ def optimised_score(cfg: PPOConfig, facts, member_scores: torch.Tensor) -> tuple
 
 @dataclass
 class Learner:
-    """What PPO trains: the policy and value model (prepared by accelerate), their optimisers
-    and schedulers, and the KL controller."""
+    """What PPO trains: the policy and value model (prepared by accelerate; no value model with
+    rloo advantages), their optimisers and schedulers, and the KL controller."""
     acc: Any
     policy: torch.nn.Module
-    value: torch.nn.Module
+    value: torch.nn.Module | None
     opt_policy: torch.optim.Optimizer
-    opt_value: torch.optim.Optimizer
+    opt_value: torch.optim.Optimizer | None
     sched_policy: Any
     sched_value: Any
     kl_ctl: AdaptiveKLController
     tokenizer: Any
 
 
-# phase 5's statistics, means over epochs × minibatches, under TRL PPOTrainer's names
+# phase 5's statistics, means over epochs × minibatches, under TRL PPOTrainer's names (the value model's
+# only with one)
 PHASE5_NAMES = ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "policy/approxkl_avg",
                 "val/ratio", "policy/entropy_avg")
+VALUE_NAMES = ("loss/value_avg", "val/clipfrac_avg")
 
 
 def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: list[str], it: int) -> dict[str, float]:
@@ -57,8 +60,9 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     acc, policy, value = learner.acc, learner.policy, learner.value
     t_start = time.perf_counter()
     device = acc.device
-    rank_prompts = [prompts[i] for i in shard(global_batch_indices(len(prompts), cfg.rollout_batch_size, it, cfg.seed),
-                                              acc.process_index, acc.num_processes)]
+    k = cfg.samples_per_prompt      # each prompt's k samples are consecutive rows (rloo's groups)
+    chosen = global_batch_indices(len(prompts), cfg.prompts_per_iteration, it, cfg.seed)
+    rank_prompts = [prompts[i] for i in shard(chosen, acc.process_index, acc.num_processes) for _ in range(k)]
 
     # 1. generate: chunks go to the services as soon as they exist (overlapped scoring)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + it * 31 + acc.process_index)
@@ -71,7 +75,8 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     with torch.no_grad():   # the policy's own log-probs and values, while the services still work
         b.logprobs = response_logprobs(acc.unwrap_model(policy), b.query_responses, b.attention_mask, P,
                                        cfg.temperature)[0] * mask                    # (B, R)
-        b.values = acc.unwrap_model(value)(b.query_responses, b.attention_mask)[:, P - 1:-1] * mask   # (B, R)
+        if value is not None:
+            b.values = acc.unwrap_model(value)(b.query_responses, b.attention_mask)[:, P - 1:-1] * mask   # (B, R)
 
     # 2. score remotely: raw member scores (B, K) and reference log-probs of the response tokens (B, R)
     pending.wait()
@@ -85,19 +90,31 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     beta = learner.kl_ctl.value
     b.rewards = shaped_rewards(scores, b.kl, mask, beta)                              # (B, R)
 
-    # 4. advantages: GAE over response tokens, whitened per batch
-    b.advantages, b.returns = compute_gae(b.rewards, b.values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        b.advantages = whiten(b.advantages, mask)
+    # 4. advantages, whitened per batch: GAE over response tokens with the value model, or (rloo) each
+    #    response's return less the mean return of its prompt's other samples, on every response token.
+    #    rloo's are whitened per response: they sum to zero in each prompt's group, so this only scales
+    #    them (a mean over tokens would weigh long responses more and shift every advantage)
+    if value is not None:
+        b.advantages, b.returns = compute_gae(b.rewards, b.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            b.advantages = whiten(b.advantages, mask)
+    else:
+        seq_adv = leave_one_out_advantages(b.rewards.sum(-1), k)                      # (B,) of score − β·Σ KL
+        if cfg.whiten_advantages:
+            seq_adv = whiten(seq_adv, torch.ones_like(seq_adv))
+        b.advantages = seq_adv[:, None] * mask                                        # (B, R)
 
     # 5. epochs × minibatches; gradients accumulate over --gradient-accumulation-steps minibatches
     t_train = time.perf_counter()
     B = b.query_responses.shape[0]
     mb_size = cfg.mini_batch_size // acc.num_processes
     g = torch.Generator().manual_seed(cfg.seed * 104729 + it)
-    stats: dict[str, list[float]] = {k: [] for k in PHASE5_NAMES}
-    models = ((policy, learner.opt_policy, learner.sched_policy), (value, learner.opt_value, learner.sched_value))
-    policy.train(), value.train()
+    stats: dict[str, list[float]] = {name: [] for name in PHASE5_NAMES if value is not None or name not in VALUE_NAMES}
+    models = [(policy, learner.opt_policy, learner.sched_policy)]
+    if value is not None:
+        models.append((value, learner.opt_value, learner.sched_value))
+    for model, _, _ in models:
+        model.train()
     for _, opt, _ in models:
         opt.zero_grad(set_to_none=True)
     n_minibatches = cfg.ppo_epochs * -(-B // mb_size)
@@ -109,10 +126,15 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
             new_logp, entropy = response_logprobs(policy, mb.query_responses, mb.attention_mask, P, cfg.temperature,
                                                   with_entropy=True)
             pg_loss, pg_stats = ppo_policy_loss(new_logp, mb.logprobs, mb.advantages, mb_mask, cfg.cliprange)
-            new_values = value(mb.query_responses, mb.attention_mask)[:, P - 1:-1]
-            vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb_mask, cfg.cliprange_value)
             acc.backward(pg_loss / cfg.gradient_accumulation_steps)
-            acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
+            step_stats = {"loss/policy_avg": pg_loss, "policy/clipfrac_avg": pg_stats["clipfrac"],
+                          "policy/approxkl_avg": pg_stats["approxkl"], "val/ratio": pg_stats["ratio"],
+                          "policy/entropy_avg": masked_mean(entropy, mb_mask)}
+            if value is not None:
+                new_values = value(mb.query_responses, mb.attention_mask)[:, P - 1:-1]
+                vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb_mask, cfg.cliprange_value)
+                acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
+                step_stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac})
             accum += 1
             if accum % cfg.gradient_accumulation_steps == 0 or accum == n_minibatches:   # never carry gradients over
                 for model, opt, sched in models:
@@ -120,12 +142,10 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-            for k, v in (("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
-                         ("policy/clipfrac_avg", pg_stats["clipfrac"]), ("val/clipfrac_avg", vf_clipfrac),
-                         ("policy/approxkl_avg", pg_stats["approxkl"]), ("val/ratio", pg_stats["ratio"]),
-                         ("policy/entropy_avg", masked_mean(entropy, mb_mask))):
-                stats[k].append(float(v.detach()))
-    policy.eval(), value.eval()
+            for name, v in step_stats.items():
+                stats[name].append(float(v.detach()))
+    for model, _, _ in models:
+        model.eval()
     train_s = time.perf_counter() - t_train
 
     # 6. log (means over ranks) and adapt β
@@ -139,10 +159,11 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
         "objective/entropy": (-b.logprobs * mask).sum(-1).mean(),   # TRL's: −Σ log π of the sampled tokens
         "objective/rlhf_reward": (scores - beta * seq_kl).mean(),
         "response/length": lengths.mean(), "response/eos_rate": b.eos.float().mean(),
-        "val/explained_variance": explained_variance(b.values, b.returns, mask),
     }
-    row = {k: float(acc.reduce(v.detach().float().reshape(1), "mean")) for k, v in local.items()}
-    row.update({k: sum(v) / len(v) for k, v in stats.items()})
+    if value is not None:
+        local["val/explained_variance"] = explained_variance(b.values, b.returns, mask)
+    row = {name: float(acc.reduce(v.detach().float().reshape(1), "mean")) for name, v in local.items()}
+    row.update({name: sum(v) / len(v) for name, v in stats.items()})
     row.update({"objective/kl_coef": beta, "lr": learner.sched_policy.get_last_lr()[0],
                 "episode": (it + 1) * cfg.rollout_batch_size,
                 "eps": cfg.rollout_batch_size / (time.perf_counter() - t_start),

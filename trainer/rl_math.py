@@ -3,7 +3,8 @@
 Shapes: B batch, R response tokens. ``mask`` (B, R) is 1 on real response tokens (up to
 and including the first EOS) and 0 after. References: Ziegler et al. 2019 (per-token KL,
 reward at the last token, adaptive β); Schulman et al. 2016 (GAE); Schulman et al. 2017
-(clipped objectives); Huang et al. 2024, "The N+ implementation details of RLHF with PPO".
+(clipped objectives); Huang et al. 2024, "The N+ implementation details of RLHF with PPO";
+Kool et al. 2019 and Ahmadian et al. 2024, "Back to Basics" (REINFORCE leave-one-out baselines).
 """
 from __future__ import annotations
 
@@ -75,6 +76,21 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         last = last * mask[:, t]
         advantages[:, t] = last
     return advantages, (advantages + values) * mask
+
+
+def leave_one_out_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO: each sample's return minus the mean return of the other k − 1 samples of its prompt.
+
+    returns (B,) with B = G·k, the k samples of each prompt consecutive -> (B,). Unbiased (the
+    baseline does not depend on the sample it is subtracted from) and needs no value model.
+    """
+    if k < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt, got {k}")
+    if returns.shape[0] % k:
+        raise ValueError(f"{returns.shape[0]} returns do not split into groups of {k}")
+    groups = returns.reshape(-1, k)                                                   # (G, k)
+    others = (groups.sum(-1, keepdim=True) - groups) / (k - 1)                        # (G, k)
+    return (groups - others).reshape(-1)
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
