@@ -100,6 +100,22 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
         assert (out / "sequence" / f"ppo_{name}" / "model.safetensors").is_file()
     check_collected_equal_rows(out)
 
+    # PPO again on the same stages with other settings (--redo-ppo): leave-one-out advantages, no value model
+    rm_weights = out / "sequence" / "rm" / "model.safetensors"
+    stamp = rm_weights.stat().st_mtime_ns
+    tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
+            "advantage_estimator=rloo", "samples_per_prompt=2", "--eval-prompts", "16", "--overoptimisation-task",
+            "none", "--collect", "max_prompts=24", "--best-of-n", "4", "--reuse", "--redo-ppo",
+            "--export", "exporter=torchscript", "--jobs", "1")
+    redone = json.loads((out / "evaluation.json").read_text())["rows"]
+    ppo_dir = out / "sequence" / "ppo"
+    assert json.loads((ppo_dir / "config.resolved.json").read_text())["advantage_estimator"] == "rloo"
+    assert not (ppo_dir / "value_model").exists()            # the earlier GAE run's files are gone
+    assert [r["task"] for r in redone] == ["sequence"] and set(redone[0]["stage_seconds"]) == {"ppo"}
+    assert redone[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"] and rm_weights.stat().st_mtime_ns == stamp
+    steps = [json.loads(line)["step"] for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 2, steps      # one row per step: a fresh log
+
 
 def _equal_rows(out: Path, rows_per_prompt: int) -> tuple[Path, list[dict]]:
     from tribune.trainer.data_variants import collected_equal_rows

@@ -18,3 +18,23 @@ def test_report_to_names_and_tracker_metric_names():
         {"eval/accuracy": 0.5, "objective/kl": 1.0}
     assert hparams({"a": 1, "optim": {"learning_rate": 0.1}, "p": None, "l": [1]}) == \
         {"a": 1, "optim/learning_rate": 0.1, "p": "None", "l": "[1]"}
+
+
+def test_metrics_log_starts_afresh_unless_the_run_resumes(task_dir, tmp_path):
+    """metrics.jsonl left by an earlier run in the same --output: a fresh run drops every row of it (no
+    step twice, no stale row), a resumed run keeps the rows up to its checkpoint."""
+    import json
+
+    from tribune.trainer.run import MetricsLog, Run, RunConfig, log_to_file
+
+    old = "".join(json.dumps({"step": s, "x": s}) + "\n" for s in (0, 1, 2, 3))
+    log = MetricsLog(tmp_path, enabled=True)
+    log.path.write_text(old)
+    log.truncate(1)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [0, 1]
+    log.path.write_text(old)
+    try:
+        Run(RunConfig(output=tmp_path, report_to="none"), task_dir / "base", desc="fresh").begin()
+    finally:
+        log_to_file(None)           # the run's file handler, which finish() would remove
+    assert log.path.read_text() == ""

@@ -13,8 +13,10 @@ The tasks (and the over-optimisation study, once its task is done) run as indepe
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,9 @@ class EvaluateConfig:
     reuse: bool = field(False, help="measure tasks whose pipeline outputs already exist under OUTPUT/TASK (from an "
                                     "earlier run with the same options) instead of training them again; --rounds "
                                     "then runs the iterated loop's rounds on them")
+    redo_ppo: bool = field(False, help="with --reuse: run PPO again, with this run's --ppo options, on the reused "
+                                       "task, πSFT and reward model (replacing OUTPUT/TASK/ppo), then measure it: "
+                                       "PPO settings compared against the same reward models")
     compare_collected: bool = field(False, help="per task, also reward models trained on preferences collected on "
                                                 "πSFT's samples (the data step's rankings, the task's rater) "
                                                 "instead of the given pairs, and on both together: their accuracy on "
@@ -92,6 +97,8 @@ class EvaluateConfig:
             raise ValueError("best_of_n must be at least 2")
         if self.jobs < 0:
             raise ValueError("jobs must be non-negative (0: one per core)")
+        if self.redo_ppo and not self.reuse:
+            raise ValueError("redo_ppo runs PPO again on an earlier run's stages: it needs reuse")
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
             raise ValueError(f"overoptimisation_task: unknown task {self.overoptimisation_task!r}")
         if self.ensemble_size < (2 if self.study_members == "mixed" else 1):
@@ -131,6 +138,8 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
     if cfg.reuse:
         result = reused_result(cfg, task)
         with start_serve(result.stages.export.output, gateway=True) as server:
+            if cfg.redo_ppo:
+                result = redo_ppo(cfg, task, result, server.url)
             while_served(0, result.stages, server)
         if cfg.stages.rounds:             # the rounds run on the finished first pipeline
             with run_rounds(result, cfg.stages, gateway=True, while_served=while_served):
@@ -205,11 +214,26 @@ def reused_result(cfg: EvaluateConfig, task: str):
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
     need = [stages.sft.output / "metrics.json", stages.rm.output / "metrics.json", stages.ppo.output / "metrics.json",
             stages.export.output / "tribune.json", out / "task" / "task.json"]
-    missing = [str(p) for p in need if not Path(p).is_file()]
+    missing = [str(p) for p in need if not Path(p).is_file() and not (cfg.redo_ppo and p == need[2])]
     if missing:
         raise UserError(f"--reuse: {task} has no finished run under {out} (missing {', '.join(missing)})")
     read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
-    return PipelineResult(stages, read(need[4]), read(need[0]), read(need[1]), read(need[2]), {})
+    ppo = {} if cfg.redo_ppo else read(need[2])
+    return PipelineResult(stages, read(need[4]), read(need[0]), read(need[1]), ppo, {})
+
+
+def redo_ppo(cfg: EvaluateConfig, task: str, result, reward_url: str):
+    """``result`` with its PPO run again (``--redo-ppo``) against the reused reward model served at ``reward_url``."""
+    from tribune.trainer.pipeline import stage_configs
+    from tribune.trainer.ppo import run_ppo
+
+    ppo_cfg = stage_configs(Path(cfg.output) / task, cfg.seed, cfg.max_steps, cfg.stages, task,
+                            reward_url=reward_url).ppo
+    shutil.rmtree(ppo_cfg.output, ignore_errors=True)        # nothing of the earlier PPO run is left to mix in
+    log.info("evaluate %s: PPO again on the reused stages → %s", task, ppo_cfg.output)
+    t0 = time.perf_counter()
+    ppo = run_ppo(ppo_cfg)
+    return dataclasses.replace(result, ppo=ppo, seconds={**result.seconds, "ppo": round(time.perf_counter() - t0, 1)})
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:

@@ -202,7 +202,7 @@ class MetricsLog:
         self.path = Path(out) / "metrics.jsonl"
 
     def truncate(self, step: int) -> None:
-        """On resume, drop rows past the checkpoint so no step appears twice."""
+        """Keeps the rows up to ``step``: on resume the checkpoint's, so no step appears twice; -1 keeps none."""
         if not (self.enabled and self.path.exists()):
             return
         rows = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
@@ -243,8 +243,8 @@ class Run:
         if self.cfg.resume:
             self.start, state = load_checkpoint(self.acc, self.out)
         self.metrics_log = MetricsLog(self.out, self.is_main)
-        if self.is_main:
-            self.metrics_log.truncate(self.start)
+        if self.is_main:     # a run that does not resume starts its metrics afresh (-1: no row kept)
+            self.metrics_log.truncate(self.start if self.cfg.resume else -1)
             write_json(self.out / "config.resolved.json", to_dict(self.cfg))
         if self.cfg.trackers:
             self.acc.init_trackers(PROJECT, config=hparams(to_dict(self.cfg)),
