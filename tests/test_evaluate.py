@@ -104,17 +104,18 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     rm_weights = out / "sequence" / "rm" / "model.safetensors"
     stamp = rm_weights.stat().st_mtime_ns
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
-            "advantage_estimator=rloo", "samples_per_prompt=2", "--eval-prompts", "16", "--overoptimisation-task",
-            "none", "--collect", "max_prompts=24", "--best-of-n", "4", "--reuse", "--redo-ppo",
+            "advantage_estimator=rloo", "samples_per_prompt=2", "--eval-prompts", "16",  # the study: not run
+            "--collect", "max_prompts=24", "--best-of-n", "4", "--reuse", "--redo-ppo",
             "--export", "exporter=torchscript", "--jobs", "1")
-    redone = json.loads((out / "evaluation.json").read_text())["rows"]
+    redone = json.loads((out / "evaluation.json").read_text())
     ppo_dir = out / "sequence" / "ppo"
     assert json.loads((ppo_dir / "config.resolved.json").read_text())["advantage_estimator"] == "rloo"
     assert not (ppo_dir / "value_model").exists()            # the earlier GAE run's files are gone
-    assert [r["task"] for r in redone] == ["sequence"] and set(redone[0]["stage_seconds"]) == {"ppo"}
-    assert redone[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"] and rm_weights.stat().st_mtime_ns == stamp
+    assert [r["task"] for r in redone["rows"]] == ["sequence"] and set(redone["rows"][0]["stage_seconds"]) == {"ppo"}
+    assert redone["overoptimisation"] is None
+    assert redone["rows"][0]["rm_gold_accuracy"] == row["rm_gold_accuracy"] and rm_weights.stat().st_mtime_ns == stamp
     steps = [json.loads(line)["step"] for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 2, steps      # one row per step: a fresh log
+    assert steps == sorted(set(steps)) and steps[-1] == 2, steps      # one row per step
 
 
 def _equal_rows(out: Path, rows_per_prompt: int) -> tuple[Path, list[dict]]:

@@ -153,3 +153,22 @@ def test_rloo_options_are_checked(task_dir, tmp_path, overrides, message):
 
     with pytest.raises(UserError, match=message):
         _learner(task_dir, tmp_path, **overrides)
+
+
+def test_resume_with_another_advantage_estimator_is_refused(task_dir, tmp_path):
+    """A checkpoint's state has a value model (gae) or none (rloo): resuming with the other is a clear error."""
+    import json
+
+    from tribune.services.common.config import build_config
+    from tribune.services.common.errors import UserError
+    from tribune.trainer.ppo import _check_resume_estimator
+    from tribune.trainer.ppo_config import PPOConfig
+
+    (tmp_path / "config.resolved.json").write_text(json.dumps({"advantage_estimator": "gae"}))
+    common = {"policy": task_dir / "base", "prompts": task_dir / "prompts_train.jsonl", "reward_url": "local:1",
+              "reference_url": "local:1", "output": tmp_path, "advantage_estimator": "rloo", "samples_per_prompt": 4}
+    with pytest.raises(UserError, match="used --advantage-estimator gae, not rloo"):
+        _check_resume_estimator(build_config(PPOConfig, {**common, "resume": True}))
+    _check_resume_estimator(build_config(PPOConfig, common))                            # a fresh run: no check
+    _check_resume_estimator(build_config(PPOConfig, {**common, "resume": True, "advantage_estimator": "gae",
+                                                      "samples_per_prompt": 1}))         # the same estimator

@@ -66,7 +66,8 @@ class EvaluateConfig:
                                     "then runs the iterated loop's rounds on them")
     redo_ppo: bool = field(False, help="with --reuse: run PPO again, with this run's --ppo options, on the reused "
                                        "task, πSFT and reward model (replacing OUTPUT/TASK/ppo), then measure it: "
-                                       "PPO settings compared against the same reward models")
+                                       "PPO settings compared against the same reward models (the over-optimisation "
+                                       "study, with its own PPO options, is not run)")
     compare_collected: bool = field(False, help="per task, also reward models trained on preferences collected on "
                                                 "πSFT's samples (the data step's rankings, the task's rater) "
                                                 "instead of the given pairs, and on both together: their accuracy on "
@@ -99,6 +100,11 @@ class EvaluateConfig:
             raise ValueError("jobs must be non-negative (0: one per core)")
         if self.redo_ppo and not self.reuse:
             raise ValueError("redo_ppo runs PPO again on an earlier run's stages: it needs reuse")
+        if self.redo_ppo and self.compare_collected:
+            raise ValueError("redo_ppo with compare_collected would mix the variants' earlier PPO runs with the new "
+                             "one; run them apart")
+        if self.redo_ppo:
+            self.overoptimisation_task = None       # the study has PPO options of its own (see the help)
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
             raise ValueError(f"overoptimisation_task: unknown task {self.overoptimisation_task!r}")
         if self.ensemble_size < (2 if self.study_members == "mixed" else 1):
@@ -212,14 +218,15 @@ def reused_result(cfg: EvaluateConfig, task: str):
 
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
-    need = [stages.sft.output / "metrics.json", stages.rm.output / "metrics.json", stages.ppo.output / "metrics.json",
-            stages.export.output / "tribune.json", out / "task" / "task.json"]
-    missing = [str(p) for p in need if not Path(p).is_file() and not (cfg.redo_ppo and p == need[2])]
+    need = {"task": out / "task" / "task.json", "sft": stages.sft.output / "metrics.json",
+            "rm": stages.rm.output / "metrics.json", "export": stages.export.output / "tribune.json"}
+    if not cfg.redo_ppo:
+        need["ppo"] = stages.ppo.output / "metrics.json"
+    missing = [str(p) for p in need.values() if not Path(p).is_file()]
     if missing:
         raise UserError(f"--reuse: {task} has no finished run under {out} (missing {', '.join(missing)})")
-    read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
-    ppo = {} if cfg.redo_ppo else read(need[2])
-    return PipelineResult(stages, read(need[4]), read(need[0]), read(need[1]), ppo, {})
+    read = {name: json.loads(Path(p).read_text()) for name, p in need.items()}
+    return PipelineResult(stages, read["task"], read["sft"], read["rm"], read.get("ppo", {}), {})
 
 
 def redo_ppo(cfg: EvaluateConfig, task: str, result, reward_url: str):

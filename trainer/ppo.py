@@ -9,8 +9,10 @@ logs, checkpoints, final save) is the shared ``tribune.trainer.run.Run``; one it
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from pathlib import Path
 
 from tribune.services.client import ScorerRequestError, ScorerServerError, ScorerUnavailable
 from tribune.services.common.errors import UserError
@@ -55,14 +57,25 @@ def make_learner(cfg: PPOConfig, acc, tokenizer) -> Learner:
         opt_v, sched_v = cfg.optim.build(value.parameters(), steps, learning_rate=cfg.value_learning_rate)
         policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
     else:
-        if cfg.value_init is not None:
-            log.info("ppo: rloo advantages need no value model; --value-init %s is not used", cfg.value_init)
+        log.info("ppo: rloo advantages: no value model (value_init and the value options are not used)")
         policy, opt_p = acc.prepare(policy, opt_p)
     for sched in (sched_p, sched_v):    # stepped once per optimiser step on every rank (not wrapped)
         if sched is not None:
             acc.register_for_checkpointing(sched)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
     return Learner(acc, policy, value, opt_p, opt_v, sched_p, sched_v, kl_ctl, tokenizer)
+
+
+def _check_resume_estimator(cfg: PPOConfig) -> None:
+    """--resume with another advantage estimator than the checkpoint's is a user error (its state has
+    a value model and its optimiser, or has none)."""
+    earlier = Path(cfg.output) / "config.resolved.json"
+    if not (cfg.resume and earlier.is_file()):
+        return
+    was = json.loads(earlier.read_text()).get("advantage_estimator", "gae")
+    if was != cfg.advantage_estimator:
+        raise UserError(f"--resume: the run in {cfg.output} used --advantage-estimator {was}, not "
+                        f"{cfg.advantage_estimator}; resume it with {was}, or start a new run in another --output")
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
@@ -77,6 +90,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     cfg = run.cfg = with_fitted_generation(cfg, lengths)
     cut = sum(n > cfg.max_prompt_length for n in lengths)
     world = acc.num_processes
+    _check_resume_estimator(cfg)
     if cfg.prompts_per_iteration % world or cfg.mini_batch_size % world:
         raise UserError(f"rollout_batch_size / samples_per_prompt ({cfg.prompts_per_iteration} prompts) and "
                         f"mini_batch_size must be multiples of the {world} processes")

@@ -40,18 +40,18 @@ class PPOConfig(RunConfig):
     iterations: int = field(100, help="PPO iterations (rollout batch → updates)")
     # 128 and 32, not 64 and 16: the same optimiser steps per iteration on twice the rollouts, less noisy
     # (chosen on the suite: equal or better on every task, sequence 13 % → 23 % of its headroom at T = 1)
-    rollout_batch_size: int = field(128, help="prompts per iteration, summed over processes")
+    rollout_batch_size: int = field(128, help="responses (rollouts) per iteration, summed over processes")
     mini_batch_size: int = field(32, help="rollouts per optimiser step")
     gradient_accumulation_steps: int = field(1, help="minibatches accumulated per optimiser step")
     ppo_epochs: int = field(4, help="passes over each rollout batch")
     optim: OptimizerConfig = group(OptimizerConfig(learning_rate=1e-4, weight_decay=0.01, adam_eps=1e-5,
                                                    warmup_ratio=0.0, lr_scheduler="constant"),
                                    help="optimisers of the policy and the value model")
-    value_learning_rate: float | None = field(None, help="value-model learning rate (default: learning_rate)")
+    value_learning_rate: float | None = field(None, help="value-model learning rate (gae; default: learning_rate)")
     cliprange: float = field(0.2, help="PPO ratio clip ε")
-    cliprange_value: float = field(0.2, help="value clip")
-    vf_coef: float = field(0.5, help="weight of the value loss (the value model has its own optimiser)")
-    gamma: float = field(1.0, help="discount γ")
+    cliprange_value: float = field(0.2, help="value clip (gae)")
+    vf_coef: float = field(0.5, help="weight of the value loss (gae; the value model has its own optimiser)")
+    gamma: float = field(1.0, help="discount γ (gae; rloo sums the rewards undiscounted)")
     lam: float = field(0.95, help="GAE λ")
     advantage_estimator: Literal["gae", "rloo"] = field(
         "gae", help="gae: a value model and GAE over the response tokens; rloo: no value model, each response's "

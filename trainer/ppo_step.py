@@ -93,7 +93,7 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     # 4. advantages, whitened per batch: GAE over response tokens with the value model, or (rloo) each
     #    response's return less the mean return of its prompt's other samples, on every response token.
     #    rloo's are whitened per response: they sum to zero in each prompt's group, so this only scales
-    #    them (a mean over tokens would weigh long responses more and shift every advantage)
+    #    them (a mean over tokens would shift them: a group of equal returns would get a nonzero advantage)
     if value is not None:
         b.advantages, b.returns = compute_gae(b.rewards, b.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:

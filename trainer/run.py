@@ -243,8 +243,8 @@ class Run:
         if self.cfg.resume:
             self.start, state = load_checkpoint(self.acc, self.out)
         self.metrics_log = MetricsLog(self.out, self.is_main)
-        if self.is_main:     # a run that does not resume starts its metrics afresh (-1: no row kept)
-            self.metrics_log.truncate(self.start if self.cfg.resume else -1)
+        if self.is_main:     # a run that starts at step 0 (fresh, or no checkpoint yet) starts its metrics afresh
+            self.metrics_log.truncate(self.start if self.start else -1)
             write_json(self.out / "config.resolved.json", to_dict(self.cfg))
         if self.cfg.trackers:
             self.acc.init_trackers(PROJECT, config=hparams(to_dict(self.cfg)),
