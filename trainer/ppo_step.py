@@ -7,6 +7,7 @@ leaves the models as they were.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +47,6 @@ class Learner:
     sched_value: Any
     kl_ctl: AdaptiveKLController
     tokenizer: Any
-
-
-# phase 5's statistics, means over epochs × minibatches, under TRL PPOTrainer's names (the value model's
-# only with one)
-PHASE5_NAMES = ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "policy/approxkl_avg",
-                "val/ratio", "policy/entropy_avg")
-VALUE_NAMES = ("loss/value_avg", "val/clipfrac_avg")
 
 
 def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: list[str], it: int) -> dict[str, float]:
@@ -109,13 +103,12 @@ def ppo_iteration(cfg: PPOConfig, learner: Learner, scorer: Scorer, prompts: lis
     B = b.query_responses.shape[0]
     mb_size = cfg.mini_batch_size // acc.num_processes
     g = torch.Generator().manual_seed(cfg.seed * 104729 + it)
-    stats: dict[str, list[float]] = {name: [] for name in PHASE5_NAMES if value is not None or name not in VALUE_NAMES}
+    stats: dict[str, list[float]] = defaultdict(list)     # means over epochs × minibatches, TRL PPOTrainer's names
     models = [(policy, learner.opt_policy, learner.sched_policy)]
     if value is not None:
         models.append((value, learner.opt_value, learner.sched_value))
-    for model, _, _ in models:
+    for model, opt, _ in models:
         model.train()
-    for _, opt, _ in models:
         opt.zero_grad(set_to_none=True)
     n_minibatches = cfg.ppo_epochs * -(-B // mb_size)
     accum = 0

@@ -244,7 +244,7 @@ class Run:
             self.start, state = load_checkpoint(self.acc, self.out)
         self.metrics_log = MetricsLog(self.out, self.is_main)
         if self.is_main:     # a run that starts at step 0 (fresh, or no checkpoint yet) starts its metrics afresh
-            self.metrics_log.truncate(self.start if self.start else -1)
+            self.metrics_log.truncate(self.start or -1)
             write_json(self.out / "config.resolved.json", to_dict(self.cfg))
         if self.cfg.trackers:
             self.acc.init_trackers(PROJECT, config=hparams(to_dict(self.cfg)),
