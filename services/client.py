@@ -14,8 +14,8 @@ Triton serving an exported repository, or `tribune serve`):
   multiple of ``length_bucket``: Triton's dynamic batcher merges only requests of equal
   shape, so exact lengths would make every request its own execution), several chunks are
   in flight at once, and results are reassembled in order;
-* every request has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED (and a model that is
-  still loading) are retried with exponential backoff until a time budget runs out, then
+* every request has a deadline; UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED (a server that stopped
+  with the call in flight) and a model that is still loading are retried with exponential backoff until a time budget runs out, then
   a ``ScorerUnavailable`` says what happened; every other error is raised at once.
 
 Targets are ``host:port`` or ``dns:///host:port`` (with round-robin load balancing over
@@ -46,7 +46,9 @@ log = logging.getLogger("tribune")
 # where a client's bearer token comes from when neither --auth-token nor --auth-token-file is given
 AUTH_TOKEN_ENV = "TRIBUNE_AUTH_TOKEN"
 
-RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+# CANCELLED too: this client never cancels its own calls, so it comes from a server that stopped or restarted
+# with the call in flight (seen when a scorer restarts mid-run); scoring calls are idempotent
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED")
 # Triton answers these while a model is (re)loading; they clear by themselves.
 LOADING_HINTS = ("is not ready", "unknown model", "no available versions")
 

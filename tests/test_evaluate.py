@@ -63,22 +63,30 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # the same run measured again without training it (--reuse), with a reward model on preferences
     # collected on πSFT's samples next to the given pairs' one, and the round run again on it; this
     # time in a worker process (--jobs 2), whose console output goes to the task's own log
+    # the study runs PPO against the candidate the pipeline did not keep too: the kept weight goes last here
+    kept = json.loads((out / "sequence" / "rm" / "metrics.json").read_text())["given_weight"]
+    not_kept = {1: 0.5, 0.5: 1}[kept]
     tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
             "--eval-prompts", "16", "--overoptimisation-task", "sequence", "--ensemble-size", "2",
-            "--collect", "max_prompts=24",
+            "--collect", "max_prompts=24", "--given-weights", str(not_kept), str(kept),
             "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0", "--rounds", "1",
             "--export", "exporter=torchscript", "--jobs", "2")
     assert "compare: reward model on" in (out / "sequence" / "evaluate.log").read_text()
     summary = json.loads((out / "evaluation.json").read_text())
     again = summary["rows"]
-    # the over-optimisation study, its two runs in workers of their own once their task was done: the mixed
+    # the over-optimisation study, its runs in workers of their own once their task was done: the mixed
     # ensemble's members each train and early-stop on one data source, and both PPO runs report their gold trajectory
     ensemble_log = (out / "sequence-study-ensemble_uncertainty.log").read_text()
     assert "over-optimisation study: ppo (ensemble_uncertainty" in ensemble_log and "ensemble member 2/2" in ensemble_log
     single_log = (out / "sequence-study-single_rm.log").read_text()
     assert "over-optimisation study: ppo (single_rm" in single_log and "ensemble member" not in single_log
     study = summary["overoptimisation"]
-    assert study["task"] == "sequence" and set(study["runs"]) == {"single_rm", "ensemble_uncertainty"}
+    not_kept_log = (out / "sequence-study-single_rm_not_kept.log").read_text()
+    assert "over-optimisation study: ppo (single_rm_not_kept" in not_kept_log
+    assert str(out / "sequence" / "rm_candidates" / f"given_weight_{not_kept:g}" / "rm") in not_kept_log
+    assert "ensemble member" not in not_kept_log
+    assert study["task"] == "sequence" and set(study["runs"]) == {"single_rm", "single_rm_not_kept",
+                                                                  "ensemble_uncertainty"}
     for r in study["runs"].values():
         assert [s for s, _, _ in r["gold_trajectory"]][-1] == 2 and r["final_gold_se"] > 0
         assert isinstance(r["overoptimised"], bool)
@@ -116,6 +124,33 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert redone["rows"][0]["rm_gold_accuracy"] == row["rm_gold_accuracy"] and rm_weights.stat().st_mtime_ns == stamp
     steps = [json.loads(line)["step"] for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 2, steps      # one row per step
+
+    # the reward model again on the same data step (--redo-rm), one candidate per weight of the given pairs, the one
+    # of lowest held-out loss on the rater's rankings of πSFT samples kept; then PPO against it
+    tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
+            "--eval-prompts", "16", "--collect", "max_prompts=24", "--best-of-n", "4", "--reuse", "--redo-rm",
+            "--given-weights", "1", "0.25", "--rm", "learning_rate=2e-4", "--export", "exporter=torchscript",
+            "--jobs", "1")
+    redone = json.loads((out / "evaluation.json").read_text())["rows"][0]
+    assert set(redone["stage_seconds"]) == {"rm", "ppo"} and rm_weights.stat().st_mtime_ns != stamp
+    seq = out / "sequence"
+    kept = json.loads((seq / "rm" / "metrics.json").read_text())
+    assert redone["rm_given_weight"] == kept["given_weight"] in (1, 0.25)
+    assert set(kept["given_weight_eval_losses"]) == {"1", "0.25"}
+    assert kept["eval_loss"] == pytest.approx(min(kept["given_weight_eval_losses"].values()), abs=1e-6)
+    other = {"1": "0.25", "0.25": "1"}[f"{kept['given_weight']:g}"]
+    assert not (seq / "rm_candidates" / f"given_weight_{kept['given_weight']:g}" / "rm").exists()   # moved to rm/
+    assert json.loads((seq / "rm_candidates" / f"given_weight_{other}" / "rm" / "metrics.json").read_text())[
+        "eval_loss"] == pytest.approx(kept["given_weight_eval_losses"][other], abs=1e-6)
+    resolved = json.loads((seq / "rm" / "config.resolved.json").read_text())
+    assert resolved["optim"]["learning_rate"] == 2e-4 and Path(resolved["output"]) == seq / "rm"
+    # the stage's training file is the kept candidate's: the given pairs at its weight, then the rankings
+    merged = [json.loads(line) for line in Path(resolved["train"]).read_text().splitlines()]
+    given = (seq / "task" / "prefs_train.jsonl").read_text().count("\n")
+    w = None if kept["given_weight"] == 1 else kept["given_weight"]
+    assert [r.get("weight") for r in merged] == [w] * given + [None] * (len(merged) - given) and len(merged) > given
+    assert (ppo_dir / "value_model").is_dir()                # PPO again, with this call's (default) options
+    assert (seq / "repository" / "tribune.json").stat().st_mtime_ns > stamp
 
 
 def _equal_rows(out: Path, rows_per_prompt: int) -> tuple[Path, list[dict]]:
@@ -176,6 +211,12 @@ def test_evaluate_refuses_bad_options_before_any_work(tmp_path):
                    check=False)
     assert proc.returncode == 2 and "ensemble_size must be at least 2 with study_members mixed" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()
+    for weights in (["-1"], ["1", "1"]):
+        proc = tribune("evaluate", "--output", tmp_path / "ev", "--given-weights", *weights, check=False)
+        assert proc.returncode == 2 and "given_weights must be one or more distinct non-negative" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()
+    proc = tribune("evaluate", "--output", tmp_path / "ev", "--redo-rm", check=False)
+    assert proc.returncode == 2 and "redo_rm trains again on an earlier run's stages: it needs reuse" in proc.stderr
     proc = tribune("evaluate", "--output", tmp_path / "ev", "--tasks", "sequence", "nonesuch", check=False)
     assert proc.returncode == 2 and "tasks: unknown nonesuch" in proc.stderr
     # a stage option or a study option of the wrong type or name: before any worker starts

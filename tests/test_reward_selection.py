@@ -1,8 +1,10 @@
 """Reward-model training without per-task tuning: periodic evaluation, the best weights kept by
 held-out loss, early stopping, and the reward/length correlation — through the real CLI."""
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from tests.conftest import JUDGE, tribune
 
@@ -122,3 +124,36 @@ def test_member_eval_needs_one_file_per_member_train_file(tmp_path):
                                     "output": tmp_path / "o",
                                     "ensemble": 2, "member_train": [tmp_path / "a", tmp_path / "b"],
                                     "member_eval": [tmp_path / "c"]})
+
+
+def test_a_rows_weight_scales_its_share_of_the_loss_and_bad_weights_are_skipped(task_dir, tmp_path):
+    """A row of weight 2 counts as two copies of it, weight 0 as none; each row of weight 1 counts once,
+    whatever its number of pairs (the loss through collate_groups, against hand sums)."""
+    from tribune.services.common.jsonl import SkipCounter
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.data import load_preference_groups
+    from tribune.trainer.losses import bradley_terry_loss
+    from tribune.trainer.reward import collate_groups
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "name two colours", "chosen": "red blue", "rejected": "red", "weight": 2},
+        {"prompt": "name three fruits", "ranking": ["apple pear plum", "apple", "pear"]},
+        {"prompt": "name two colours", "chosen": "red blue", "rejected": "blue", "weight": 0},
+        *({"prompt": "p", "chosen": "a", "rejected": "b", "weight": w} for w in (-1, "2", True, float("nan")))]))
+    skipped = SkipCounter()
+    a, b, zero = load_preference_groups(path, skipped)
+    assert (a.weight, b.weight, zero.weight) == (2.0, 1.0, 0.0) and skipped.total == 4
+    assert "invalid weight" in skipped.summary()
+    tok = load_tokenizer(task_dir / "tokenizer")
+    scores = {}
+
+    def loss(groups):                     # a protocol double of a reward model: a fixed score per sequence
+        batch = collate_groups(tok, groups, 16, 32)
+        r = torch.tensor([scores.setdefault(tuple(row[mask.bool()].tolist()), len(scores) * 0.7 - 1.0)
+                          for row, mask in zip(batch.input_ids, batch.attention_mask)], dtype=torch.float64)  # (S,)
+        return float(bradley_terry_loss(r[batch.chosen_idx], r[batch.rejected_idx], weights=batch.weight.double()))
+
+    one = dataclasses.replace(a, weight=1.0)
+    assert loss([a, b]) * 2 == pytest.approx(loss([one, one, b]) * 3, rel=1e-6)
+    assert loss([zero, b]) * 2 == pytest.approx(loss([b]), rel=1e-6)

@@ -335,6 +335,19 @@ def test_a_restart_during_a_call_is_retried_and_a_dead_server_fails_clearly(repo
         server.stop()
 
 
+def test_what_the_client_retries_and_what_it_raises_at_once():
+    """A server that stops (or restarts) with a call in flight answers CANCELLED: retried, like UNAVAILABLE and a
+    deadline; a bad request or a server-side error is raised at once (tritonclient's own exception type)."""
+    from tritonclient.utils import InferenceServerException
+
+    retried = [InferenceServerException("x", status=f"StatusCode.{c}")
+               for c in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")]
+    retried.append(InferenceServerException("Request for unknown model: 'reward' is not ready"))   # still loading
+    assert all(TritonScorer._retryable(e) for e in retried)
+    assert not any(TritonScorer._retryable(InferenceServerException("x", status=f"StatusCode.{c}"))
+                   for c in ("INVALID_ARGUMENT", "INTERNAL", "UNAUTHENTICATED"))
+
+
 def test_tampered_repository_is_refused(repo_dir, tmp_path):
     bad = tmp_path / "repo"
     shutil.copytree(repo_dir, bad)

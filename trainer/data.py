@@ -7,6 +7,7 @@ Encoding and truncation live in ``tribune.services.common.text``, shared with th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,34 @@ class PreferenceGroup:
     prompt: str
     responses: list[str]
     margin: float = 0.0   # optional per-pair margin (pairs only), as in TRL / Llama 2
+    weight: float = 1.0   # optional: multiplies the row's term in the training loss (not renormalised)
+
+
+def row_weight(obj: dict) -> float | None:
+    """A preference row's ``"weight"`` (default 1) as a float; None when it is not a finite number ≥ 0."""
+    w = obj.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        return None
+    try:
+        w = float(w)
+    except OverflowError:                   # an integer too large for a float
+        return None
+    return w if 0 <= w < math.inf else None
 
 
 def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceGroup]:
-    """Rows ``{"prompt","chosen","rejected"[,"margin"]}`` or ``{"prompt","ranking":[best…worst]}``."""
+    """Rows ``{"prompt","chosen","rejected"[,"margin"]}`` or ``{"prompt","ranking":[best…worst]}``, each
+    with an optional ``"weight"`` (a number ≥ 0, default 1, that multiplies the row's term in the training
+    loss; weights are not renormalised, and the held-out figures ignore them)."""
     groups = []
     for _, obj in read_jsonl(path):
         prompt = obj.get("prompt")
         if not _is_text(prompt):
             skipped.skip("missing prompt")
+            continue
+        weight = row_weight(obj)
+        if weight is None:
+            skipped.skip("invalid weight")
             continue
         if "ranking" in obj:
             ranking = obj["ranking"]
@@ -66,7 +86,7 @@ def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceG
             if len(set(ranking)) != len(ranking):
                 skipped.skip("ranking with repeated responses")
                 continue
-            groups.append(PreferenceGroup(prompt, list(ranking)))
+            groups.append(PreferenceGroup(prompt, list(ranking), weight=weight))
         elif isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), str):
             if obj["chosen"] == obj["rejected"]:
                 skipped.skip("chosen == rejected")
@@ -75,7 +95,7 @@ def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceG
             if not isinstance(margin, (int, float)):
                 skipped.skip("non-numeric margin")
                 continue
-            groups.append(PreferenceGroup(prompt, [obj["chosen"], obj["rejected"]], float(margin)))
+            groups.append(PreferenceGroup(prompt, [obj["chosen"], obj["rejected"]], float(margin), weight))
         else:
             skipped.skip("missing chosen/rejected")
     if not groups:

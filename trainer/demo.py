@@ -72,6 +72,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "rm_train": str(rm_cfg.train), "rm_eval": str(rm_cfg.eval),
         "collected_on_sft": result.collected,       # the data step's counts (None: --no-collect-sft)
         "rm_eval_accuracy": rm["eval_accuracy"],
+        # the given pairs' weight kept among --given-weights, and each candidate's held-out loss (None: no choice)
+        "rm_given_weight": rm.get("given_weight"), "rm_given_weight_eval_losses": rm.get("given_weight_eval_losses"),
         "rm_eval_gold_accuracy": rm.get("eval_gold_accuracy"),
         "rm_eval_equal_length_accuracy": rm.get("eval_equal_length_accuracy"),   # gold-free: 0.5 is length only
         "rm_reward_mean": rm["reward_mean"],
@@ -99,7 +101,9 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"   (demonstrator: {report['demonstrator_gold_score']:.3f}, perfect: 1.0)")
     c = report["collected_on_sft"]
     if c:
-        print(f"  reward model data: the given pairs + {c['rows']} rankings of {_per_prompt(c)} "
+        w = report["rm_given_weight"]
+        print(f"  reward model data: the given pairs{'' if w is None else f' (at weight {w:g}, kept on held-out loss)'}"
+              f" + {c['rows']} rankings of {_per_prompt(c)} "
               f"πSFT samples each (the simulated rater); held-out set: the rater's rankings of πSFT samples")
     eq = report["rm_eval_equal_length_accuracy"]
     print(f"  reward model held-out accuracy: {report['rm_eval_accuracy']:.3f} on rater labels"

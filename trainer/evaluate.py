@@ -32,7 +32,7 @@ from tribune.trainer.jobs import Job, JobPool, resolve_jobs
 from tribune.trainer.measures import (TARGET_HEADROOM_SHARE, TARGET_RM_GOLD_ACCURACY, best_of_n, onpolicy_accuracy,
                                       onpolicy_candidates, policy_row, targets)
 from tribune.trainer.overoptimisation import STUDY_ARMS, merge_study_arms, overoptimisation_study, study_ppo_config
-from tribune.trainer.pipeline import StageOptions, run_pipeline, run_rounds
+from tribune.trainer.pipeline import StageOptions, run_pipeline, run_rounds, train_reward_model
 from tribune.trainer.task.registry import TASKS
 
 log = logging.getLogger("tribune")
@@ -68,6 +68,10 @@ class EvaluateConfig:
                                        "task, πSFT and reward model (replacing OUTPUT/TASK/ppo), then measure it: "
                                        "PPO settings compared against the same reward models (the over-optimisation "
                                        "study, with its own PPO options, is not run)")
+    redo_rm: bool = field(False, help="with --reuse: train the reward model again, with this run's --rm options "
+                                      "and --given-weights, on the reused task, πSFT and data step (replacing "
+                                      "OUTPUT/TASK/rm and its export), then PPO again as --redo-ppo does: reward-"
+                                      "model settings compared on the same data")
     compare_collected: bool = field(False, help="per task, also reward models trained on preferences collected on "
                                                 "πSFT's samples (the data step's rankings, the task's rater) "
                                                 "instead of the given pairs, and on both together: their accuracy on "
@@ -98,11 +102,14 @@ class EvaluateConfig:
             raise ValueError("best_of_n must be at least 2")
         if self.jobs < 0:
             raise ValueError("jobs must be non-negative (0: one per core)")
-        if self.redo_ppo and not self.reuse:
-            raise ValueError("redo_ppo runs PPO again on an earlier run's stages: it needs reuse")
-        if self.redo_ppo and self.compare_collected:
-            raise ValueError("redo_ppo with compare_collected would mix the variants' earlier PPO runs with the new "
-                             "one; run them apart")
+        for name in ("redo_rm", "redo_ppo"):
+            if getattr(self, name) and not self.reuse:
+                raise ValueError(f"{name} trains again on an earlier run's stages: it needs reuse")
+            if getattr(self, name) and self.compare_collected:
+                raise ValueError(f"{name} with compare_collected would mix the variants' earlier runs with the new "
+                                 "one; run them apart")
+        if self.redo_rm:
+            self.redo_ppo = True                    # a new reward model, so PPO against it
         if self.redo_ppo:
             self.overoptimisation_task = None       # the study has PPO options of its own (see the help)
         if self.overoptimisation_task is not None and self.overoptimisation_task not in TASKS:
@@ -143,6 +150,8 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
 
     if cfg.reuse:
         result = reused_result(cfg, task)
+        if cfg.redo_rm:
+            result = redo_rm(cfg, task, result)
         with start_serve(result.stages.export.output, gateway=True) as server:
             if cfg.redo_ppo:
                 result = redo_ppo(cfg, task, result, server.url)
@@ -167,6 +176,8 @@ def evaluate_task(cfg: EvaluateConfig, task: str) -> list[dict]:
                  "rm_equal_length_accuracy": result.rm.get("eval_equal_length_accuracy"),
                  "rm_gold_accuracy": held_out.get("eval_gold_accuracy"),
                  "rm_length_correlation": held_out.get("eval_length_correlation"),
+                 "rm_given_weight": result.rm.get("given_weight"),
+                 "rm_given_weight_eval_losses": result.rm.get("given_weight_eval_losses"),
                  "rm_onpolicy_accuracy": onpolicy["accuracy"], "rm_onpolicy_length_correlation":
                  onpolicy["length_correlation"], "gold_onpolicy_length_correlation": onpolicy["gold_length_correlation"],
                  "best_of_n": bon.get(0), "ppo_final_kl": result.ppo.get("objective/kl"),
@@ -214,19 +225,38 @@ def _held_out_accuracy(stages, rm_cfg, metrics: dict) -> dict:
 
 def reused_result(cfg: EvaluateConfig, task: str):
     """The pipeline's result read back from an earlier run's files (``--reuse``)."""
-    from tribune.trainer.pipeline import PipelineResult, stage_configs
+    from tribune.trainer.pipeline import PipelineResult, given_pairs, sft_collection_paths, stage_configs
 
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
-    need = {"task": out / "task" / "task.json", "sft": stages.sft.output / "metrics.json",
-            "rm": stages.rm.output / "metrics.json", "export": stages.export.output / "tribune.json"}
+    need = {"task": out / "task" / "task.json", "sft": stages.sft.output / "metrics.json"}
+    if cfg.redo_rm:       # what the reward model trains and stops on, checked before the earlier one is removed
+        need.update({"given": given_pairs(stages), "rm_eval": stages.rm.eval})
+        if cfg.stages.collect_sft:
+            need["collected"] = sft_collection_paths(out)["collected"]
+    else:
+        need.update({"rm": stages.rm.output / "metrics.json", "export": stages.export.output / "tribune.json"})
     if not cfg.redo_ppo:
         need["ppo"] = stages.ppo.output / "metrics.json"
     missing = [str(p) for p in need.values() if not Path(p).is_file()]
     if missing:
         raise UserError(f"--reuse: {task} has no finished run under {out} (missing {', '.join(missing)})")
-    read = {name: json.loads(Path(p).read_text()) for name, p in need.items()}
-    return PipelineResult(stages, read["task"], read["sft"], read["rm"], read.get("ppo", {}), {})
+    read = {name: json.loads(Path(p).read_text()) for name, p in need.items() if Path(p).suffix == ".json"}
+    return PipelineResult(stages, read["task"], read["sft"], read.get("rm", {}), read.get("ppo", {}), {})
+
+
+def redo_rm(cfg: EvaluateConfig, task: str, result):
+    """``result`` with its reward model trained again (``--redo-rm``) on the reused data, and exported."""
+    from tribune.trainer.export import run_export
+
+    stages = result.stages
+    for d in (stages.rm.output, stages.export.output):
+        shutil.rmtree(d, ignore_errors=True)
+    log.info("evaluate %s: train-rm again on the reused data → %s", task, stages.rm.output)
+    t0 = time.perf_counter()
+    rm = train_reward_model(stages, cfg.stages)
+    run_export(stages.export)
+    return dataclasses.replace(result, rm=rm, seconds={**result.seconds, "rm": round(time.perf_counter() - t0, 1)})
 
 
 def redo_ppo(cfg: EvaluateConfig, task: str, result, reward_url: str):
@@ -264,9 +294,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def _run_jobs(cfg: EvaluateConfig, out: Path) -> tuple[dict[str, list[dict]], dict | None]:
-    """Every task's rows, and the study's result. The study's two runs are jobs of their own, the longest
+    """Every task's rows, and the study's result. The study's runs are jobs of their own, the longest
     of all: once their task's pipeline is done, the ensemble's takes the worker it freed and the single
-    model's leads the queue (when their task is not among the tasks run now, they need its earlier run
+    models' lead the queue (when their task is not among the tasks run now, they need its earlier run
     and are queued first)."""
     study_task = cfg.overoptimisation_task
     study_waits = study_task in cfg.tasks

@@ -43,13 +43,15 @@ def plot(rows: list[dict], path: Path) -> Path:
 def table(rows: list[dict]) -> list[str]:
     settings = [k for k in rows[0] if isinstance(rows[0][k], dict) and "ppo_gold" in rows[0][k]]
     # eq-len: held-out accuracy on the rater's pairs of equal length (gold-free; near 0.5, the model ranks by length)
-    head = ("task        RM gold-acc  eq-len  own-samples  best-of-n  " + "  ".join(f"{s:>22s}" for s in settings)
+    # weight: the given pairs' weight the pipeline kept (--given-weights; '-' where it made no choice)
+    head = ("task        weight  RM gold-acc  eq-len  own-samples  best-of-n  " + "  ".join(f"{s:>22s}" for s in settings)
             + "   KL    len SFT→PPO  stop   wall")
-    lines = [head, " " * 30 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO ± se':>22s}" for _ in settings)]
+    lines = [head, " " * 38 + "(acc, gain)  " + " " * 12 + "  ".join(f"{'SFT → PPO ± se':>22s}" for _ in settings)]
     for r in rows:
         first, bon = r[settings[0]], r.get("best_of_n") or {}
-        eq = r.get("rm_equal_length_accuracy")
-        lines.append(f"{row_name(r):<11s} {r['rm_gold_accuracy'] or 0:>10.3f}  {'-' if eq is None else f'{eq:.3f}':>6s}"
+        eq, w = r.get("rm_equal_length_accuracy"), r.get("rm_given_weight")
+        lines.append(f"{row_name(r):<11s} {'-' if w is None else f'{w:g}':>6s}  {r['rm_gold_accuracy'] or 0:>10.3f}"
+                     f"  {'-' if eq is None else f'{eq:.3f}':>6s}"
                      f"  {r.get('rm_onpolicy_accuracy') or 0:>11.3f}"
                      f"  {bon.get('gain_over_random', 0):>+9.3f}  "
                      + "  ".join(f"{r[s]['sft_gold']:+.3f} → {r[s]['ppo_gold']:+.3f} ± {r[s]['ppo_gold_se']:.3f}"
@@ -94,7 +96,7 @@ def study_lines(study: dict | None) -> list[str]:
              f"ensemble of {study.get('members', 'seeds')}):"]
     for name, r in study["runs"].items():
         se = f" ± {r['final_gold_se']:.3f}" if r.get("final_gold_se") is not None else ""
-        lines.append(f"  {name:<21s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → "
+        lines.append(f"  {name:<22s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → "
                      f"{r['final_proxy']:+.3f}, KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "
                      f"over-optimised: {r['overoptimised']}; gold-free warning at iteration {r['first_warning_at']}"
                      + (f" (gold then {r['gold_at_warning']:+.3f})" if r.get("gold_at_warning") is not None else ""))

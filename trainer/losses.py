@@ -26,7 +26,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     margin: (K,) or float; TRL / Llama 2's margin on the difference.
     center_coef: adds center_coef · mean((r_w + r_l)²), TRL's reward centering
     (Eisenstein et al. 2023), which keeps rewards near zero mean.
-    weights: (K,) non-negative pair weights summing to 1; default uniform.
+    weights: (K,) non-negative pair weights (summing to 1 when every row weighs 1); default uniform.
     """
     per_pair = -F.logsigmoid(chosen - rejected - margin)                        # (K,)
     if weights is None:

@@ -1,6 +1,7 @@
 """The over-optimisation study of `tribune evaluate`: aggressive PPO from the same πSFT against the
-single reward model and against an ensemble with the uncertainty penalty. Does the gold score
-fall while the proxy rises, and does the gold-free monitor warn first?
+single reward model, against the data step's candidate at the first of ``--given-weights`` when the
+pipeline kept another (``single_rm_not_kept``), and against an ensemble with the uncertainty
+penalty. Does the gold score fall while the proxy rises, and does the gold-free monitor warn first?
 """
 from __future__ import annotations
 
@@ -38,14 +39,33 @@ def _trajectory(ppo_dir: Path) -> dict:
                                         if "monitor/length_ratio" in r), None)}
 
 
-# the study's two PPO runs; each can run as a job of its own (the ensemble's also trains and exports it)
-STUDY_ARMS: tuple[str, ...] = ("single_rm", "ensemble_uncertainty")
+# the study's PPO runs; each can run as a job of its own (the ensemble's also trains and exports it).
+# single_rm_not_kept: the data step's candidate with the given pairs at the first of --given-weights (default 1: a
+# given pair's row weighs as much as a ranking), when the pipeline kept another
+STUDY_ARMS: tuple[str, ...] = ("single_rm", "single_rm_not_kept", "ensemble_uncertainty")
+
+
+def not_kept_candidate(stages: Stages, options) -> Path | None:
+    """The data step's reward model at the first of ``options.given_weights``, when this run's pipeline
+    trained it as a candidate and kept another (its ``rm/metrics.json`` says so)."""
+    from tribune.trainer.pipeline import rm_candidate
+
+    if not options.collect_sft or len(options.given_weights) < 2:
+        return None
+    w = options.given_weights[0]
+    metrics = Path(stages.rm.output) / "metrics.json"
+    kept = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    d = rm_candidate(stages, w)
+    if f"{w:g}" not in kept.get("given_weight_eval_losses", {}) or kept.get("given_weight") == w:
+        return None
+    return d if (d / "metrics.json").is_file() else None
 
 
 def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...] = STUDY_ARMS) -> dict:
-    """Aggressive PPO against the single reward model and against an ensemble with the uncertainty
-    penalty, from the same πSFT: does the gold score fall while the proxy rises, and does the
-    gold-free monitor warn first? ``arms``: which of the two runs (``STUDY_ARMS``) to do here."""
+    """Aggressive PPO against the single reward model (and the candidate the pipeline did not keep) and
+    against an ensemble with the uncertainty penalty, from the same πSFT: does the gold score fall while
+    the proxy rises, and does the gold-free monitor warn first? ``arms``: which runs (``STUDY_ARMS``) to do
+    here."""
 
     from tribune.services.launcher import start_serve
     from tribune.trainer.export import run_export
@@ -59,13 +79,24 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...]
     out = Path(cfg.output) / task
     stages = stage_configs(out, cfg.seed, cfg.max_steps, cfg.stages, task)
     setups = {"single_rm": (stages.export.output, {})}
+    if "single_rm_not_kept" in arms:
+        candidate = not_kept_candidate(stages, cfg.stages)
+        if candidate is None:
+            log.info("over-optimisation study: no single_rm_not_kept run (the pipeline kept that reward model, "
+                     "or trained one only): single_rm is it")
+        else:
+            repo = out / "repository_not_kept"
+            log.info("over-optimisation study: single_rm_not_kept is the candidate the pipeline did not keep, %s",
+                     candidate)
+            run_export(dataclasses.replace(stages.export, reward=candidate, output=repo))
+            setups["single_rm_not_kept"] = (repo, {"value_init": candidate})
     if "ensemble_uncertainty" in arms:
         ensemble_rm = _train_study_ensemble(cfg, task, stages, run_train_rm)
         run_export(dataclasses.replace(stages.export, reward=ensemble_rm.output, output=out / "repository_ensemble"))
         setups["ensemble_uncertainty"] = (out / "repository_ensemble", {
             "ensemble_reward": "uncertainty", "value_init": ensemble_rm.output / "member-0"})
     runs = {}
-    for name in (a for a in STUDY_ARMS if a in arms):
+    for name in (a for a in STUDY_ARMS if a in arms and a in setups):
         repo, extra = setups[name]
         with start_serve(repo) as server:
             ppo_cfg = study_ppo_config(cfg, stages, name, server.url, extra)

@@ -22,7 +22,11 @@ config before anything runs, so every option of every stage can be set.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import shutil
 import time
 from contextlib import contextmanager
 import dataclasses
@@ -32,7 +36,9 @@ from typing import Any, Callable
 
 from tribune.services.common.config import build_config, field
 from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import write_json
 from tribune.trainer.collect import CollectConfig
+from tribune.trainer.data import row_weight
 from tribune.trainer.export import ExportConfig
 from tribune.trainer.label import LabelConfig
 from tribune.trainer.ppo_config import PPOConfig
@@ -87,6 +93,15 @@ class StageOptions:
                                          "noise), and train the reward model on the given pairs plus these (early "
                                          "stopping on the rater's ranking of held-out πSFT samples); "
                                          "--no-collect-sft trains on the given pairs alone")
+    # chosen on the suite: the given pairs at half weight had the lower held-out loss on bundled and sequence and the
+    # better PPO policy at T = 0.7 (sequence's then met its targets), full weight on arithmetic, likewise; on keyword
+    # and style the losses were nearly equal and the policies within the noise
+    given_weights: list[float] = field([1.0, 0.5], help="with the data step: the weights of the given pairs' rows in "
+                                       "the reward model's loss (each collected ranking weighs 1) to try; one reward "
+                                       "model per weight, and the one with the lowest held-out loss on the rater's "
+                                       "rankings of held-out πSFT samples is kept (no gold judge needed); one weight: "
+                                       "no choice. The rounds' reward models keep the chosen weight; without the "
+                                       "data step (--no-collect-sft) it is not used")
     rounds: int = field(0, help="rounds of collect on the current policy → label → reward model on all "
                                 "rounds' data (warm-started) → export → PPO from the current policy")
     collect: dict[str, Any] = field({}, help=_help("collect", "collect") + " (the data step on πSFT takes every "
@@ -96,6 +111,12 @@ class StageOptions:
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError("rounds must be non-negative")
+        if not self.given_weights or not all(0 <= w < math.inf for w in self.given_weights) \
+                or len({f"{w:g}" for w in self.given_weights}) != len(self.given_weights):
+            raise ValueError("given_weights must be one or more distinct non-negative numbers")
+        if len(self.given_weights) > 1 and self.rm.get("member_train"):
+            raise ValueError("given_weights: with rm member_train the members train on their own files, not on the "
+                             "weighted one; give one weight")
 
     def merged(self, stage: str) -> dict[str, Any]:
         return {**STAGE_DEFAULTS[stage], **getattr(self, stage)}
@@ -225,10 +246,13 @@ def sft_collection_configs(stages: Stages, options: StageOptions) -> SFTCollecti
 
 def collected_on_sft(stages: Stages, options: StageOptions) -> Path:
     """The data step's rankings of πSFT's samples, collected now if the pipeline did not
-    (``--no-collect-sft``)."""
+    (``--no-collect-sft``; its "given + collected" file then holds every row at weight 1, whatever an
+    earlier run in the same directory left there)."""
     c = sft_collection_configs(stages, options)
     if not Path(c.label.output).is_file():
         collect_on_sft(stages, options)
+    elif not options.collect_sft:
+        merge_data_step(stages, options, 1.0)
     return Path(c.label.output)
 
 
@@ -244,8 +268,64 @@ def collect_on_sft(stages: Stages, options: StageOptions) -> dict:
     run_collect(c.collect_eval)
     run_label(c.label)
     run_label(c.label_eval)
-    merge_preferences([given_pairs(stages), c.label.output], c.merged)
+    merge_data_step(stages, options, options.given_weights[0] if options.collect_sft else 1.0)
     return counts
+
+
+def merge_data_step(stages: Stages, options: StageOptions, given_weight: float, output: Path | None = None) -> Path:
+    """The reward model's training file of the data step: the given pairs (their rows at ``given_weight``)
+    + the rankings, written to ``output`` (default: the file the reward model stage reads)."""
+    c = sft_collection_configs(stages, options)
+    output = Path(output or c.merged)
+    merge_preferences([given_pairs(stages), c.label.output], output, weights=[given_weight, 1.0])
+    return output
+
+
+def rm_candidate(stages: Stages, given_weight: float) -> Path:
+    """Where ``train_reward_model`` trains the candidate with the given pairs at ``given_weight`` (the
+    kept one is then moved to the stage's ``rm/``)."""
+    return Path(stages.rm.output).parent / "rm_candidates" / f"given_weight_{given_weight:g}" / "rm"
+
+
+def train_reward_model(stages: Stages, options: StageOptions) -> dict:
+    """The pipeline's reward model. With the data step and several ``given_weights``: one candidate per
+    weight under ``rm_candidates/``, and the one with the lowest held-out loss on the rater's rankings of
+    held-out πSFT samples (the stage's eval set; no gold judge) becomes ``rm/``, its training file the
+    stage's; its metrics gain ``given_weight`` and every candidate's ``eval_loss``."""
+    from tribune.trainer.reward import run_train_rm
+
+    rm_dir = Path(stages.rm.output)
+    shutil.rmtree(rm_dir.parent / "rm_candidates", ignore_errors=True)     # no earlier run's candidate is left
+    weights = options.given_weights if options.collect_sft else []
+    if len(weights) < 2:
+        if weights:
+            merge_data_step(stages, options, weights[0])
+        return run_train_rm(stages.rm)
+    # an earlier run's model and its export go first: a crash from here on leaves nothing --reuse would accept
+    for d in (rm_dir, Path(stages.export.output)):
+        if d.exists():
+            shutil.rmtree(d)
+    candidates = []
+    for i, w in enumerate(weights, 1):
+        d = rm_candidate(stages, w)
+        log.info("train-rm candidate %d/%d: the given pairs at weight %g → %s", i, len(weights), w, d.parent)
+        train = merge_data_step(stages, options, w, d.parent / "prefs_given_and_collected.jsonl")
+        metrics = run_train_rm(dataclasses.replace(stages.rm, train=train, output=d))
+        candidates.append((metrics["eval_loss"], i, w, d, metrics))
+    # the lowest loss (a NaN never), the first weight on a tie
+    loss, _, w, d, metrics = min(candidates, key=lambda c: (math.isnan(c[0]), c[0], c[1]))
+    losses = {f"{cw:g}": round(cl, 6) for cl, _, cw, _, _ in candidates}
+    log.info("train-rm: kept the given pairs at weight %g (held-out loss on the rater's rankings of πSFT samples: %s)",
+             w, ", ".join(f"weight {k}: {v:.4f}" for k, v in losses.items()))
+    # everything written while the model is still a candidate; the move into rm/ comes last
+    metrics = {**metrics, "given_weight": w, "given_weight_eval_losses": losses}
+    write_json(d / "metrics.json", metrics)
+    resolved = d / "config.resolved.json"                # the kept model's own record names where it will lie
+    if resolved.is_file():
+        write_json(resolved, {**json.loads(resolved.read_text()), "output": str(rm_dir), "train": str(stages.rm.train)})
+    shutil.copyfile(d.parent / "prefs_given_and_collected.jsonl", stages.rm.train)
+    os.replace(d, rm_dir)
+    return metrics
 
 
 @dataclass
@@ -280,7 +360,6 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
     from tribune.services.launcher import start_serve
     from tribune.trainer.export import run_export
     from tribune.trainer.ppo import run_ppo
-    from tribune.trainer.reward import run_train_rm
     from tribune.trainer.sft import run_sft
     from tribune.trainer.task.make import make_task
 
@@ -305,7 +384,7 @@ def run_pipeline(out: Path, seed: int, max_steps: int | None, options: StageOpti
                  next(steps), n, stages.rm.train)
         collected = timed("collect_label", collect_on_sft, stages, options)
     log.info("%d/%d train-rm → %s", next(steps), n, stages.rm.output)
-    rm = timed("rm", run_train_rm, stages.rm)
+    rm = timed("rm", train_reward_model, stages, options)
     log.info("%d/%d export → %s", next(steps), n, stages.export.output)
     timed("export", run_export, stages.export)
     shown = " ".join((["--with-gateway"] if gateway else []) + list(serve_args))
@@ -384,13 +463,28 @@ def prepare_round(stages: Stages, r: int, policy: Path, rm_dir: Path, options: S
     return rs, collected, rm, seconds
 
 
-def merge_preferences(paths: list[Path], output: Path) -> int:
-    """Concatenates preference files (the given pairs and every round's) into one."""
+def _weighted(line: str, w: float) -> str:
+    """A JSONL row with its weight multiplied by ``w``. A line that is not such a row is kept as it is:
+    train-rm then skips and counts it (an invalid weight), or stops at it with its file and line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(row, dict) or row_weight(row) is None:
+        return line
+    return json.dumps({**row, "weight": w * row_weight(row)}, ensure_ascii=False)
+
+
+def merge_preferences(paths: list[Path], output: Path, weights: list[float] | None = None) -> int:
+    """Concatenates preference files (the given pairs and every round's) into one; a file's
+    ``weights`` entry other than 1 multiplies the ``weight`` of each of its rows (default 1)."""
     n = 0
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with Path(output).open("w", encoding="utf-8") as f:
-        for p in paths:
+        for p, w in zip(paths, weights or [1.0] * len(paths), strict=True):
             text = Path(p).read_text(encoding="utf-8")
+            if w != 1.0:
+                text = "".join(_weighted(line, w) + "\n" for line in text.split("\n") if line.strip())
             f.write(text if text.endswith("\n") or not text else text + "\n")
             n += text.count("\n")
     return n

@@ -113,7 +113,8 @@ class PairBatch:
 
     input_ids, attention_mask: (S, T) every distinct sequence, right-padded;
     chosen_idx, rejected_idx, margin, weight, group_idx: (K,) one entry per pair (group_idx: its group's
-    index in the batch).
+    index in the batch; weight: the group's weight over its pairs and the batch's groups, so rows of weight 1
+    sum to 1).
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -136,7 +137,7 @@ def collate_groups(tokenizer, groups: list[PreferenceGroup], max_prompt_length: 
             chosen.append(base + a)
             rejected.append(base + b)
             margin.append(g.margin)
-            weight.append(1.0 / (len(pairs) * len(groups)))
+            weight.append(g.weight / (len(pairs) * len(groups)))      # rows of weight 1 share the loss equally
             group.append(gi)
     ids, mask = pad_right(seqs, tokenizer.pad_token_id)
     return PairBatch(ids, mask, torch.tensor(chosen), torch.tensor(rejected),
@@ -361,7 +362,7 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     def loss_on(module, idx):
         batch = collate_groups(tokenizer, [train[i] for i in idx], cfg.max_prompt_length, cfg.max_length)
         c, r = pair_rewards(module, batch, acc.device)
-        # weights sum to 1 over this rank's groups; DDP then averages across ranks
+        # weights sum to 1 over this rank's groups when every row weighs 1; DDP then averages across ranks
         loss = bradley_terry_loss(c, r, cfg.margin_scale * batch.margin.to(acc.device),
                                   cfg.center_rewards_coefficient, batch.weight.to(acc.device))
         return loss, {"accuracy": float(pairwise_accuracy(c, r)), "margin": float((c - r).mean().detach())}
