@@ -470,9 +470,10 @@ def _weighted(line: str, w: float) -> str:
         row = json.loads(line)
     except ValueError:
         return line
-    if not isinstance(row, dict) or row_weight(row) is None:
+    weight = row_weight(row) if isinstance(row, dict) else None
+    if weight is None:
         return line
-    return json.dumps({**row, "weight": w * row_weight(row)}, ensure_ascii=False)
+    return json.dumps({**row, "weight": w * weight}, ensure_ascii=False)
 
 
 def merge_preferences(paths: list[Path], output: Path, weights: list[float] | None = None) -> int:
