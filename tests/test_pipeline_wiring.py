@@ -65,31 +65,39 @@ def _fake_data_step(tmp_path):
     return stages
 
 
+# the held-out loss the protocol double of train-rm reports, by the weight of the given rows it was given
+FAKE_LOSS_AT = {1.0: 0.52, 0.5: 0.49}
+
+
+def fake_train_rm(cfg):
+    """A protocol double of train-rm: reads its training file, writes what train-rm writes, reports the
+    held-out loss of ``FAKE_LOSS_AT`` (or of ``$FAKE_LOSS_AT``, JSON, in a worker process) and its pid."""
+    import os
+
+    loss_at = {float(k): v for k, v in json.loads(os.environ["FAKE_LOSS_AT"]).items()} \
+        if "FAKE_LOSS_AT" in os.environ else FAKE_LOSS_AT
+    rows = [json.loads(line) for line in Path(cfg.train).read_text().splitlines()]
+    w = rows[0].get("weight", 1.0)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    metrics = {"eval_loss": loss_at[w], "weight_seen": w, "pid": os.getpid()}
+    (Path(cfg.output) / "metrics.json").write_text(json.dumps(metrics))
+    (Path(cfg.output) / "config.resolved.json").write_text(json.dumps({"output": str(cfg.output),
+                                                                       "train": str(cfg.train)}))
+    return metrics
+
+
 def test_the_reward_model_of_lowest_held_out_loss_is_kept_and_moved_whole(tmp_path, monkeypatch):
-    """train_reward_model with a protocol double of train-rm (its held-out loss read off the given rows'
-    weight): the kept candidate becomes rm/ with its record, its training file becomes the stage's, the
-    other stays a candidate, and an earlier run's model, export and candidates are gone."""
-    import tribune.trainer.reward as reward
+    """train_reward_model with a protocol double of train-rm: the kept candidate becomes rm/ with its
+    record, its training file becomes the stage's, the other stays a candidate, and an earlier run's
+    model, export and candidates are gone."""
     from tribune.trainer.pipeline import rm_candidate, train_reward_model
 
     stages = _fake_data_step(tmp_path)
-    loss_at = {1.0: 0.52, 0.5: 0.49}
-
-    def fake_train_rm(cfg):
-        rows = [json.loads(line) for line in Path(cfg.train).read_text().splitlines()]
-        w = rows[0].get("weight", 1.0)
-        Path(cfg.output).mkdir(parents=True, exist_ok=True)
-        metrics = {"eval_loss": loss_at[w], "weight_seen": w}
-        (Path(cfg.output) / "metrics.json").write_text(json.dumps(metrics))
-        (Path(cfg.output) / "config.resolved.json").write_text(json.dumps({"output": str(cfg.output),
-                                                                           "train": str(cfg.train)}))
-        return metrics
-
-    monkeypatch.setattr(reward, "run_train_rm", fake_train_rm)
+    monkeypatch.setitem(FAKE_LOSS_AT, 1.0, 0.52)
     stale = [tmp_path / "rm" / "old", tmp_path / "repository" / "old", tmp_path / "rm_candidates" / "given_weight_2"]
     for d in stale:
         d.mkdir(parents=True)
-    metrics = train_reward_model(stages, StageOptions())
+    metrics = train_reward_model(stages, StageOptions(), workers=1, train=fake_train_rm)
     assert metrics["given_weight"] == 0.5 and metrics["given_weight_eval_losses"] == {"1": 0.52, "0.5": 0.49}
     rm = tmp_path / "rm"
     assert json.loads((rm / "metrics.json").read_text()) == metrics and metrics["weight_seen"] == 0.5
@@ -98,13 +106,36 @@ def test_the_reward_model_of_lowest_held_out_loss_is_kept_and_moved_whole(tmp_pa
     assert not rm_candidate(stages, 0.5).exists() and (rm_candidate(stages, 1.0) / "metrics.json").is_file()
     assert not any(d.exists() for d in stale)
     # a NaN loss is never kept, and equal losses keep the first weight
-    loss_at.update({1.0: float("nan")})
-    assert train_reward_model(stages, StageOptions())["given_weight"] == 0.5
-    loss_at.update({1.0: 0.49})
-    assert train_reward_model(stages, StageOptions())["given_weight"] == 1.0
+    monkeypatch.setitem(FAKE_LOSS_AT, 1.0, float("nan"))
+    assert train_reward_model(stages, StageOptions(), workers=1, train=fake_train_rm)["given_weight"] == 0.5
+    monkeypatch.setitem(FAKE_LOSS_AT, 1.0, 0.49)
+    assert train_reward_model(stages, StageOptions(), workers=1, train=fake_train_rm)["given_weight"] == 1.0
     # one weight: no candidates, the stage's own directory
-    assert train_reward_model(stages, StageOptions(given_weights=[0.5]))["weight_seen"] == 0.5
+    assert train_reward_model(stages, StageOptions(given_weights=[0.5]), train=fake_train_rm)["weight_seen"] == 0.5
     assert not (tmp_path / "rm_candidates").exists()
+
+
+def test_the_candidates_train_at_once_in_worker_processes(tmp_path, monkeypatch):
+    """With two workers each candidate trains in a process of its own, its console in its own log, and
+    the choice is the same as one after the other; a failing candidate stops the stage with its error."""
+    import os
+
+    from tribune.trainer.pipeline import rm_candidate, train_reward_model
+
+    stages = _fake_data_step(tmp_path)
+    monkeypatch.setenv("FAKE_LOSS_AT", json.dumps({"1.0": 0.47, "0.5": 0.49, "0.25": 0.48}))
+    options = StageOptions(given_weights=[1.0, 0.5, 0.25])
+    metrics = train_reward_model(stages, options, workers=2, train=fake_train_rm)
+    assert metrics["given_weight"] == 1.0
+    assert metrics["given_weight_eval_losses"] == {"1": 0.47, "0.5": 0.49, "0.25": 0.48}   # in the weights' order
+    pids = {json.loads((rm_candidate(stages, w) / "metrics.json").read_text())["pid"] for w in (0.5, 0.25)}
+    assert os.getpid() not in pids | {metrics["pid"]}
+    assert (rm_candidate(stages, 0.5).parent / "train-rm.log").is_file()
+    assert json.loads(Path(stages.rm.train).read_text().splitlines()[0]).get("weight", 1.0) == 1.0
+    monkeypatch.setenv("FAKE_LOSS_AT", json.dumps({"1.0": 0.47}))           # weight 0.5's candidate raises
+    with pytest.raises(KeyError):
+        train_reward_model(stages, options, workers=2, train=fake_train_rm)
+    assert not (tmp_path / "rm").exists()
 
 
 def test_the_study_runs_the_candidate_the_pipeline_did_not_keep(tmp_path):

@@ -40,6 +40,7 @@ from tribune.services.common.jsonl import write_json
 from tribune.trainer.collect import CollectConfig
 from tribune.trainer.data import row_weight
 from tribune.trainer.export import ExportConfig
+from tribune.trainer.jobs import Job, JobPool, resolve_jobs
 from tribune.trainer.label import LabelConfig
 from tribune.trainer.ppo_config import PPOConfig
 from tribune.trainer.reward import RewardConfig
@@ -287,31 +288,69 @@ def rm_candidate(stages: Stages, given_weight: float) -> Path:
     return Path(stages.rm.output).parent / "rm_candidates" / f"given_weight_{given_weight:g}" / "rm"
 
 
-def train_reward_model(stages: Stages, options: StageOptions) -> dict:
+def candidate_workers(candidates: int) -> int:
+    """How many reward-model candidates train at once: one per core this process may use (two
+    single-threaded processes on two cores get about 1.5× the work of one with two threads done, see
+    ``tribune.trainer.jobs``), one after the other on a GPU (each candidate would hold a copy of the
+    model in its memory) or inside a job that has a single core (`tribune evaluate`'s tasks)."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else resolve_jobs(0, candidates)
+
+
+def train_candidate(cfg: RewardConfig) -> dict:
+    """One candidate's train-rm (a job's function: importable, its argument picklable)."""
+    from tribune.trainer.reward import run_train_rm
+
+    return run_train_rm(cfg)
+
+
+def train_reward_model(stages: Stages, options: StageOptions, workers: int | None = None,
+                       train: Callable[[RewardConfig], dict] = train_candidate) -> dict:
     """The pipeline's reward model. With the data step and several ``given_weights``: one candidate per
     weight under ``rm_candidates/``, and the one with the lowest held-out loss on the rater's rankings of
     held-out πSFT samples (the stage's eval set; no gold judge) becomes ``rm/``, its training file the
-    stage's; its metrics gain ``given_weight`` and every candidate's ``eval_loss``."""
-    from tribune.trainer.reward import run_train_rm
+    stage's; its metrics gain ``given_weight`` and every candidate's ``eval_loss``.
 
+    The candidates train ``workers`` at a time, each in a worker process with an equal share of the
+    cores (default: ``candidate_workers``); with one, one after the other in this process. ``train``
+    (a module-level function) trains one candidate."""
     rm_dir = Path(stages.rm.output)
     shutil.rmtree(rm_dir.parent / "rm_candidates", ignore_errors=True)     # no earlier run's candidate is left
     weights = options.given_weights if options.collect_sft else []
     if len(weights) < 2:
         if weights:
             merge_data_step(stages, options, weights[0])
-        return run_train_rm(stages.rm)
+        return train(stages.rm)
     # an earlier run's model and its export go first: a crash from here on leaves nothing --reuse would accept
     for d in (rm_dir, Path(stages.export.output)):
         if d.exists():
             shutil.rmtree(d)
-    candidates = []
-    for i, w in enumerate(weights, 1):
+    configs = []
+    for w in weights:
         d = rm_candidate(stages, w)
-        log.info("train-rm candidate %d/%d: the given pairs at weight %g → %s", i, len(weights), w, d.parent)
-        train = merge_data_step(stages, options, w, d.parent / "prefs_given_and_collected.jsonl")
-        metrics = run_train_rm(dataclasses.replace(stages.rm, train=train, output=d))
-        candidates.append((metrics["eval_loss"], i, w, d, metrics))
+        data = merge_data_step(stages, options, w, d.parent / "prefs_given_and_collected.jsonl")
+        configs.append(dataclasses.replace(stages.rm, train=data, output=d))
+    workers = workers or candidate_workers(len(weights))
+    trained: dict[int, dict] = {}
+    if workers == 1:
+        for i, (w, cfg) in enumerate(zip(weights, configs), 1):
+            log.info("train-rm candidate %d/%d: the given pairs at weight %g → %s", i, len(weights), w,
+                     Path(cfg.output).parent)
+            trained[i] = train(cfg)
+    else:
+        log.info("train-rm: %d candidates (the given pairs at weight %s), %d at once", len(weights),
+                 ", ".join(f"{w:g}" for w in weights), workers)
+        with JobPool(min(workers, len(weights))) as pool:
+            number = {}
+            for i, (w, cfg) in enumerate(zip(weights, configs), 1):
+                name = f"train-rm candidate {i}/{len(weights)} (the given pairs at weight {w:g})"
+                number[name] = i
+                pool.submit(Job(name, train, (cfg,), Path(cfg.output).parent / "train-rm.log"))
+            for job, metrics in pool.completed():
+                trained[number[job.name]] = metrics
+    candidates = [(trained[i]["eval_loss"], i, w, Path(cfg.output), trained[i])
+                  for i, (w, cfg) in enumerate(zip(weights, configs), 1)]
     # the lowest loss (a NaN never), the first weight on a tie
     loss, _, w, d, metrics = min(candidates, key=lambda c: (math.isnan(c[0]), c[0], c[1]))
     losses = {f"{cw:g}": round(cl, 6) for cl, _, cw, _, _ in candidates}
