@@ -53,7 +53,8 @@ COMMANDS: list[Command] = [
 ]
 TASK_MAKE = Command("make", "write a task (tokenizer, tiny base model, data)", "tribune.trainer.task.make:TaskConfig",
                     "tribune.trainer.cli:task_make")
-TASK_LIST = Command("list", "the tasks of the suite, one per line (name first)", "", "tribune.trainer.cli:task_list")
+TASK_LIST = Command("list", "the tasks of the suite and plugged-in ones, one per line (name first)", "",
+                    "tribune.trainer.cli:task_list")
 
 
 def task_make(cfg, out: str) -> dict:
@@ -123,7 +124,11 @@ def summary_line(command: str, result: dict, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)           # imports the chosen command's config (a broken task plug-in says so)
+    except UserError as e:
+        print(f"tribune: error: {e}", file=sys.stderr)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")

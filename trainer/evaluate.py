@@ -33,7 +33,7 @@ from tribune.trainer.measures import (TARGET_HEADROOM_SHARE, TARGET_RM_GOLD_ACCU
                                       onpolicy_candidates, policy_row, targets)
 from tribune.trainer.overoptimisation import STUDY_ARMS, merge_study_arms, overoptimisation_study, study_ppo_config
 from tribune.trainer.pipeline import StageOptions, run_pipeline, run_rounds, train_reward_model
-from tribune.trainer.task.registry import TASKS
+from tribune.trainer.task.registry import PLUGIN_ENV, PLUGIN_GROUP, TASKS
 
 log = logging.getLogger("tribune")
 
@@ -42,7 +42,7 @@ log = logging.getLogger("tribune")
 class EvaluateConfig:
     """The whole pipeline with its default settings on every suite task; a JSON table and a PNG."""
     output: Path = field(Path("runs/evaluate"), help="directory for every task's run and the table")
-    tasks: list[str] = field(list(TASKS), help="suite tasks to run (default: every one)")
+    tasks: list[str] = field(list(TASKS), help="tasks to run (default: every one, plugged-in tasks included)")
     seed: int = field(0, help="seed of every task and stage")
     max_steps: int | None = field(None, help="cap on optimiser steps of each training stage (for smoke runs)")
     stages: StageOptions = group(StageOptions(), help="options of each stage, the same for every task")
@@ -91,7 +91,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"tasks: unknown {', '.join(unknown)}; the suite has {', '.join(TASKS)}")
+            raise ValueError(f"tasks: unknown {', '.join(unknown)}; the tasks are {', '.join(TASKS)} (a task of "
+                             f"one's own plugs in through ${PLUGIN_ENV} or a {PLUGIN_GROUP} entry point)")
         if self.eval_prompts < 1:
             raise ValueError("eval_prompts must be at least 1")
         if self.eval_samples < 1:

@@ -11,7 +11,8 @@ of the time, so πSFT leaves headroom on the gold score. Preference labels are d
 Bradley–Terry model on the gold scores, P(a ≻ b) = σ((g_a − g_b) / τ), i.e. raters who
 sometimes disagree; k-way rankings are drawn from the Plackett–Luce model, its
 generalisation to k items. Nothing here is specific to one task: a task is a
-``tribune.trainer.task.spec.TaskSpec`` in ``tribune.trainer.task.registry.TASKS``.
+``tribune.trainer.task.spec.TaskSpec`` in ``tribune.trainer.task.registry.TASKS`` (the suite's,
+and tasks plugged in through an entry point or ``$TRIBUNE_TASKS``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 @dataclass
 class TaskConfig:
     """Which suite task to write, its sizes and noise; unset values take the task's defaults."""
-    task: str = field(DEFAULT_TASK, help="suite task to write (`tribune task list` shows them)")
+    task: str = field(DEFAULT_TASK, help="task to write: a suite task or a plugged-in one (`tribune task list` "
+                                         "shows them)")
     seed: int = field(0, help="seed of every random choice; same seed gives byte-identical files")
     sft_size: int = field(4000, help="demonstrations in sft.jsonl")
     prefs_train_size: int = field(8000, help="preference rows in prefs_train.jsonl")
