@@ -6,6 +6,7 @@ and a pair whose tokenizer has one more token (a family the policy does not spea
 """
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,35 @@ def test_bf16_exports_where_onnx_runtime_has_the_kernels_else_refuses(task_dir, 
                                             r"for \w+\(\d+\); export with --dtype fp32"):
             run_export(cfg)
         assert not (tmp_path / "bf16").exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_parity_tolerance_grows_with_the_values_compared():
+    """Absolute plus relative to the largest |value|: a reference's log-probs reach −40, where fp32's
+    rounding alone passes a fixed 1e-4 (a held-out task's export failed at 1.09e-4 with values to 19.6)."""
+    from tribune.trainer.export import ExportConfig, Parity
+
+    cfg = ExportConfig(reference=Path("r"), output=Path("o"))
+    assert cfg.allowed(0.0) == 1e-4 and cfg.allowed(19.6) == pytest.approx(1e-4 + 1e-5 * 19.6)
+    assert ExportConfig(reference=Path("r"), output=Path("o"), dtype="fp16").allowed(10.0) == pytest.approx(5e-2 + 2e-2)
+    strict = ExportConfig(reference=Path("r"), output=Path("o"), parity_tolerance=1e-6, parity_rtol=0.0)
+    assert strict.allowed(40.0) == 1e-6
+    with pytest.raises(ValueError, match="parity_tolerance and parity_rtol must be >= 0"):
+        ExportConfig(reference=Path("r"), output=Path("o"), parity_rtol=-1e-5)
+    p = Parity.of(np.array([-19.6, -1.0], np.float32), np.array([-19.6001, -1.0], np.float32))
+    assert p.diff == pytest.approx(1e-4, rel=0.05) and p.scale == pytest.approx(19.6001)
+    assert p.worst(Parity(5e-5, 30.0)) == Parity(p.diff, 30.0) and p.worst(None) is p
+
+
+def test_an_export_past_its_parity_tolerance_writes_nothing(task_dir, tmp_path):
+    from tribune.trainer.export import ExportConfig, run_export
+
+    cfg = ExportConfig(reference=task_dir / "base", output=tmp_path / "repo", parity_tolerance=1e-12,
+                       parity_rtol=0.0, warmup=False, exporter="torchscript")
+    with pytest.raises(UserError, match=r"reference: ONNX Runtime differs from PyTorch by \S+ > 1e-12 \(1e-12 \+ "
+                                        r"0e\+00 × \S+, the largest \|value\|; --parity-tolerance / --parity-rtol\); "
+                                        r"nothing was written"):
+        run_export(cfg)
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".export-*"))
 
 
 def test_export_needs_a_reward_model_or_a_reference(tmp_path):

@@ -30,7 +30,9 @@ and stock Triton's ONNX Runtime backend (it opens the model by path) load unchan
 
 ``--dtype fp16|bf16`` exports the weights and activations in that precision; the contract's
 outputs stay FP32 (the graphs cast the scores and log-probs to float32 at the end), and
-parity is checked at a tolerance suited to the precision. bf16 is refused with the
+parity is checked at a tolerance suited to the precision: an absolute part plus a part relative to
+the largest value compared (a reference's log-probs of unlikely tokens reach −40 or below, where
+fp32's rounding alone is ~1e-5 per operation). bf16 is refused with the
 operator ONNX Runtime has no bf16 kernel for on this machine's execution providers.
 """
 from __future__ import annotations
@@ -70,7 +72,8 @@ log = logging.getLogger("tribune")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |ORT − PyTorch| by precision: fp16 keeps ~3 decimal digits, bf16 ~2, on values of a few units
-TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2e-1}
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2e-1}           # |ORT − PyTorch|, absolute part
+RELATIVE_TOLERANCES = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}  # × the largest |value| compared
 # Weights past this go to external data. Well below the 2 GB protobuf limit, because the
 # traced graph can hold more than the module's parameters (constant folding may copy tied weights).
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -101,8 +104,10 @@ class ExportConfig:
     exporter: Literal["dynamo", "torchscript"] = field(
         "dynamo", help="torch.onnx exporter: dynamo (torch.export + onnxscript) or the deprecated torchscript")
     opset: int = field(18, help="ONNX opset (the dynamo exporter writes 18 or newer)")
-    parity_tolerance: float | None = field(None, help="max |ORT − PyTorch| allowed (default 1e-4 fp32, 5e-2 fp16, "
-                                           "2e-1 bf16)")
+    parity_tolerance: float | None = field(None, help="max |ORT − PyTorch| allowed, absolute part (default 1e-4 "
+                                           "fp32, 5e-2 fp16, 2e-1 bf16)")
+    parity_rtol: float | None = field(None, help="added to it: this times the largest |value| compared (default "
+                                      "1e-5 fp32, 2e-3 fp16, 1.6e-2 bf16; 0: absolute only)")
     max_prompt_length: int | None = field(None, help="prompt tokens text clients keep (default: the reward model's "
                                           "training setting; 3/4 of the maximum for a model trained elsewhere)")
 
@@ -115,14 +120,43 @@ class ExportConfig:
             raise ValueError("queue_delay_us must be >= 0, max_queue_size and instance_count >= 1")
         if self.warmup_length < 2:
             raise ValueError("warmup_length must be at least 2")
+        if (self.parity_tolerance is not None and self.parity_tolerance < 0) or \
+                (self.parity_rtol is not None and self.parity_rtol < 0):
+            raise ValueError("parity_tolerance and parity_rtol must be >= 0")
         if self.exporter == "dynamo" and self.opset < 18:
             raise ValueError("opset must be at least 18 with exporter dynamo")
 
     @property
     def tolerance(self) -> float:
+        """The absolute part of the parity tolerance."""
         if self.parity_tolerance is not None:
             return self.parity_tolerance
         return TOLERANCES[self.dtype]
+
+    @property
+    def rtol(self) -> float:
+        """The relative part: times the largest |value| compared."""
+        return RELATIVE_TOLERANCES[self.dtype] if self.parity_rtol is None else self.parity_rtol
+
+    def allowed(self, scale: float) -> float:
+        """The largest |ORT − PyTorch| allowed where the values compared reach ``scale`` in magnitude."""
+        return self.tolerance + self.rtol * scale
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far ONNX Runtime is from PyTorch on one output: max |ORT − PyTorch| and the largest |PyTorch
+    value| compared (the scale the relative tolerance applies to)."""
+    diff: float
+    scale: float
+
+    @classmethod
+    def of(cls, got: np.ndarray, want: np.ndarray) -> "Parity":
+        return cls(float(np.abs(got - want).max()), float(np.abs(want).max()))
+
+    def worst(self, other: "Parity | None") -> "Parity":
+        """Over two batches: the larger difference and the larger scale."""
+        return self if other is None else Parity(max(self.diff, other.diff), max(self.scale, other.scale))
 
 
 class RewardGraph(nn.Module):
@@ -284,7 +318,7 @@ def _check_fp32(session, path: Path) -> None:
 
 
 def export_reward(members: list, version_dir: Path, cfg: ExportConfig, vocab_size: int, low: int,
-                  max_len: int) -> dict[str, float]:
+                  max_len: int) -> dict[str, Parity]:
     """One reward model, or K members in one graph; max |ORT − PyTorch| over two batch shapes for
     `reward` (the served ``rewards``) and, for an ensemble, for each member's column (``reward.member-k``)."""
     spec = reward_spec(len(members))
@@ -293,23 +327,23 @@ def export_reward(members: list, version_dir: Path, cfg: ExportConfig, vocab_siz
     path = _export_onnx(graph, tuple(map(torch.from_numpy, batches[0])), version_dir, spec, {0: "batch"}, cfg)
     session = _ort_session(path, cfg.dtype)
     _check_fp32(session, path)
-    parity: dict[str, float] = {}
+    parity: dict[str, Parity] = {}
     for ids, mask in batches:
         got = dict(zip(spec.output_names, session.run(spec.output_names,
                                                       {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask})))
         with torch.no_grad():     # each member on its own, as train-rm and PPO score with it
             want = np.stack([score_sequences(m, torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
                              for m in members], -1)                                   # (B, K)
-        diffs = {REWARD_MODEL: float(np.abs(got[REWARDS.name][:, 0] - want.mean(-1)).max())}
+        compared = {REWARD_MODEL: Parity.of(got[REWARDS.name][:, 0], want.mean(-1))}
         if len(members) > 1:
-            diffs.update({f"{REWARD_MODEL}.member-{k}": float(np.abs(got[MEMBER_REWARDS_NAME][:, k] - want[:, k]).max())
-                          for k in range(len(members))})
-        parity = {k: max(v, parity.get(k, 0.0)) for k, v in diffs.items()}
+            compared.update({f"{REWARD_MODEL}.member-{k}": Parity.of(got[MEMBER_REWARDS_NAME][:, k], want[:, k])
+                             for k in range(len(members))})
+        parity = {k: v.worst(parity.get(k)) for k, v in compared.items()}
     return parity
 
 
 def export_reference(model, version_dir: Path, cfg: ExportConfig, vocab_size: int, low: int,
-                     max_len: int) -> dict[str, float]:
+                     max_len: int) -> dict[str, Parity]:
     """The reference graph; max |ORT − PyTorch| of its log-probs over two batch shapes."""
     graph = ReferenceGraph(model).eval()
     batches = [(ids, mask, np.full((ids.shape[0], 1), 0.7, dtype=np.float32))
@@ -318,13 +352,13 @@ def export_reference(model, version_dir: Path, cfg: ExportConfig, vocab_size: in
                         {0: "batch", 1: "sequence_minus_one"}, cfg)
     session = _ort_session(path, cfg.dtype)
     _check_fp32(session, path)
-    diff = 0.0
+    parity = None
     for ids, mask, temp in batches:
         with torch.no_grad():
             ref = graph(*map(torch.from_numpy, (ids, mask, temp))).float().numpy()
         got = session.run([LOGPROBS.name], {INPUT_IDS.name: ids, ATTENTION_MASK.name: mask, TEMPERATURE.name: temp})[0]
-        diff = max(diff, float(np.abs(got - ref).max()))
-    return {REFERENCE.name: diff}
+        parity = Parity.of(got, ref).worst(parity)
+    return {REFERENCE.name: parity}
 
 
 def _reward_stats(rm_dir: Path) -> dict:
@@ -424,17 +458,21 @@ def _limits(models: list[nn.Module], tok) -> tuple[int, int]:
 
 def _write_model(tmp: Path, spec: ModelSpec, model, export, cfg: ExportConfig, settings: TritonSettings,
                  params: dict, vocab: int, low: int, max_len: int) -> dict[str, float]:
-    """One contract model: its version folder (parity checked first), config.pbtxt and warm-up data."""
+    """One contract model: its version folder (parity checked first), config.pbtxt and warm-up data;
+    max |ORT − PyTorch| of each output checked."""
     version_dir = tmp / spec.name / "1"
     version_dir.mkdir(parents=True)
     members = len(model) if isinstance(model, list) else 1
     log.info("export: %s → ONNX (%s%s)", spec.name, cfg.dtype, f", {members} members" if members > 1 else "")
     checked = export(model, version_dir, cfg, vocab, low, max_len)
-    for name, diff in checked.items():
-        log.info("export: %s parity max|ORT − PyTorch| = %.3g (tolerance %.0e)", name, diff, cfg.tolerance)
-        if not diff <= cfg.tolerance:
-            raise UserError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
-                            f"> {cfg.tolerance:.0e}; nothing was written")
+    for name, p in checked.items():
+        allowed = cfg.allowed(p.scale)
+        log.info("export: %s parity max|ORT − PyTorch| = %.3g (tolerance %.2g = %.0e + %.0e × %.3g, the largest "
+                 "|value|)", name, p.diff, allowed, cfg.tolerance, cfg.rtol, p.scale)
+        if not p.diff <= allowed:
+            raise UserError(f"{name}: ONNX Runtime differs from PyTorch by {p.diff:.3g} > {allowed:.2g} "
+                            f"({cfg.tolerance:.0e} + {cfg.rtol:.0e} × {p.scale:.3g}, the largest |value|; "
+                            f"--parity-tolerance / --parity-rtol); nothing was written")
     write_config(tmp / spec.name / "config.pbtxt", model_config(spec, settings, params))
     if cfg.warmup:
         warm = tmp / spec.name / "warmup"
@@ -442,7 +480,7 @@ def _write_model(tmp: Path, spec: ModelSpec, model, export, cfg: ExportConfig, s
         np.ones(settings.warmup_length, dtype=np.int64).tofile(warm / "mask_ones")
         if spec is REFERENCE:
             np.ones(1, dtype=np.float32).tofile(warm / "temperature_one")
-    return checked
+    return {name: p.diff for name, p in checked.items()}
 
 
 def run_export(cfg: ExportConfig) -> dict:

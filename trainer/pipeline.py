@@ -53,14 +53,12 @@ _PLACEHOLDER_URL = "127.0.0.1:1"   # replaced by the served address once `tribun
 
 
 # The pipeline's own defaults, on top of each command's; a stage's options given by the user
-# are merged over these (``--sft epochs=5`` keeps the learning rate below).
+# are merged over these (``--ppo iterations=30`` keeps the scoring chunk below).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "task": {},
     # the bundled task's small lengths, given explicitly (each command derives its own from the model and the data);
-    # up to 20 epochs, the checkpoint of lowest held-out loss kept, stopped after 2 epochs without a better one:
-    # chosen on the suite, where 3 fixed epochs left πSFT far below its demonstrator on most tasks
-    "sft": {"epochs": 20.0, "learning_rate": 3e-3, "evals_per_epoch": 1.0, "keep_best": True,
-            "early_stopping_patience": 2, "max_length": 64, "max_prompt_length": 48},
+    # the epochs, learning rate and early stop are `tribune sft`'s own defaults
+    "sft": {"max_length": 64, "max_prompt_length": 48},
     # two epochs, not train-rm's four: the data step's rankings double the reward model's data (chosen on the suite:
     # with four epochs it trained 2.5× longer for a slightly worse PPO policy on sequence)
     "rm": {"max_length": 64, "max_prompt_length": 48, "epochs": 2.0},
