@@ -1,4 +1,7 @@
-"""A held-out task (not in the repository): count how often a word occurs in a list.
+"""A task outside the suite: count how often a word occurs in a list.
+
+A plug-in example (README.md, "Two tasks outside the suite"): written after the suite's
+defaults were set, run with ``PYTHONPATH=docs/task_plugins TRIBUNE_TASKS=translate_task:SPEC,count_task:SPEC``.
 
 ``how many pear in apple pear plum pear`` → ``two``. Gold: 1.0 for the right number word, 0.4 for
 one off, 0 otherwise, minus 0.4 per word beyond the first; empty or a non-number −0.5.
@@ -21,7 +24,8 @@ def vocabulary() -> list[str]:
 
 def _parse(prompt: str):
     w = prompt.split()
-    if len(w) < 5 or w[:2] != ["how", "many"] or w[3] != "in" or w[2] not in FRUITS or any(x not in FRUITS for x in w[4:]):
+    if len(w) < 5 or w[:2] != ["how", "many"] or w[3] != "in" or w[2] not in FRUITS \
+            or any(x not in FRUITS for x in w[4:]):
         return None
     return w[4:].count(w[2])
 

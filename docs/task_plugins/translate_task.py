@@ -1,6 +1,9 @@
-"""A held-out task (not in the repository): word-by-word translation through a fixed dictionary.
+"""A task outside the suite: word-by-word translation through a fixed dictionary.
 
-``translate sun moon star`` → ``sol luna estrella`` (a made-up target vocabulary). Gold: per-position
+A plug-in example (README.md, "Two tasks outside the suite"): written after the suite's
+defaults were set, run with ``PYTHONPATH=docs/task_plugins TRIBUNE_TASKS=translate_task:SPEC,count_task:SPEC``.
+
+``translate sun moon star`` → ``sol luna astro`` (a made-up target vocabulary). Gold: per-position
 credit (right target word at its position) / n, minus 0.4 per word beyond n; empty −0.5. Flaws:
 ``copy`` (one source word left untranslated), ``swap`` (two neighbours exchanged), ``drop``
 (a word left out), exploit ``pad`` (the answer followed by one or two extra target words).
