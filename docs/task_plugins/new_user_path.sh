@@ -5,6 +5,7 @@
 # SFT_ARGS='--epochs 1 --learning-rate 1e-3 --no-keep-best --early-stopping-patience none --evals-per-epoch 0' trains πSFT the
 # way `tribune sft` did before its defaults became the pipeline's.
 set -e
+if [ $# -lt 2 ]; then echo "usage: $0 TASK OUT [task make options]" >&2; exit 2; fi
 TASK=$1; OUT=$2; shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" TRIBUNE_TASKS=${TRIBUNE_TASKS:-translate_task:SPEC,count_task:SPEC}
