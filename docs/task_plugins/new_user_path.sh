@@ -1,15 +1,18 @@
 #!/bin/bash
 # Usage: docs/task_plugins/new_user_path.sh TASK OUT [task make options], e.g. translate runs/heldout --prefs-train-size 3100
 # (TRIBUNE=.venv/bin/tribune when the venv is not active). Prints the last line of sft, train-rm and ppo.
-# The issue's new-user path, every setting at its default: task make → sft → train-rm → export → serve → 30 ppo iterations
+# The issue's new-user path, every setting at its default: task make → sft → train-rm → export → serve → PPO (30 iterations)
 # SFT_ARGS='--epochs 1 --learning-rate 1e-3 --no-keep-best --early-stopping-patience none --evals-per-epoch 0' trains πSFT the
-# way `tribune sft` did before its defaults became the pipeline's.
+# way `tribune sft` did before its defaults became the pipeline's. ITERATIONS (default 30) sets PPO's iterations;
+# ITERATIONS=default leaves them to `tribune ppo` (100).
 set -e
 if [ $# -lt 2 ]; then echo "usage: $0 TASK OUT [task make options]" >&2; exit 2; fi
 TASK=$1; OUT=$2; shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" TRIBUNE_TASKS=${TRIBUNE_TASKS:-translate_task:SPEC,count_task:SPEC}
 TR=${TRIBUNE:-tribune}
+ITERATIONS=${ITERATIONS:-30}
+if [ "$ITERATIONS" = default ]; then PPO_ITERS=(); else PPO_ITERS=(--iterations "$ITERATIONS"); fi
 mkdir -p $OUT
 $TR task make $OUT/task --task $TASK "$@" > $OUT/task.log 2>&1
 JUDGE=$(python3 -c "import json;print(json.load(open('$OUT/task/task.json'))['gold_judge'])")
@@ -25,5 +28,5 @@ print(*[s.getsockname()[1] for s in ss])")
 $TR serve --repository $OUT/repo --grpc-port $PORT --http-port $HP --metrics-port $MP > $OUT/serve.log 2>&1 &
 SERVE=$!
 trap "kill $SERVE" EXIT
-$TR ppo --policy $OUT/sft --prompts $OUT/task/prompts_train.jsonl --eval-prompts $OUT/task/prompts_eval.jsonl --reward-url 127.0.0.1:$PORT --reference-url 127.0.0.1:$PORT --output $OUT/ppo --iterations 30 --judge $JUDGE > $OUT/ppo.json 2> $OUT/ppo.err
+$TR ppo --policy $OUT/sft --prompts $OUT/task/prompts_train.jsonl --eval-prompts $OUT/task/prompts_eval.jsonl --reward-url 127.0.0.1:$PORT --reference-url 127.0.0.1:$PORT --output $OUT/ppo "${PPO_ITERS[@]}" --judge $JUDGE > $OUT/ppo.json 2> $OUT/ppo.err
 tail -1 $OUT/sft.err; tail -1 $OUT/rm.err; tail -1 $OUT/ppo.err
