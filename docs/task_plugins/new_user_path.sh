@@ -1,10 +1,10 @@
 #!/bin/bash
 # Usage: docs/task_plugins/new_user_path.sh TASK OUT [task make options], e.g. translate runs/heldout --prefs-train-size 3100
 # (TRIBUNE=.venv/bin/tribune when the venv is not active). Prints the last line of sft, train-rm and ppo.
-# The issue's new-user path, every setting at its default: task make → sft → train-rm → export → serve → PPO (30 iterations)
+# The issue's new-user path, every setting at its default: task make → sft → train-rm → export → serve → PPO
 # SFT_ARGS='--epochs 1 --learning-rate 1e-3 --no-keep-best --early-stopping-patience none --evals-per-epoch 0' trains πSFT the
 # way `tribune sft` did before its defaults became the pipeline's. ITERATIONS (default 30) sets PPO's iterations;
-# ITERATIONS=default leaves them to `tribune ppo` (100).
+# ITERATIONS=default leaves them to `tribune ppo`'s own default.
 set -e
 if [ $# -lt 2 ]; then echo "usage: $0 TASK OUT [task make options]" >&2; exit 2; fi
 TASK=$1; OUT=$2; shift 2
