@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +133,10 @@ class ServedFacts:
     ``member_reward_mean``/``member_reward_std``: each member's own statistics on SFT
     samples, (K,): members differ by offset and scale, so disagreement is only meaningful
     on scores standardised with them. For K = 1 they are (reward_mean,), (reward_std,).
+    ``preferred_member_scores``: (rows, K) the members' raw scores of the responses ranked first in
+    up to 256 rows of the reward model's held-out preferences — how high it rates what raters
+    preferred, the height PPO's gold-free monitor measures its proxy against; empty when the
+    reward model was saved without them.
     ``models``: the contract models this repository serves, `reward`, `reference` or both
     (a reward model of another family than the policy is exported and served on its own,
     with its own tokenizer). The reward fields (statistics, id, truncation) are None in a
@@ -152,6 +157,7 @@ class ServedFacts:
     ensemble_size: int = 1
     member_reward_mean: tuple[float, ...] = ()
     member_reward_std: tuple[float, ...] = ()
+    preferred_member_scores: tuple[tuple[float, ...], ...] = ()
     models: tuple[str, ...] = (REWARD_MODEL, REFERENCE_MODEL)
     reference_model_source: str = ""
 
@@ -164,7 +170,8 @@ class ServedFacts:
         reward_fields = ("reward_mean", "reward_std", "reward_model_id", "max_length", "max_prompt_length")
         if REWARD_MODEL not in models:
             given = [f for f in reward_fields if getattr(self, f) is not None]
-            if given or self.ensemble_size != 1 or self.member_reward_mean or self.member_reward_std:
+            if given or self.ensemble_size != 1 or self.member_reward_mean or self.member_reward_std \
+                    or self.preferred_member_scores:
                 raise ValueError("a repository without `reward` has no reward facts, "
                                  f"got {given or 'member statistics'}")
             return
@@ -185,6 +192,13 @@ class ServedFacts:
                              f"entries, got {len(self.member_reward_mean)} and {len(self.member_reward_std)}")
         if not all(s > 0 for s in self.member_reward_std):
             raise ValueError("member_reward_std must be positive")
+        try:
+            preferred = tuple(tuple(float(x) for x in row) for row in self.preferred_member_scores)
+        except TypeError:
+            preferred = ((),)
+        if any(len(row) != self.ensemble_size or not all(math.isfinite(x) for x in row) for row in preferred):
+            raise ValueError(f"preferred_member_scores must be rows of {self.ensemble_size} finite numbers")
+        object.__setattr__(self, "preferred_member_scores", preferred)
 
     @classmethod
     def parse(cls, data: dict | str | bytes) -> "ServedFacts":

@@ -60,6 +60,14 @@ def test_served_facts_standardise_each_member_with_its_own_statistics():
         ServedFacts.parse({**FACTS, "ensemble_size": 3, "member_reward_mean": [0.0], "member_reward_std": [1.0]})
     with pytest.raises(ContractError, match="columns"):
         facts.member_spread(np.zeros((2, 2)))
+    # the reward model's scores of its raters' favourites: rows of K finite numbers, or none
+    assert facts.preferred_member_scores == () and old.preferred_member_scores == ()
+    rows = [[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]
+    kept = ServedFacts.parse({**facts.to_dict(), "preferred_member_scores": rows})
+    assert kept.preferred_member_scores == ((1.0, 2.0, 3.0), (0.5, 0.0, -1.0)) and ServedFacts.parse(kept.to_dict()) == kept
+    for bad in ([[1.0, 2.0]], [[1.0, 2.0, float("nan")]], [1.0, 2.0, 3.0]):
+        with pytest.raises(ContractError, match="preferred_member_scores"):
+            ServedFacts.parse({**facts.to_dict(), "preferred_member_scores": bad})
 
 
 # ---------------------------------------------------------------- export
@@ -104,6 +112,7 @@ def test_ensemble_export_is_one_graph_with_per_member_parity(ensemble_repo, ense
     assert served["member_reward_std"] == [s["std"] for s in member_stats]
     assert served["reward_mean"] == pytest.approx(np.mean(served["member_reward_mean"]))   # derived, and says so
     assert "derived" in manifest["reward_statistics_source"]["source"]
+    assert served["preferred_member_scores"] == []      # derived statistics: no scores of all members on one set
     assert [m["name"] for m in manifest["sources"]["reward"]["members"]] == [f"member-{k}" for k in range(K)]
     parity = manifest["export"]["parity_max_abs_diff"]
     assert set(parity) == {"reward", "reference", *(f"reward.member-{k}" for k in range(K))}

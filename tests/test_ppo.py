@@ -90,7 +90,14 @@ def test_rloo_ppo_raises_the_gold_score_without_a_value_model(served, sft_dir, r
     assert (out / "model.safetensors").is_file() and not (out / "value_model").exists()
     rows = [r for r in _rows(out) if "objective/kl" in r]
     assert len(rows) == 30 and all("loss/policy_avg" in r and "loss/value_avg" not in r for r in rows)
-    assert "value model" in (out / "tribune.log").read_text()
+    log = (out / "tribune.log").read_text()
+    assert "value model" in log
+    # no --preferred-eval: the monitor's height is the one served with the reward model (train-rm scored the
+    # responses ranked first in its --eval file), equal to measuring that file through the service
+    stats = json.loads((rm_dir / "reward_stats.json").read_text())
+    want = (_own_preferred_score(rm_dir, task_dir / "prefs_eval.jsonl") - stats["mean"]) / stats["std"]
+    assert metrics["monitor/preferred_score"] == pytest.approx(want, abs=2e-3)
+    assert "preferred held-out responses, served with it (" in log
 
 
 def test_ppo_resumes_after_an_interruption_like_an_uninterrupted_run(served, sft_dir, rm_dir, task_dir, tmp_path):

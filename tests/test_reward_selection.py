@@ -97,6 +97,14 @@ def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, 
     assert (resolved["train"], resolved["eval"]) == (str(half_train), str(half_eval))
     stats = [json.loads((out / m / "reward_stats.json").read_text()) for m in layout["members"]]
     assert stats[0]["mean"] != stats[1]["mean"]                              # different seeds, data, heads
+    # the height of the raters' favourites, served for PPO's monitor: each member on its own eval file, and the
+    # ensemble's both members on the ensemble's, row by row (rows, K)
+    evals = [len(f.read_text().splitlines()) for f in (task_dir / "prefs_eval.jsonl", half_eval)]
+    assert [len(s["preferred_member_scores"]) for s in stats] == [min(256, n) for n in evals]
+    assert all(len(row) == 1 for s in stats for row in s["preferred_member_scores"])
+    both = json.loads((out / "reward_stats.json").read_text())["preferred_member_scores"]
+    assert len(both) == min(256, evals[0]) and all(len(row) == 2 for row in both)
+    assert [row[0] for row in both] == pytest.approx([row[0] for row in stats[0]["preferred_member_scores"]], abs=1e-5)
     assert (out / "tokenizer.json").is_file() and metrics["ensemble_size"] == 2
     assert len(metrics["member_eval_accuracy"]) == 2
 

@@ -1,7 +1,9 @@
 """The task suite: every registered task is deterministic, judged, noisy and exploitable."""
 import hashlib
+import importlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,14 @@ FILES = {"sft.jsonl", "prefs_train.jsonl", "prefs_eval.jsonl", "prompts_train.js
          "task.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "base/config.json",
          "base/model.safetensors", "base/tokenizer.json"}
 NAMES = sorted(TASKS)
+# the README's tasks outside the suite: not registered, held to the same rules; their judges are
+# "module:function" references on this path, as `PYTHONPATH=docs/task_plugins` gives them
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "docs" / "task_plugins"
+sys.path.insert(0, str(PLUGIN_DIR))
+DOC_TASKS = {spec.name: spec
+             for spec in (importlib.import_module(p.stem).SPEC for p in sorted(PLUGIN_DIR.glob("*_task.py")))}
+SPECS = {**TASKS, **DOC_TASKS}
+SPEC_NAMES = sorted(SPECS)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -58,13 +68,13 @@ def test_base_models_vary_across_tasks():
     assert {"llama", "gpt2"} <= archs and len(archs) >= 3
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_prompts_are_disjoint_across_tasks(name):
     """A prompt names its task: every other task's judge rejects it."""
-    spec, rng = TASKS[name], random.Random(3)
+    spec, rng = SPECS[name], random.Random(3)
     prompts = [spec.sample_prompt(rng) for _ in range(300)]
-    assert task_for_prompts(prompts) is spec
-    for other in TASKS.values():
+    assert name not in TASKS or task_for_prompts(prompts) is spec
+    for other in SPECS.values():
         if other is not spec:
             assert not any(other.accepts(p) for p in prompts), (name, other.name)
             with pytest.raises(ValueError):
@@ -73,15 +83,15 @@ def test_prompts_are_disjoint_across_tasks(name):
 
 # ---------------------------------------------------------------- the gold judge
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_judge_is_importable_by_reference(name):
-    spec = TASKS[name]
+    spec = SPECS[name]
     assert spec.load_judge() is spec.gold_score is load_judge(spec.judge)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_examples_and_perfect_demonstrations_score_one(name):
-    spec, rng = TASKS[name], random.Random(0)
+    spec, rng = SPECS[name], random.Random(0)
     assert spec.examples
     for prompt, answer in spec.examples:
         assert spec.gold_score(prompt, answer) == 1.0, (prompt, answer)
@@ -90,9 +100,9 @@ def test_examples_and_perfect_demonstrations_score_one(name):
         assert spec.gold_score(p, spec.demonstrate(p, rng, 1.0, spec.flaws)) == 1.0, p
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_every_flaw_scores_below_perfect_and_empty_scores_low(name):
-    spec, rng = TASKS[name], random.Random(1)
+    spec, rng = SPECS[name], random.Random(1)
     for flaw in spec.flaws:
         for _ in range(200):
             p = spec.sample_prompt(rng)
@@ -101,18 +111,18 @@ def test_every_flaw_scores_below_perfect_and_empty_scores_low(name):
         assert spec.gold_score(p, "") <= 0.0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_exploit_is_rare_in_preferences_absent_from_demonstrations(name):
-    spec = TASKS[name]
+    spec = SPECS[name]
     assert spec.exploit in spec.flaws and spec.exploit not in spec.sft_flaws
     assert spec.flaws[spec.exploit] == min(spec.flaws.values()) and spec.flaws[spec.exploit] <= 0.15
     assert spec.exploit_note
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_judge_never_raises_on_arbitrary_responses(name):
-    spec, rng = TASKS[name], random.Random(2)
-    words = sorted({w for s in TASKS.values() for w in s.vocabulary()}) + ["<eos>", "<pad>", "", "Moon!", "12"]
+    spec, rng = SPECS[name], random.Random(2)
+    words = sorted({w for s in SPECS.values() for w in s.vocabulary()}) + ["<eos>", "<pad>", "", "Moon!", "12"]
     for _ in range(500):
         p = spec.sample_prompt(rng)
         r = " ".join(rng.choice(words) for _ in range(rng.randint(0, 16)))
@@ -168,9 +178,9 @@ def test_style_judge():
 
 # ---------------------------------------------------------------- the demonstrator and the raters
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_demonstrator_leaves_headroom(name):
-    spec = TASKS[name]
+    spec = SPECS[name]
     rng = random.Random(0)
     prompts = [spec.sample_prompt(rng) for _ in range(2000)]
     scores = [spec.gold_score(p, spec.demonstrate(p, rng, spec.p_correct, spec.sft_flaws)) for p in prompts]

@@ -426,7 +426,18 @@ def served_facts(fingerprint: str, stats: dict | None, member_stats: list[dict],
                        max_length=length, max_prompt_length=prompt, reward_model_source=reward["path"],
                        ensemble_size=len(members),
                        member_reward_mean=tuple(float(m["mean"]) for m in member_stats),
-                       member_reward_std=tuple(float(m["std"]) for m in member_stats))
+                       member_reward_std=tuple(float(m["std"]) for m in member_stats),
+                       preferred_member_scores=_preferred(stats, len(members)))
+
+
+def _preferred(stats: dict, k: int) -> tuple:
+    """The reward model's scores of its raters' preferred held-out responses, (rows, K), when its
+    statistics hold them for all K members (an ensemble's derived statistics do not)."""
+    rows = stats.get("preferred_member_scores") or []
+    if any(len(row) != k for row in rows):
+        log.warning("the reward statistics' preferred_member_scores do not have %d columns; not served", k)
+        return ()
+    return tuple(tuple(row) for row in rows)
 
 
 def _source(path: Path) -> dict:

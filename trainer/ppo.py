@@ -27,7 +27,8 @@ from tribune.trainer.defences import DriftMonitor, KLBudget
 from tribune.trainer.lengths import fit_generation, model_context, trained_lengths
 from tribune.trainer.modeling import ValueModel, load_causal_lm, load_reward_model, reward_head_name
 from tribune.trainer.ppo_config import PPOConfig
-from tribune.trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics, preferred_score
+from tribune.trainer.ppo_monitor import HackingDetector, gold_and_proxy, plot_metrics, preferred_score, \
+    served_preferred_score
 from tribune.trainer.ppo_step import Learner, optimised_score, ppo_iteration
 from tribune.trainer.rl_math import AdaptiveKLController
 from tribune.trainer.run import Run, StopTraining
@@ -101,14 +102,17 @@ def run_ppo(cfg: PPOConfig) -> dict:
     learner = make_learner(cfg, acc, tokenizer)
     hacking = HackingDetector()
     budget = KLBudget(cfg.kl_budget, cfg.kl_budget_action)
-    preferred = None
+    preferred, optimised = None, (lambda m: optimised_score(cfg, scorers.facts, m)[0])
     if cfg.preferred_eval is not None:
-        preferred, n = preferred_score(scorers, tokenizer, cfg.preferred_eval,
-                                       lambda m: optimised_score(cfg, scorers.facts, m)[0],
+        preferred, n = preferred_score(scorers, tokenizer, cfg.preferred_eval, optimised,
                                        max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens)
-        log.info("ppo: the responses ranked first in %s (%d) score %.3f (the optimised score): the monitor warns "
-                 "past %.2f× their height above the start policy's samples", cfg.preferred_eval, n, preferred,
-                 cfg.preferred_tolerance)
+        source = f"the responses ranked first in {cfg.preferred_eval} ({n})"
+    elif scorers.facts.preferred_member_scores:
+        preferred, n = served_preferred_score(scorers.facts, optimised)
+        source = f"the reward model's preferred held-out responses, served with it ({n})"
+    if preferred is not None:
+        log.info("ppo: %s score %.3f (the optimised score): the monitor warns past %.2f× their height above the "
+                 "start policy's samples", source, preferred, cfg.preferred_tolerance)
     drift = DriftMonitor(length_tolerance=cfg.drift_tolerance, preferred=preferred,
                          preferred_tolerance=cfg.preferred_tolerance)
     state = run.begin()

@@ -79,7 +79,9 @@ class PPOConfig(RunConfig):
                                         "the reward service's mean score of the responses ranked first there is "
                                         "measured at the start, and the monitor warns when the proxy climbs past "
                                         "--preferred-tolerance times their height above πSFT's samples (gold-free: "
-                                        "nothing in the data scores higher than what raters preferred)")
+                                        "nothing in the data scores higher than what raters preferred); default: "
+                                        "the reward model's own scores of its held-out preferred responses, served "
+                                        "with it since `tribune train-rm` keeps them (token path, not the gateway)")
     # 2.0, not 1.75 (chosen on the suite with the data step's four rankings per prompt: the better reward
     # models let PPO's proxy pass 1.75 while gold still rose; sequence stopped at iteration 20 of 60)
     preferred_tolerance: float = field(2.0, help="with --preferred-eval: warn above this multiple of the preferred "

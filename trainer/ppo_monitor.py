@@ -73,6 +73,13 @@ def preferred_score(scorer, tokenizer, path: Path, optimised, *, max_prompt_leng
     return total / len(groups), len(groups)
 
 
+def served_preferred_score(facts, optimised) -> tuple[float, int]:
+    """``preferred_score`` from the reward model's own scores of its preferred held-out responses,
+    served with it (``ServedFacts.preferred_member_scores``, (rows, K)): no preference file needed."""
+    members = torch.tensor(facts.preferred_member_scores, dtype=torch.float32)      # (rows, K)
+    return float(optimised(members).mean()), members.shape[0]
+
+
 @dataclass
 class HackingDetector:
     """Warns when the proxy reward has risen while the gold score has fallen since its best evaluation so

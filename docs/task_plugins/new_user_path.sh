@@ -4,12 +4,12 @@
 # The issue's new-user path, every setting at its default: task make → sft → train-rm → export → serve → PPO
 # SFT_ARGS='--epochs 1 --learning-rate 1e-3 --no-keep-best --early-stopping-patience none --evals-per-epoch 0' trains πSFT the
 # way `tribune sft` did before its defaults became the pipeline's. ITERATIONS (default 30) sets PPO's iterations;
-# ITERATIONS=default leaves them to `tribune ppo`'s own default.
+# ITERATIONS=default leaves them to `tribune ppo`'s own default. PPO_ARGS adds options to `tribune ppo`.
 set -e
 if [ $# -lt 2 ]; then echo "usage: $0 TASK OUT [task make options]" >&2; exit 2; fi
 TASK=$1; OUT=$2; shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
-export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" TRIBUNE_TASKS=${TRIBUNE_TASKS:-translate_task:SPEC,count_task:SPEC}
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" TRIBUNE_TASKS=${TRIBUNE_TASKS:-translate_task:SPEC,count_task:SPEC,repeat_task:SPEC}
 TR=${TRIBUNE:-tribune}
 ITERATIONS=${ITERATIONS:-30}
 if [ "$ITERATIONS" = default ]; then PPO_ITERS=(); else PPO_ITERS=(--iterations "$ITERATIONS"); fi
@@ -28,5 +28,5 @@ print(*[s.getsockname()[1] for s in ss])")
 $TR serve --repository $OUT/repo --grpc-port $PORT --http-port $HP --metrics-port $MP > $OUT/serve.log 2>&1 &
 SERVE=$!
 trap "kill $SERVE" EXIT
-$TR ppo --policy $OUT/sft --prompts $OUT/task/prompts_train.jsonl --eval-prompts $OUT/task/prompts_eval.jsonl --reward-url 127.0.0.1:$PORT --reference-url 127.0.0.1:$PORT --output $OUT/ppo "${PPO_ITERS[@]}" --judge $JUDGE > $OUT/ppo.json 2> $OUT/ppo.err
+$TR ppo --policy $OUT/sft --prompts $OUT/task/prompts_train.jsonl --eval-prompts $OUT/task/prompts_eval.jsonl --reward-url 127.0.0.1:$PORT --reference-url 127.0.0.1:$PORT --output $OUT/ppo "${PPO_ITERS[@]}" --judge $JUDGE $PPO_ARGS > $OUT/ppo.json 2> $OUT/ppo.err
 tail -1 $OUT/sft.err; tail -1 $OUT/rm.err; tail -1 $OUT/ppo.err
