@@ -192,12 +192,13 @@ class ServedFacts:
                              f"entries, got {len(self.member_reward_mean)} and {len(self.member_reward_std)}")
         if not all(s > 0 for s in self.member_reward_std):
             raise ValueError("member_reward_std must be positive")
+        malformed = f"preferred_member_scores must be rows of {self.ensemble_size} finite numbers"
         try:
             preferred = tuple(tuple(float(x) for x in row) for row in self.preferred_member_scores)
         except TypeError:
-            preferred = ((),)
+            raise ValueError(malformed) from None
         if any(len(row) != self.ensemble_size or not all(math.isfinite(x) for x in row) for row in preferred):
-            raise ValueError(f"preferred_member_scores must be rows of {self.ensemble_size} finite numbers")
+            raise ValueError(malformed)
         object.__setattr__(self, "preferred_member_scores", preferred)
 
     @classmethod

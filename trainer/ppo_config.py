@@ -84,7 +84,8 @@ class PPOConfig(RunConfig):
                                         "with it since `tribune train-rm` keeps them (token path, not the gateway)")
     # 2.0, not 1.75 (chosen on the suite with the data step's four rankings per prompt: the better reward
     # models let PPO's proxy pass 1.75 while gold still rose; sequence stopped at iteration 20 of 60)
-    preferred_tolerance: float = field(2.0, help="with --preferred-eval: warn above this multiple of the preferred "
+    preferred_tolerance: float = field(2.0, help="with a preferred height (--preferred-eval, or the one served "
+                                       "with the reward model): warn above this multiple of the preferred "
                                        "responses' height over πSFT's samples")
     stop_on_drift: bool = field(False, help="stop the run at the first over-optimisation warning")
     reward_clip: float | None = field(None, help="clip normalised rewards to ±this")

@@ -271,18 +271,19 @@ def preferred_member_scores(scores: list, tokenizer, groups: list[PreferenceGrou
     preferred. Served with the model (``ServedFacts.preferred_member_scores``), so that PPO's gold-free
     monitor has that height without the preference file (``tribune ppo --preferred-eval`` measures it
     from a file instead)."""
-    firsts = [(g.prompt, g.responses[0]) for g in groups[:PREFERRED_ROWS]]
+    firsts = [PreferenceGroup(g.prompt, g.responses[:1]) for g in groups[:PREFERRED_ROWS]]
     rows = []
     for i in range(0, len(firsts), 64):
-        seqs = [encode_pair(tokenizer, q, r, cfg.max_prompt_length, cfg.max_length)[0] for q, r in firsts[i:i + 64]]
-        ids, mask = pad_right(seqs, tokenizer.pad_token_id)
-        rows.append(torch.stack([score(ids.to(device), mask.to(device)).cpu() for score in scores], 1))   # (b, K)
+        batch = collate_groups(tokenizer, firsts[i:i + 64], cfg.max_prompt_length, cfg.max_length)
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        rows.append(torch.stack([score(ids, mask).cpu() for score in scores], 1))          # (b, K)
     return torch.cat(rows).double().tolist() if rows else []
 
 
-def with_preferred(stats: dict, scores: list, tokenizer, cfg: RewardConfig, device) -> dict:
-    """``stats`` plus the scorers' ``preferred_member_scores`` on ``cfg.eval`` and where they come from."""
-    groups = load_preference_groups(cfg.eval, SkipCounter())
+def with_preferred(stats: dict, scores: list, tokenizer, groups: list[PreferenceGroup], cfg: RewardConfig,
+                   device) -> dict:
+    """``stats`` plus the scorers' ``preferred_member_scores`` on ``groups`` (the rows of ``cfg.eval``)
+    and where they come from."""
     rows = preferred_member_scores(scores, tokenizer, groups, cfg, device)
     return {**stats, "preferred_member_scores": rows,
             "preferred_source": f"the responses ranked first in the first {len(rows)} rows of {cfg.eval}"}
@@ -354,8 +355,8 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                         .mean(0), cfg.stats_policy or cfg.model, tokenizer, [g.prompt for g in train[:cfg.stats_samples]],
                                         cfg, "cpu")
     stats["source"] += ", the members' mean"
-    stats = with_preferred(stats, [lambda ids, mask, m=m: score_sequences(m, ids, mask) for m in models], tokenizer, cfg,
-                           "cpu")
+    stats = with_preferred(stats, [lambda ids, mask, m=m: score_sequences(m, ids, mask) for m in models], tokenizer,
+                           load_preference_groups(cfg.eval, SkipCounter()), cfg, "cpu")
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"]})
     write_json(out / REWARD_STATS_FILE, stats)
     write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap,
@@ -407,7 +408,8 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.stats_policy or cfg.model,
                                         tokenizer,
                                         prompts, stats_cfg, acc.device)
-    stats = with_preferred(stats, [lambda ids, mask: score_sequences(rm, ids, mask)], tokenizer, cfg, acc.device)
+    stats = with_preferred(stats, [lambda ids, mask: score_sequences(rm, ids, mask)], tokenizer, evals, cfg,
+                           acc.device)
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"], "train_rows": len(train),
                     "train_pairs": n_pairs, "skipped_rows": skipped.total + eval_skipped.total})
     metrics = run.finish(rm, metrics)
