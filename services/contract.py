@@ -246,6 +246,12 @@ class ServedFacts:
         self.require(REWARD_MODEL)
         return (rewards - self.reward_mean) / self.reward_std
 
+    @property
+    def preferred_rewards(self) -> tuple[float, ...]:
+        """(rows,) the served `rewards` (the members' mean) of the preferred held-out responses:
+        what the gateway's ModelInfo carries, as it serves one score per item."""
+        return tuple(sum(row) / len(row) for row in self.preferred_member_scores)
+
     def require(self, *names: str) -> None:
         """Raises ContractError unless this repository serves every model in ``names``."""
         missing = [n for n in names if n not in self.models]

@@ -349,5 +349,6 @@ def model_info(backend: Backend, cfg: GatewayConfig) -> dict:
     return {"model_id": f.reward_model_id, "contract_version": f.contract_version,
             "tokenizer_fingerprint": f.tokenizer_fingerprint, "reward_mean": f.reward_mean,
             "reward_std": f.reward_std, "max_sequence_length": f.max_sequence_length,
-            "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes, "ensemble_size": f.ensemble_size}
+            "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes, "ensemble_size": f.ensemble_size,
+            "preferred_rewards": f.preferred_rewards}
 

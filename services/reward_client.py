@@ -225,13 +225,19 @@ def facts_from_model_info(info, max_prompt_length: int = 0):
 
     The gateway serves one score per item (an ensemble's members' mean, with the statistics
     of that mean), so the facts describe a single member; the spread comes per item instead.
+    The preferred responses' height travels the same way: one served reward per row.
     """
     from tribune.services.contract import ContractError, ServedFacts
 
     if not info.reward_std > 0:
         raise ContractError(f"the reward service reports reward_std {info.reward_std}; it must be positive")
     n = int(info.max_sequence_length)
-    return ServedFacts(contract_version=int(info.contract_version), tokenizer_fingerprint=info.tokenizer_fingerprint,
-                       reward_mean=float(info.reward_mean), reward_std=float(info.reward_std), max_sequence_length=n,
-                       vocab_size=0, max_batch_size=int(info.max_items), reward_model_id=info.model_id,
-                       max_length=n, max_prompt_length=max_prompt_length or (3 * n) // 4)
+    try:
+        return ServedFacts(contract_version=int(info.contract_version), tokenizer_fingerprint=info.tokenizer_fingerprint,
+                           reward_mean=float(info.reward_mean), reward_std=float(info.reward_std),
+                           max_sequence_length=n, vocab_size=0, max_batch_size=int(info.max_items),
+                           reward_model_id=info.model_id, max_length=n,
+                           max_prompt_length=max_prompt_length or (3 * n) // 4,
+                           preferred_member_scores=tuple((x,) for x in info.preferred_rewards))
+    except ValueError as e:
+        raise ContractError(f"the reward service's ModelInfo is malformed: {e}") from None

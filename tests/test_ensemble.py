@@ -65,6 +65,7 @@ def test_served_facts_standardise_each_member_with_its_own_statistics():
     rows = [[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]
     kept = ServedFacts.parse({**facts.to_dict(), "preferred_member_scores": rows})
     assert kept.preferred_member_scores == ((1.0, 2.0, 3.0), (0.5, 0.0, -1.0)) and ServedFacts.parse(kept.to_dict()) == kept
+    assert kept.preferred_rewards == pytest.approx((2.0, -1 / 6)) and facts.preferred_rewards == ()   # the served mean
     for bad in ([[1.0, 2.0]], [[1.0, 2.0, float("nan")]], [1.0, 2.0, 3.0]):
         with pytest.raises(ContractError, match="preferred_member_scores"):
             ServedFacts.parse({**facts.to_dict(), "preferred_member_scores": bad})
@@ -217,3 +218,4 @@ def test_gateway_returns_the_spread_of_standardised_members(served_ensemble, ens
         np.testing.assert_allclose(best.ensemble_spread, want[:2], atol=1e-4)
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         assert info.ensemble_size == K and info.reward_mean == pytest.approx(served["reward_mean"])
+        assert list(info.preferred_rewards) == []       # derived statistics: no height served, here either

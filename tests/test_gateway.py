@@ -145,6 +145,30 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
         assert info.tokenizer_fingerprint == facts.tokenizer_fingerprint and info.max_items > 0
         assert info.ensemble_size == 1
+        # the height of the raters' favourites travels with the model (train-rm kept its scores of them)
+        assert len(info.preferred_rewards) == len(facts.preferred_member_scores) > 0
+        np.testing.assert_allclose(info.preferred_rewards, [r[0] for r in facts.preferred_member_scores], atol=1e-5)
+
+
+def test_model_info_becomes_served_facts_and_a_malformed_one_is_refused():
+    from tribune.services.contract import ContractError
+    from tribune.services.reward_client import facts_from_model_info
+
+    info = pb.ModelInfo(model_id="m", contract_version=1, tokenizer_fingerprint="f", reward_mean=0.5, reward_std=2.0,
+                        max_sequence_length=64, max_items=8, ensemble_size=3, preferred_rewards=[1.5, -0.5])
+    facts = facts_from_model_info(info)
+    # one score per item through the gateway: the members' mean, described as a single member
+    assert facts.ensemble_size == 1 and facts.preferred_member_scores == ((1.5,), (-0.5,))
+    assert facts.preferred_rewards == (1.5, -0.5) and facts.max_prompt_length == 48
+    assert facts_from_model_info(pb.ModelInfo(**{**_fields(info), "preferred_rewards": []})).preferred_member_scores == ()
+    for bad, match in (({"preferred_rewards": [1.0, float("nan")]}, "preferred_member_scores"),
+                       ({"reward_std": 0.0}, "reward_std")):
+        with pytest.raises(ContractError, match=match):
+            facts_from_model_info(pb.ModelInfo(**{**_fields(info), **bad}))
+
+
+def _fields(message) -> dict:
+    return {f.name: v for f, v in message.ListFields()}
 
 
 def test_a_client_with_only_server_reflection_finds_and_calls_score(gateway):

@@ -149,6 +149,12 @@ def test_ppo_through_the_gateway_with_chat_prompts_raises_its_reward(other_famil
     assert metrics["objective/kl"] < 8.0
     resolved = json.loads((out / "config.resolved.json").read_text())
     assert resolved["max_new_tokens"] == 16 and resolved["reward_gateway"] == gw.target
+    # no --preferred-eval: the monitor's height came through GetModelInfo, in the proxy's units
+    stats = json.loads((rm_dir / "reward_stats.json").read_text())
+    preferred = np.asarray(stats["preferred_member_scores"])[:, 0]                   # (rows,) one member
+    assert metrics["monitor/preferred_score"] == pytest.approx((preferred.mean() - stats["mean"]) / stats["std"],
+                                                               abs=1e-4)
+    assert "preferred held-out responses, served with it (" in (out / "tribune.log").read_text()
 
 
 def test_reference_with_another_tokenizer_is_refused(other_family, sft_dir, task_dir, tmp_path):

@@ -81,7 +81,8 @@ class PPOConfig(RunConfig):
                                         "--preferred-tolerance times their height above πSFT's samples (gold-free: "
                                         "nothing in the data scores higher than what raters preferred); default: "
                                         "the reward model's own scores of its held-out preferred responses, served "
-                                        "with it since `tribune train-rm` keeps them (token path, not the gateway)")
+                                        "with it since `tribune train-rm` keeps them (in the manifest, or the gateway's "
+                                        "ModelInfo)")
     # 2.0, not 1.75 (chosen on the suite with the data step's four rankings per prompt: the better reward
     # models let PPO's proxy pass 1.75 while gold still rose; sequence stopped at iteration 20 of 60)
     preferred_tolerance: float = field(2.0, help="with a preferred height (--preferred-eval, or the one served "

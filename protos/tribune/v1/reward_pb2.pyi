@@ -79,7 +79,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "contract_version", "tokenizer_fingerprint", "reward_mean", "reward_std", "max_sequence_length", "max_items", "max_text_bytes", "ensemble_size")
+    __slots__ = ("model_id", "contract_version", "tokenizer_fingerprint", "reward_mean", "reward_std", "max_sequence_length", "max_items", "max_text_bytes", "ensemble_size", "preferred_rewards")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class ModelInfo(_message.Message):
     MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_REWARDS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     contract_version: int
     tokenizer_fingerprint: str
@@ -98,4 +99,5 @@ class ModelInfo(_message.Message):
     max_items: int
     max_text_bytes: int
     ensemble_size: int
-    def __init__(self, model_id: _Optional[str] = ..., contract_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., max_items: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., ensemble_size: _Optional[int] = ...) -> None: ...
+    preferred_rewards: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model_id: _Optional[str] = ..., contract_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., max_items: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., preferred_rewards: _Optional[_Iterable[float]] = ...) -> None: ...
