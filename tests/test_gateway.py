@@ -154,21 +154,17 @@ def test_model_info_becomes_served_facts_and_a_malformed_one_is_refused():
     from tribune.services.contract import ContractError
     from tribune.services.reward_client import facts_from_model_info
 
-    info = pb.ModelInfo(model_id="m", contract_version=1, tokenizer_fingerprint="f", reward_mean=0.5, reward_std=2.0,
-                        max_sequence_length=64, max_items=8, ensemble_size=3, preferred_rewards=[1.5, -0.5])
-    facts = facts_from_model_info(info)
+    fields = dict(model_id="m", contract_version=1, tokenizer_fingerprint="f", reward_mean=0.5, reward_std=2.0,
+                  max_sequence_length=64, max_items=8, ensemble_size=3, preferred_rewards=[1.5, -0.5])
+    facts = facts_from_model_info(pb.ModelInfo(**fields))
     # one score per item through the gateway: the members' mean, described as a single member
     assert facts.ensemble_size == 1 and facts.preferred_member_scores == ((1.5,), (-0.5,))
     assert facts.preferred_rewards == (1.5, -0.5) and facts.max_prompt_length == 48
-    assert facts_from_model_info(pb.ModelInfo(**{**_fields(info), "preferred_rewards": []})).preferred_member_scores == ()
+    assert facts_from_model_info(pb.ModelInfo(**{**fields, "preferred_rewards": []})).preferred_member_scores == ()
     for bad, match in (({"preferred_rewards": [1.0, float("nan")]}, "preferred_member_scores"),
                        ({"reward_std": 0.0}, "reward_std")):
         with pytest.raises(ContractError, match=match):
-            facts_from_model_info(pb.ModelInfo(**{**_fields(info), **bad}))
-
-
-def _fields(message) -> dict:
-    return {f.name: v for f, v in message.ListFields()}
+            facts_from_model_info(pb.ModelInfo(**{**fields, **bad}))
 
 
 def test_a_client_with_only_server_reflection_finds_and_calls_score(gateway):

@@ -329,9 +329,8 @@ def ensemble_metrics(per_member: list[dict]) -> dict:
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     """One reward model, or with ``--ensemble K`` K members and OUTPUT/ensemble.json."""
     # one truncation for every member (text clients need one), fitted on all the training rows
-    cfg = with_fitted_lengths(cfg, cfg.model, load_tokenizer(cfg.model),
-                              [(g.prompt, r) for g in load_preference_groups(cfg.train, SkipCounter())
-                               for r in g.responses])
+    train, tokenizer = load_preference_groups(cfg.train, SkipCounter()), load_tokenizer(cfg.model)
+    cfg = with_fitted_lengths(cfg, cfg.model, tokenizer, [(g.prompt, r) for g in train for r in g.responses])
     if cfg.ensemble == 1:
         return train_one_rm(cfg)
     out = Path(cfg.output)
@@ -347,10 +346,8 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                        stats_seed=cfg.seed))
     metrics = ensemble_metrics(per_member)
     metrics["ensemble_size"] = cfg.ensemble
-    tokenizer = load_tokenizer(cfg.model)
     tokenizer.save_pretrained(out)
     models = [load_reward_model(out / name).eval() for name in members]
-    train = load_preference_groups(cfg.train, SkipCounter())
     stats = reward_stats_on_sft_samples(lambda ids, mask: torch.stack([score_sequences(m, ids, mask) for m in models])
                                         .mean(0), cfg.stats_policy or cfg.model, tokenizer, [g.prompt for g in train[:cfg.stats_samples]],
                                         cfg, "cpu")
