@@ -80,6 +80,8 @@ class ModelSpec:
 INPUT_IDS = TensorSpec("input_ids", "INT64", (-1,))
 ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1,))
 TEMPERATURE = TensorSpec("temperature", "FP32", (1,))
+# the lowest temperature `reference` accepts: logits divided by less overflow (NaN log-probs)
+MIN_TEMPERATURE = 1e-3
 REWARDS = TensorSpec("rewards", "FP32", (1,))
 MEMBER_REWARDS_NAME = "member_rewards"
 LOGPROBS = TensorSpec("logprobs", "FP32", (-1,))
@@ -251,6 +253,14 @@ class ServedFacts:
         """(rows,) the served `rewards` (the members' mean) of the preferred held-out responses:
         what the gateway's ModelInfo carries, as it serves one score per item."""
         return tuple(sum(row) / len(row) for row in self.preferred_member_scores)
+
+    @property
+    def preferred_spread(self) -> tuple[float, ...]:
+        """(rows,) the members' disagreement on those responses (``member_spread``; 0 for one member):
+        with ``preferred_rewards``, what a gateway client needs to rate them as PPO's objective does."""
+        if not self.preferred_member_scores:
+            return ()
+        return tuple(float(x) for x in self.member_spread(np.asarray(self.preferred_member_scores, np.float64)))
 
     def require(self, *names: str) -> None:
         """Raises ContractError unless this repository serves every model in ``names``."""

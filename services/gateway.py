@@ -56,7 +56,11 @@ class Metrics:
                            registry=self.registry)
 
 
-def _request_id(context) -> str:
+def _request_id(context, request=None) -> str:
+    """The caller's id: the request's ``request_id`` field, else the x-request-id header, else a new one."""
+    own = getattr(request, "request_id", "") if not isinstance(request, _Malformed) else ""
+    if own:
+        return own[:128]
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
             return value[:128]
@@ -128,9 +132,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         deserializer = _tolerant(handler.request_deserializer,
                                  method_desc.input_type.full_name if method_desc else "request")
 
-        async def _guard(coro_fn, context):
+        async def _guard(coro_fn, context, request=None):
             t0 = time.perf_counter()
-            rid = _request_id(context)
+            rid = _request_id(context, request)
             context.set_trailing_metadata((("x-request-id", rid),))
             code = grpc.StatusCode.OK
             try:
@@ -161,7 +165,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):
                 async def run(rid):
                     return await inner(_check_parsed(request), context, rid)
-                return await _guard(run, context)
+                return await _guard(run, context, request)
 
             return grpc.unary_unary_rpc_method_handler(unary, deserializer, handler.response_serializer)
         if handler.stream_stream:
@@ -182,10 +186,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires 'authorization: Bearer TOKEN' except on health checks and reflection."""
+    """Requires 'authorization: Bearer TOKEN' except on health checks and reflection; a refused
+    call is counted (code UNAUTHENTICATED) and logged like every other."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, metrics: Metrics):
         self.expected = f"Bearer {token}"
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_METHODS):
@@ -193,6 +199,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         sent = dict(details.invocation_metadata or ()).get("authorization")
         if same_secret(sent, self.expected):
             return await continuation(details)
+        method = details.method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        log.info(json.dumps({"event": "request", "method": method, "code": grpc.StatusCode.UNAUTHENTICATED.name,
+                             "detail": "missing or invalid bearer token"}))
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization)")
@@ -221,7 +231,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
     async def _score(self, items: list[Item], context, field_name: str) -> Scores:
         self.tok.validate(items, field_name)
         facts = self.backend.facts
-        seqs = [self.tok.encode(item, facts) for item in items]
+        seqs = [self.tok.encode(item, facts, f"{field_name}[{i}]") for i, item in enumerate(items)]
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         return await self.batcher.score(seqs, deadline)    # with the facts of the server that answered
@@ -272,7 +282,7 @@ class Gateway:
         interceptors = [ErrorInterceptor(self.metrics)]
         self.token = cfg.required_token()
         if self.token is not None:
-            interceptors.insert(0, AuthInterceptor(self.token))
+            interceptors.insert(0, AuthInterceptor(self.token, self.metrics))
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
@@ -295,6 +305,7 @@ class Gateway:
         if self.port == 0:
             raise UserError(f"cannot bind the gateway to {address} (address already in use, or not this host's)")
         self._tasks: list[asyncio.Task] = []
+        self._metrics_http = None          # the /metrics HTTP server, from start() to stop()
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -314,14 +325,19 @@ class Gateway:
             await asyncio.sleep(self.cfg.health_interval_s)
 
     async def start(self) -> None:
+        if self.cfg.metrics_port:          # first: a busy port is refused before anything listens
+            from prometheus_client import start_http_server
+
+            try:
+                self._metrics_http = start_http_server(self.cfg.metrics_port, addr=self.cfg.host,
+                                                       registry=self.metrics.registry)[0]
+            except OSError as e:
+                raise UserError(f"cannot serve metrics on {self.cfg.host}:{self.cfg.metrics_port} ({e.strerror or e}); "
+                                "choose another --metrics-port, or 0 for none") from None
         await self._set_health(False)
         await self.server.start()
         self.batcher.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_triton()))
-        if self.cfg.metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(self.cfg.metrics_port, addr=self.cfg.host, registry=self.metrics.registry)
 
     async def stop(self) -> None:
         await self._set_health(False)
@@ -330,6 +346,10 @@ class Gateway:
             t.cancel()
         await self.batcher.stop()
         self.backend.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
 
 def create_server(cfg: GatewayConfig) -> tuple[Gateway, int]:

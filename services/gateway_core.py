@@ -58,6 +58,11 @@ class GatewayConfig:
         for name in ("max_items", "max_text_bytes", "batch_max_items", "max_queue_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_queue_items < self.max_items:
+            raise ValueError(f"max_queue_items ({self.max_queue_items}) must be at least max_items ({self.max_items}): "
+                             "a request of max_items could never be queued")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError("max_prompt_length must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -131,6 +136,9 @@ class Tokenisation:
                 if item.messages[-1][0] != "assistant":
                     raise InvalidInput(f"{where}.messages: the last message must be the assistant's response",
                                        f"{where}.messages")
+                if len(item.messages) < 2:
+                    raise InvalidInput(f"{where}.messages: a conversation needs at least one turn before the "
+                                       "assistant's response", f"{where}.messages")
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise InvalidInput(f"{where}.messages: this model's tokenizer has no chat template; "
                                        "send prompt and response instead", f"{where}.messages")
@@ -145,17 +153,24 @@ class Tokenisation:
             self._check_text(f"{where}.response", item.response or "")
 
     def _check_text(self, where: str, text: str) -> None:
-        if "\ufffd" in text:
-            raise InvalidInput(f"{where} is not valid UTF-8", where)
+        # invalid UTF-8 never gets here (the request does not parse: INVALID_ARGUMENT); U+FFFD is valid text
         if len(text.encode("utf-8", "surrogatepass")) > self.cfg.max_text_bytes:
             raise InvalidInput(f"{where} is longer than {self.cfg.max_text_bytes} bytes", where)
 
-    def encode(self, item: Item, facts: ServedFacts) -> list[int]:
-        """Token ids as the reward model was trained: its truncation policy comes with the facts."""
+    def encode(self, item: Item, facts: ServedFacts, where: str = "items") -> list[int]:
+        """Token ids as the reward model was trained: its truncation policy comes with the facts.
+
+        A conversation the model's chat template refuses (e.g. roles that do not alternate, which
+        Llama-2 and Mistral templates raise on) is the caller's input error, naming the item."""
         prompt, response = item.prompt, item.response or ""
         if item.messages:
-            prompt, response = render_chat(self.tokenizer, [{"role": r, "content": c} for r, c in item.messages])
-        max_prompt = self.cfg.max_prompt_length or facts.max_prompt_length
+            try:
+                prompt, response = render_chat(self.tokenizer, [{"role": r, "content": c} for r, c in item.messages])
+            except Exception as e:  # the template's own error (jinja2 TemplateError, ValueError): the input
+                raise InvalidInput(f"{where}.messages: the model's chat template refuses this conversation: {e}",
+                                   f"{where}.messages") from None
+        # the prompt keeps room for at least the EOS, so a sequence never exceeds the served maximum
+        max_prompt = min(self.cfg.max_prompt_length or facts.max_prompt_length, facts.max_length - 1)
         return encode_pair(self.tokenizer, prompt, response or "", max_prompt, facts.max_length)[0]
 
 
@@ -168,7 +183,7 @@ class Backend:
         self.cfg, self.fingerprint = cfg, fingerprint
         self.scorer: TritonScorer | None = None
         self.ready = False
-        self.repository_facts = ServedFacts.parse(read_manifest(cfg.repository)["served"])
+        self.repository_facts = ServedFacts.parse(read_manifest(cfg.repository).get("served"))   # ContractError if none
         self.repository_facts.require(REWARD_MODEL)       # a repository of the reference alone has no scores
         self.last_error = "not connected yet"
 
@@ -246,6 +261,7 @@ class MicroBatcher:
         self.observe_batch = observe_batch or (lambda n: None)
         self.observe_queue = observe_queue or (lambda n: None)
         self._task: asyncio.Task | None = None
+        self._sending: set[asyncio.Task] = set()     # Triton calls in flight
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -285,7 +301,10 @@ class MicroBatcher:
                 batch.append(nxt)
                 n += len(nxt.seqs)
             self.observe_batch(n)
-            asyncio.get_running_loop().create_task(self._send(batch, n))
+            # held until done: the event loop keeps only a weak reference to a task
+            task = asyncio.get_running_loop().create_task(self._send(batch, n))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[_Pending], n_items: int) -> None:
         try:
@@ -350,5 +369,5 @@ def model_info(backend: Backend, cfg: GatewayConfig) -> dict:
             "tokenizer_fingerprint": f.tokenizer_fingerprint, "reward_mean": f.reward_mean,
             "reward_std": f.reward_std, "max_sequence_length": f.max_sequence_length,
             "max_items": cfg.max_items, "max_text_bytes": cfg.max_text_bytes, "ensemble_size": f.ensemble_size,
-            "preferred_rewards": f.preferred_rewards}
+            "preferred_rewards": f.preferred_rewards, "preferred_spread": f.preferred_spread}
 

@@ -10,11 +10,14 @@ A judge plays the human rater in evaluation only; it never trains anything. Two 
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 from tribune.services.common.config import field
 from tribune.services.common.errors import UserError
+
+log = logging.getLogger("tribune")
 
 
 @dataclass(kw_only=True)
@@ -45,14 +48,22 @@ class CallableJudge:
         module, _, name = ref.partition(":")
         try:
             fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
+        except (ImportError, AttributeError, ValueError) as e:     # ValueError: an empty module name
             raise UserError(f"--judge {ref}: cannot import it ({e})") from None
         if not callable(fn):
             raise UserError(f"--judge {ref} is not callable")
         self.name, self.fn = ref, fn
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
+        out = []
+        for p, r in zip(prompts, responses):
+            try:
+                out.append(float(self.fn(p, r)))
+            except Exception as e:  # the judge's own error (e.g. another task's judge): the user's setup
+                log.debug("judge %s failed on %r / %r", self.name, p, r, exc_info=True)
+                raise UserError(f"--judge {self.name} cannot score the prompt {p[:80]!r}: {type(e).__name__}: {e} "
+                                "(is it the judge of this data's task?)") from None
+        return out
 
 
 class ServiceJudge:
@@ -61,15 +72,20 @@ class ServiceJudge:
     def __init__(self, target: str, timeout_s: float, batch: int = 128):
         import grpc
 
-        from tribune.v1 import reward_pb2_grpc
+        from tribune.v1 import reward_pb2, reward_pb2_grpc
 
         self.name, self.timeout_s, self.batch = f"service {target}", timeout_s, batch
         self.channel = grpc.insecure_channel(target)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+            info = self.stub.GetModelInfo(reward_pb2.GetModelInfoRequest(), timeout=timeout_s, wait_for_ready=True)
         except grpc.FutureTimeoutError:
             raise UserError(f"--judge-url {target}: no RewardService answered within {timeout_s:.0f}s") from None
+        except grpc.RpcError as e:
+            raise UserError(f"--judge-url {target}: {e.code().name}: {e.details()}") from None
+        if info.max_items > 0:                 # the service's own limit per request
+            self.batch = min(batch, info.max_items)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         import grpc
@@ -89,11 +105,18 @@ class ServiceJudge:
         return out
 
 
-def load_judge(cfg: JudgeConfig) -> Judge | None:
-    """The configured judge, or None when there is none (no gold score is reported)."""
+def load_judge(cfg: JudgeConfig, prompts: list[str] = ()) -> Judge | None:
+    """The configured judge, or None when there is none (no gold score is reported).
+
+    With ``prompts`` (what it will judge), it scores the first with an empty response at once:
+    a judge that cannot score this data (another task's, a service that refuses it) is a clear
+    error before any training, not after it."""
+    judge = None
     if cfg.judge:
-        return CallableJudge(cfg.judge)
-    if cfg.judge_url:
-        return ServiceJudge(cfg.judge_url, cfg.judge_timeout_s)
-    return None
+        judge = CallableJudge(cfg.judge)
+    elif cfg.judge_url:
+        judge = ServiceJudge(cfg.judge_url, cfg.judge_timeout_s)
+    if judge is not None and prompts:
+        judge.score([prompts[0]], [""])
+    return judge
 

@@ -104,7 +104,8 @@ class RewardClient:
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
-        self._metadata = (("authorization", f"Bearer {cfg.auth_token}"),) if cfg.auth_token else None
+        token = cfg.bearer_token()          # --auth-token, --auth-token-file or $TRIBUNE_AUTH_TOKEN, as Triton's client
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_in_flight, thread_name_prefix="tribune-reward-client")
         self._info = None
         self._lock = threading.Lock()
@@ -220,24 +221,58 @@ class RewardClient:
 
 
 
+def spread_pattern(k: int) -> np.ndarray:
+    """(k,) evenly spaced values with mean 0 and population standard deviation 1 (zeros for k = 1)."""
+    if k < 2:
+        return np.zeros(k)
+    u = np.arange(k) - (k - 1) / 2
+    return u / np.sqrt((k * k - 1) / 12)
+
+
+def members_from_spread(rewards: np.ndarray, spread: np.ndarray, reward_std: float, k: int) -> np.ndarray:
+    """K stand-in member scores with the served members' mean and disagreement. (n,), (n,) -> (n, K)
+
+    A gateway serves an ensemble's mean raw reward and the members' spread (std over members of
+    their standardised scores), not each member. Columns ``rewards + reward_std·spread·u_k`` (u:
+    ``spread_pattern``), standardised with the mean's statistics, have exactly the served
+    normalised reward as their mean and ``spread`` as their population std: so the members' mean,
+    mean − λ·std and the disagreement come out as on the token path. Their minimum is not the
+    members' (it assumes evenly spaced members) except for K = 2.
+    """
+    rewards, spread = np.asarray(rewards, np.float64), np.asarray(spread, np.float64)
+    return rewards[:, None] + reward_std * spread[:, None] * spread_pattern(k)[None, :]      # (n, K)
+
+
 def facts_from_model_info(info, max_prompt_length: int = 0):
     """``ServedFacts`` of a gateway's ``ModelInfo``, for code written against the token path's facts.
 
-    The gateway serves one score per item (an ensemble's members' mean, with the statistics
-    of that mean), so the facts describe a single member; the spread comes per item instead.
-    The preferred responses' height travels the same way: one served reward per row.
+    The gateway serves one score per item (an ensemble's members' mean, with the statistics of
+    that mean) and the members' spread, not each member's score: the facts describe K members
+    that all have the mean's statistics, and a client turns each (reward, spread) into their
+    scores with ``members_from_spread``. The preferred responses' height travels the same way
+    (``preferred_rewards`` and ``preferred_spread``; a server that predates the spread reads as 0).
     """
     from tribune.services.contract import ContractError, ServedFacts
 
     if not info.reward_std > 0:
         raise ContractError(f"the reward service reports reward_std {info.reward_std}; it must be positive")
-    n = int(info.max_sequence_length)
+    n, k = int(info.max_sequence_length), max(int(info.ensemble_size), 1)
+    preferred = np.asarray(info.preferred_rewards, np.float64)
+    spread = np.asarray(info.preferred_spread, np.float64)
+    if spread.size == 0:
+        spread = np.zeros_like(preferred)
+    if spread.shape != preferred.shape or (spread < 0).any():
+        raise ContractError(f"the reward service's ModelInfo is malformed: preferred_spread must hold one non-negative "
+                            f"value per preferred_rewards entry ({preferred.size}), got {list(spread)}")
     try:
         return ServedFacts(contract_version=int(info.contract_version), tokenizer_fingerprint=info.tokenizer_fingerprint,
                            reward_mean=float(info.reward_mean), reward_std=float(info.reward_std),
                            max_sequence_length=n, vocab_size=0, max_batch_size=int(info.max_items),
                            reward_model_id=info.model_id, max_length=n,
-                           max_prompt_length=max_prompt_length or (3 * n) // 4,
-                           preferred_member_scores=tuple((x,) for x in info.preferred_rewards))
+                           max_prompt_length=max_prompt_length or (3 * n) // 4, ensemble_size=k,
+                           member_reward_mean=(float(info.reward_mean),) * k,
+                           member_reward_std=(float(info.reward_std),) * k,
+                           preferred_member_scores=tuple(map(tuple, members_from_spread(
+                               preferred, spread, float(info.reward_std), k).tolist())))
     except ValueError as e:
         raise ContractError(f"the reward service's ModelInfo is malformed: {e}") from None

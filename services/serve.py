@@ -36,8 +36,8 @@ import numpy as np
 from tribune.services.client import bucket_length
 from tribune.services.common.config import field
 from tribune.services.common.errors import UserError
-from tribune.services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, MODELS, PROBE, REFERENCE, REWARD_MODEL,
-                               TEMPERATURE, ContractError, ModelSpec, ServedFacts)
+from tribune.services.contract import (ATTENTION_MASK, INPUT_IDS, MANIFEST_SPEC, MIN_TEMPERATURE, MODELS, PROBE,
+                                       REFERENCE, REWARD_MODEL, TEMPERATURE, ContractError, ModelSpec, ServedFacts)
 from tribune.services.launcher import PORT_CLASH
 from tribune.services.repository import ONNX_FILE, read_config, verify_repository
 from tribune.services.runtime import ensure_libpython_on_loader_path, execution_providers
@@ -149,9 +149,9 @@ def validate(spec: ModelSpec, inputs: dict[str, np.ndarray], vocab_size: int, ma
         temp = inputs[TEMPERATURE.name]
         if temp.shape != (B, 1):
             raise BadRequest(f"temperature: shape {list(temp.shape)} is not (batch, 1) = {[B, 1]}")
-        bad = temp[~(np.isfinite(temp) & (temp > 0))]
+        bad = temp[~(np.isfinite(temp) & (temp >= MIN_TEMPERATURE))]
         if bad.size:
-            raise BadRequest(f"temperature: {bad[0]:g} is not a finite number > 0")
+            raise BadRequest(f"temperature: {bad[0]:g} is not a finite number of at least {MIN_TEMPERATURE:g}")
 
 
 class OnnxModel:

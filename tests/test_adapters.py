@@ -15,7 +15,13 @@ def test_lengths_fit_the_data_and_the_model():
     assert fit_lengths([100, 3], [130, 9], context=64) == (64, 48)
     # given values are kept
     assert fit_lengths([5], [12], context=64, max_length=40) == (40, 5)
-    assert fit_lengths([5], [12], context=None, max_prompt_length=2) == (12, 2)
+    # a given prompt limit: the longest sequence a prompt of that length makes, so PPO's response
+    # room (max_length − max_prompt_length) is the data's, never below one token
+    assert fit_lengths([5], [12], context=None, max_prompt_length=2) == (9, 2)
+    assert fit_lengths([100, 40], [300, 60], context=1024, max_prompt_length=512) == (712, 512)
+    assert fit_lengths([100], [300], context=600, max_prompt_length=512) == (600, 512)
+    with pytest.raises(ValueError, match="leaves no room for a response"):
+        fit_lengths([100], [300], context=512, max_prompt_length=512)
     # generation: the SFT run's response room, else what the context leaves, at most 256
     assert fit_generation([5, 7], context=64, trained=(64, 48)) == (16, 7)
     assert fit_generation([5, 7], context=64, trained=None) == (57, 7)

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tribune
-from tribune.services.common.config import build_config, config_from_args, flat_fields
+from tribune.services.common.config import build_config, config_from_args, flat_fields, load_yaml
 from tribune.services.common.errors import UserError
+from tribune.trainer.demo import DemoConfig
 from tribune.trainer.reward import RewardConfig
 from tribune.trainer.sft import SFTConfig
 
@@ -74,6 +75,26 @@ def test_user_errors_print_one_line_without_traceback(tmp_path, task_dir):
     yml.write_text("learning_rate: [1\n")
     proc = tribune("sft", "--config", yml, check=False)
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+    # bytes that are not UTF-8 name their line; a byte-order mark some editors write is fine
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "name two fruits", "response": "fig kiwi"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + latin.read_bytes().splitlines(keepends=True)[0])
+    from tribune.services.common.jsonl import read_jsonl
+    assert [obj["prompt"] for _, obj in read_jsonl(bom)] == ["name two fruits"]
+    for args, message in ((("sft", "--model", task_dir / "base", "--train", latin, "--output", tmp_path / "o"),
+                           f"{latin}:2: not UTF-8 text (byte 0xe9 at column 16)"),
+                          (("sft", "--config", tmp_path), "cannot read the config file"),
+                          (("demo", "--output", tmp_path / "d", "--sft", "epochs"),
+                           "sft: expected KEY=VALUE words, got 'epochs'"),
+                          (("task", "make", latin), "exists and is not a directory")):
+        proc = tribune(*args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    yml.write_text("sft: 3\n")
+    with pytest.raises(UserError, match="sft: expected a mapping"):
+        build_config(DemoConfig, load_yaml(yml))
 
 
 def test_skipped_rows_are_counted_and_logged(tmp_path, sft_dir):

@@ -65,6 +65,8 @@ def test_collect_is_identical_per_seed_and_resumes_after_a_torn_line(tmp_path, t
     assert refused.returncode == 2 and "--resume" in refused.stderr
     other = tribune(*common, "--output", torn, "--resume", "--temperature", "0.5", check=False)
     assert other.returncode == 2 and "other settings (sampling differ)" in other.stderr
+    fewer = tribune(*common[:-4], "--max-prompts", "30", *common[-2:], "--output", torn, "--resume", check=False)
+    assert fewer.returncode == 2 and "max_prompts" in fewer.stderr
     tribune(*common, "--output", torn, "--resume")
     assert torn.read_bytes() == a
 
@@ -210,6 +212,7 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
         for body, why in (({"labeller": "ann", "item": 2, "order": [0, 1]}, "order: expected every shown"),
                           ({"labeller": "ann", "item": 9, "order": [0, 1, 2]}, "item: expected an item number"),
                           ({"labeller": "", "item": 0, "order": [0, 1, 2]}, "labeller: an id"),
+                          ({"labeller": "ann", "item": 2, "order": [0, "1", 2]}, "order: expected every shown"),
                           ({"labeller": "bob", "item": 0, "order": [0, 1, 2]}, "already answered by bob")):
             status, err = _call(url + "/api/answer", body)
             assert status == 400 and why in err["error"], err
@@ -222,6 +225,9 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
     prefs = _rows(tmp_path / "human.jsonl")
     assert [(r["labeller"], r["ranking"]) for r in prefs] == [("ann", ["c", "a", "b"]), ("bob", ["c", "b", "a"])]
 
+    answers = tmp_path / "human.jsonl.answers.jsonl"
+    with answers.open("a") as f:                      # a crash in the middle of a write: a torn last line
+        f.write('{"action": "answer", "labeller": "ann", "item": 2, "ord')
     proc, url = _start_page(tmp_path, cands, "--labels-per-item", "2")       # a restart carries on
     try:
         assert _call(url + "/api/next?labeller=ann")[1]["item"] == 2
@@ -230,11 +236,21 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
         # ann c>a>b, bob c>b>a: (a,b) disagree, (a,c) and (b,c) agree
         assert stats["agreement_pairs"] == 3 and abs(stats["agreement"] - 2 / 3) < 1e-9
         assert stats["answers"] == 2 and stats["labellers"] == ["ann", "bob"]
+        assert _call(url + "/api/answer", {"labeller": "bob", "item": 1, "order": [1, 0, 2]})[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "agreement 0.667" in err
-    assert len(load_preference_groups(tmp_path / "human.jsonl", SkipCounter())) == 2
+    # the torn line was cut, so the answer after it is a line of its own and survives the next restart
+    assert [(r["action"], r["labeller"]) for r in _rows(answers)][-1] == ("answer", "bob")
+    assert len(load_preference_groups(tmp_path / "human.jsonl", SkipCounter())) == 3
+    # the same output with other candidates (collected again): refused, not applied to them
+    other = tmp_path / "other.jsonl"
+    other.write_text(cands.read_text().replace('"a"', '"z"'))
+    proc = subprocess.run([sys.executable, "-m", "tribune.trainer", "label", "--serve", "--input", str(other),
+                           "--output", str(tmp_path / "human.jsonl"), "--port", "0"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "answers were given to other prompts or candidates" in proc.stderr, proc.stderr
 
 
 NODE_DIR = REPO / "clients" / "node"

@@ -219,3 +219,39 @@ def test_gateway_returns_the_spread_of_standardised_members(served_ensemble, ens
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         assert info.ensemble_size == K and info.reward_mean == pytest.approx(served["reward_mean"])
         assert list(info.preferred_rewards) == []       # derived statistics: no height served, here either
+
+
+@pytest.mark.slow
+def test_ppo_through_the_gateway_penalises_the_served_spread(served_ensemble, ensemble_repo, tmp_path):
+    """`tribune ppo --reward-gateway` against an ensemble: the uncertainty penalty and the
+    disagreement it optimises and monitors are the served ones (real Triton, gateway and
+    reference); the members' minimum, which needs each member, is refused at connect."""
+    from tribune.services.common.config import build_config
+    from tribune.services.common.errors import UserError
+    from tribune.services.common.text import load_tokenizer
+    from tests.test_gateway import _items
+    from tribune.trainer.ppo_config import PPOConfig
+    from tribune.trainer.ppo_monitor import generated_from_text
+    from tribune.trainer.ppo_step import optimised_score
+    from tribune.trainer.scorers import connect
+
+    tok = load_tokenizer(ensemble_repo / "tokenizer")
+    common = {"policy": ensemble_repo, "prompts": tmp_path / "p.jsonl", "output": tmp_path / "out",
+              "reward_gateway": served_ensemble.gateway, "reference_url": served_ensemble.url}
+    cfg = build_config(PPOConfig, common)
+    scorers = connect(cfg, tok, _fingerprint(ensemble_repo))
+    try:
+        assert scorers.facts.ensemble_size == K
+        g = generated_from_text(tok, [p for p, _ in _items()], [r for _, r in _items()], max_prompt_length=48,
+                                max_new_tokens=16)
+        served = scorers.reward.score(scorers._items(g))                      # what the gateway says
+        assert served.spread.max() > 1e-2, "the members should disagree on some item"
+        members = torch.from_numpy(scorers.score_members_async(g).result())   # (B, K) stand-ins
+        optimised, disagreement = optimised_score(cfg, scorers.facts, members)
+        np.testing.assert_allclose(disagreement.numpy(), served.spread, atol=1e-4)
+        np.testing.assert_allclose(optimised.numpy(), served.normalized - cfg.uncertainty_coef * served.spread,
+                                   atol=1e-4)
+    finally:
+        scorers.close()
+    with pytest.raises(UserError, match="worst needs each member's score"):
+        connect(build_config(PPOConfig, {**common, "ensemble_reward": "worst"}), tok, _fingerprint(ensemble_repo))

@@ -226,3 +226,18 @@ def test_evaluate_refuses_bad_options_before_any_work(tmp_path):
         proc = tribune("evaluate", "--output", tmp_path / "ev", *args, check=False)
         assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()
+
+
+def test_a_gold_ranking_belongs_to_the_samples_it_ranked(tmp_path):
+    """Samples drawn again (another πSFT, seed or --best-of-n) are ranked afresh, never measured
+    against the gold ranking of the previous ones."""
+    from tribune.trainer.measures import gold_ranking_path
+
+    candidates = tmp_path / "eval_candidates_sft.jsonl"
+    candidates.write_text('{"prompt": "p", "candidates": ["a", "b"]}\n')
+    first = gold_ranking_path(candidates)
+    first.write_text("ranked\n")
+    assert gold_ranking_path(candidates) == first and first.is_file()          # same samples: kept for reuse
+    candidates.write_text('{"prompt": "p", "candidates": ["a", "b", "c"]}\n')
+    second = gold_ranking_path(candidates)
+    assert second != first and not first.exists() and not second.exists()

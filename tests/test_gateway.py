@@ -137,6 +137,10 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
                                    atol=1e-4)
         assert reply.model_id == facts.reward_model_id and ("x-request-id", "req-42") in call.trailing_metadata()
         assert list(reply.ensemble_spread) == [0.0] * len(_items())        # one reward model: no disagreement
+        # the caller's own request_id names the call in the logs and the trailer too
+        _, call = stub.Score.with_call(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")],
+                                                       request_id="caller-7"), timeout=30)
+        assert ("x-request-id", "caller-7") in call.trailing_metadata()
         best = stub.ScoreBestOfN(pb.BestOfNRequest(prompt="name two fruits", candidates=["fig red", "fig kiwi"]))
         assert best.best_index == int(np.argmax(best.rewards)) and sorted(best.ranking) == [0, 1]
         streamed = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r)])
@@ -148,6 +152,7 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
         # the height of the raters' favourites travels with the model (train-rm kept its scores of them)
         assert len(info.preferred_rewards) == len(facts.preferred_member_scores) > 0
         np.testing.assert_allclose(info.preferred_rewards, [r[0] for r in facts.preferred_member_scores], atol=1e-5)
+        assert list(info.preferred_spread) == [0.0] * len(info.preferred_rewards)     # one reward model
 
 
 def test_model_info_becomes_served_facts_and_a_malformed_one_is_refused():
@@ -157,14 +162,46 @@ def test_model_info_becomes_served_facts_and_a_malformed_one_is_refused():
     fields = dict(model_id="m", contract_version=1, tokenizer_fingerprint="f", reward_mean=0.5, reward_std=2.0,
                   max_sequence_length=64, max_items=8, ensemble_size=3, preferred_rewards=[1.5, -0.5])
     facts = facts_from_model_info(pb.ModelInfo(**fields))
-    # one score per item through the gateway: the members' mean, described as a single member
-    assert facts.ensemble_size == 1 and facts.preferred_member_scores == ((1.5,), (-0.5,))
+    # the gateway serves the members' mean and spread: K members with the mean's statistics, and
+    # a server without preferred_spread (older) reads as members that agree
+    assert facts.ensemble_size == 3 and facts.member_reward_mean == (0.5,) * 3 and facts.member_reward_std == (2.0,) * 3
+    assert facts.preferred_member_scores == ((1.5,) * 3, (-0.5,) * 3)
     assert facts.preferred_rewards == (1.5, -0.5) and facts.max_prompt_length == 48
+    spread = facts_from_model_info(pb.ModelInfo(**fields, preferred_spread=[0.5, 0.0]))
+    assert spread.preferred_rewards == pytest.approx((1.5, -0.5)) and spread.preferred_spread == pytest.approx((0.5, 0.0))
     assert facts_from_model_info(pb.ModelInfo(**{**fields, "preferred_rewards": []})).preferred_member_scores == ()
+    assert facts_from_model_info(pb.ModelInfo(**{**fields, "ensemble_size": 0})).ensemble_size == 1   # pre-ensemble server
     for bad, match in (({"preferred_rewards": [1.0, float("nan")]}, "preferred_member_scores"),
+                       ({"preferred_spread": [0.5]}, "preferred_spread"),
+                       ({"preferred_spread": [0.5, -0.1]}, "preferred_spread"),
                        ({"reward_std": 0.0}, "reward_std")):
         with pytest.raises(ContractError, match=match):
             facts_from_model_info(pb.ModelInfo(**{**fields, **bad}))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_stand_in_members_carry_the_served_mean_and_spread(k):
+    """What PPO through a gateway optimises from the served (reward, spread): the members' mean,
+    mean − λ·spread and the disagreement equal the served values (float64 references)."""
+    import torch
+
+    from tribune.services.reward_client import facts_from_model_info, members_from_spread
+    from tribune.trainer.defences import ensemble_reward, member_disagreement
+
+    mean, std = 0.5, 2.0
+    facts = facts_from_model_info(pb.ModelInfo(model_id="m", contract_version=1, tokenizer_fingerprint="f",
+                                               reward_mean=mean, reward_std=std, max_sequence_length=64,
+                                               max_items=8, ensemble_size=k))
+    rewards, spread = np.array([1.5, -0.5, 0.5]), np.array([0.7, 0.0, 2.5]) * (k > 1)
+    members = members_from_spread(rewards, spread, std, k)                               # (3, K)
+    z = torch.from_numpy(facts.standardise_members(members))
+    normalised = (rewards - mean) / std
+    np.testing.assert_allclose(ensemble_reward(z, "mean").numpy(), normalised, atol=1e-12)
+    np.testing.assert_allclose(ensemble_reward(z, "uncertainty", 0.5).numpy(), normalised - 0.5 * spread, atol=1e-12)
+    np.testing.assert_allclose(member_disagreement(z).numpy(), spread, atol=1e-12)
+    np.testing.assert_allclose(facts.member_spread(members), spread, atol=1e-12)
+    if k <= 2:                                              # the minimum is the members' own only for K ≤ 2
+        np.testing.assert_allclose(ensemble_reward(z, "worst").numpy(), normalised - spread, atol=1e-12)
 
 
 def test_a_client_with_only_server_reflection_finds_and_calls_score(gateway):
@@ -253,6 +290,31 @@ def test_metrics_count_requests_by_code(gateway):
     assert "tribune_gateway_triton_ready 1.0" in text
 
 
+def test_a_busy_metrics_port_is_a_clear_error_and_stop_frees_it(repo_dir):
+    import socket
+
+    from tribune.services.common.config import build_config
+    from tribune.services.gateway import GatewayThread
+    from tribune.services.gateway_core import GatewayConfig
+
+    port, metrics_port = free_ports(2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", metrics_port))
+        busy.listen()
+        proc = subprocess.run([sys.executable, "-m", "tribune.trainer", "gateway", "--repository", str(repo_dir),
+                               "--triton-url", "127.0.0.1:1", "--port", str(port), "--metrics-port", str(metrics_port)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"cannot serve metrics on 127.0.0.1:{metrics_port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    # in one process (`tribune serve --with-gateway`, tests): a stopped gateway frees its metrics port
+    cfg = build_config(GatewayConfig, {"repository": repo_dir, "triton_url": "127.0.0.1:1", "port": port,
+                                       "metrics_port": metrics_port, "grace_s": 0.5})
+    for _ in range(2):
+        gw = GatewayThread(cfg).start()
+        gw.stop()
+        assert gw.error is None and not gw.thread.is_alive()
+
+
 def test_health_follows_triton_and_unavailable_when_it_is_gone(repo_dir):
     ports = tuple(free_ports(3))
     gw = Gateway(repo_dir, f"127.0.0.1:{ports[0]}")
@@ -293,6 +355,11 @@ def _self_signed(tmp: Path, name: str, ca: tuple[Path, Path] | None = None) -> t
 
 
 def test_auth_tls_and_mutual_tls(served, repo_dir, tmp_path):
+    import urllib.request
+
+    from tribune.services.client import AUTH_TOKEN_ENV, ClientConfig
+    from tribune.services.reward_client import RewardClient
+
     request = pb.ScoreRequest(items=[pb.ScoreItem(prompt="name two fruits", response="fig kiwi")])
     token = tmp_path / "token"
     token.write_text("s3cret\n")
@@ -306,6 +373,16 @@ def test_auth_tls_and_mutual_tls(served, repo_dir, tmp_path):
                     stub.Score(request, metadata=md, timeout=10)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert len(stub.Score(request, metadata=(("authorization", "Bearer s3cret"),), timeout=10).rewards) == 1
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'tribune_gateway_requests_total{code="UNAUTHENTICATED",method="Score"} 2.0' in metrics
+        # the Python client sends the token however it is given: a file, or the environment
+        for options, env in (({"auth_token_file": token}, None), ({}, "s3cret")):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.delenv(AUTH_TOKEN_ENV, raising=False)
+                if env:
+                    mp.setenv(AUTH_TOKEN_ENV, env)
+                with RewardClient(ClientConfig(url=gw.target, **options)) as client:
+                    assert client.score([("name two fruits", "fig kiwi")]).rewards.shape == (1,)
     finally:
         gw.stop()
 
@@ -343,7 +420,9 @@ def test_auth_tls_and_mutual_tls(served, repo_dir, tmp_path):
 
 
 def test_bounded_queue_answers_resource_exhausted(served, repo_dir):
-    gw = Gateway(repo_dir, served.url, "--max-queue-items", "4", "--batch-max-delay-ms", "200")
+    from tribune.services.judge import JudgeConfig, load_judge
+
+    gw = Gateway(repo_dir, served.url, "--max-queue-items", "4", "--max-items", "4", "--batch-max-delay-ms", "200")
     try:
         request = pb.ScoreRequest(items=[pb.ScoreItem(prompt="name two fruits", response="fig kiwi")] * 3)
         with grpc.insecure_channel(gw.target) as ch:
@@ -362,6 +441,9 @@ def test_bounded_queue_answers_resource_exhausted(served, repo_dir):
             assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
             assert retry and all(0 < s <= 5 for s in retry), retry
             assert len(stub.Score(request, timeout=30).rewards) == 3
+        # a --judge-url client sends at most the service's own max_items per request
+        judge = load_judge(JudgeConfig(judge_url=gw.target), ["name two fruits"])
+        assert judge.batch == 4 and len(judge.score(["name two fruits"] * 10, ["fig kiwi"] * 10)) == 10
     finally:
         gw.stop()
 
@@ -435,8 +517,16 @@ def test_judge_plugins_callable_and_service(gateway):
     assert load_judge(JudgeConfig()) is None
     with pytest.raises(UserError, match="cannot import"):
         load_judge(JudgeConfig(judge="tribune.trainer.task.judge:no_such_judge"))
+    with pytest.raises(UserError, match="cannot import"):
+        load_judge(JudgeConfig(judge=":gold_score"))                       # an empty module name
     with pytest.raises(ValueError, match="one of them"):
         JudgeConfig(judge="a:b", judge_url="127.0.0.1:1")
+    # another task's judge: refused on the first prompt, when loaded with the data it will judge
+    keyword = "tribune.trainer.task.keyword:gold_score"
+    with pytest.raises(UserError, match=r"--judge .*keyword:gold_score cannot score the prompt 'name two fruits'"
+                                        r".*ValueError: not a keyword-task prompt"):
+        load_judge(JudgeConfig(judge=keyword), list(prompts))
+    assert load_judge(JudgeConfig(judge=keyword), ["write four words using moon"]) is not None
 
 
 NODE_CLIENT = REPO / "clients" / "node"

@@ -3,6 +3,8 @@ import pytest
 
 from tribune.services.common.text import encode_pair
 from tribune.services.contract import ServedFacts
+from tribune.services.common.config import build_config
+from tribune.services.common.errors import UserError
 from tribune.services.gateway_core import GatewayConfig, InvalidInput, Item, Tokenisation
 
 # what a repository serves: the reward model was trained with 64 tokens, prompts cut to 48
@@ -56,4 +58,40 @@ def test_validation_names_the_field(tok):
         tok.validate([Item("é" * 21, "b")])
     with pytest.raises(InvalidInput, match="last message must be the assistant"):
         tok.validate([Item(None, None, (("user", "hi"),))])
+    with pytest.raises(InvalidInput, match=r"items\[0\]\.messages: a conversation needs at least one turn"):
+        tok.validate([Item(None, None, (("assistant", "fig kiwi"),))])     # would reach the template empty
+    tok.validate([Item("name two fruits", "fig \ufffd")])                 # U+FFFD is valid text (invalid
+    # UTF-8 never parses: the request is refused as malformed, test_gateway.py)
 
+
+def test_a_conversation_the_chat_template_refuses_is_the_callers_error(tok):
+    """Llama-2 and Mistral templates raise on roles that do not alternate: INVALID_ARGUMENT naming
+    the item, not INTERNAL."""
+    tok.tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                                   "{{ m['content'] }} {% endfor %}")
+    ok = Item(None, None, (("user", "name two fruits"), ("assistant", "fig kiwi")))
+    assert tok.encode(ok, FACTS, "items[0]")
+    bad = Item(None, None, (("user", "name two"), ("user", "fruits"), ("assistant", "fig kiwi")))
+    tok.validate([ok, bad])                                     # the shape is fine; the template decides
+    with pytest.raises(InvalidInput, match=r"items\[1\]\.messages: .*roles must alternate") as err:
+        tok.encode(bad, FACTS, "items[1]")
+    assert err.value.field == "items[1].messages"
+
+
+def test_a_prompt_limit_past_the_served_length_still_leaves_room_for_the_eos(task_dir, tmp_path):
+    """--max-prompt-length ≥ the model's max_length would make sequences Triton refuses (and fail
+    every request batched with them): the prompt is cut to max_length − 1."""
+    repo = tmp_path / "repo"
+    (repo / "tokenizer").mkdir(parents=True)
+    for f in (task_dir / "tokenizer").iterdir():
+        (repo / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    tok = Tokenisation(repo, GatewayConfig(repository=repo, triton_url="127.0.0.1:1", max_prompt_length=100))
+    ids = tok.encode(Item("fig " * 80, "kiwi"), FACTS)
+    assert len(ids) == FACTS.max_length and ids[-1] == tok.tokenizer.eos_token_id
+
+
+def test_queue_smaller_than_a_request_is_refused():
+    with pytest.raises(UserError, match=r"max_queue_items \(8\) must be at least max_items \(64\)"):
+        build_config(GatewayConfig, {"repository": ".", "triton_url": "127.0.0.1:1", "max_items": 64,
+                                     "max_queue_items": 8})

@@ -72,7 +72,7 @@ def test_concurrent_requests_are_merged_and_answered_in_order():
 
 def test_queue_limit_deadlines_and_outages():
     async def main():
-        batcher, _ = _batcher(FakeScorer(), max_queue_items=3, batch_max_delay_ms=20)
+        batcher, _ = _batcher(FakeScorer(), max_queue_items=3, max_items=3, batch_max_delay_ms=20)
         batcher.start()
         first = asyncio.ensure_future(batcher.score([[1], [2]], None))
         await asyncio.sleep(0)

@@ -67,6 +67,10 @@ def test_interrupted_training_resumes_to_the_same_weights(task_dir, tmp_path):
     tribune(*common, "--output", straight)
 
     broken = tmp_path / "broken"
+    # an earlier, unrelated run's newer checkpoint in the same output: a fresh run removes it, so
+    # it neither outranks the new run's checkpoints nor is what --resume continues
+    (broken / "checkpoints" / "step-1000").mkdir(parents=True)
+    (broken / "checkpoints" / "step-1000" / "trainer_state.json").write_text('{"step": 1000}')
     proc = subprocess.Popen([sys.executable, "-m", "tribune.trainer", *map(str, common), "--output", str(broken)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = broken / "metrics.jsonl"
@@ -78,6 +82,7 @@ def test_interrupted_training_resumes_to_the_same_weights(task_dir, tmp_path):
     assert proc.returncode == 2, err[-2000:]
     assert "--resume" in err and "Traceback" not in err
     assert not (broken / "model.safetensors").exists()
+    assert not (broken / "checkpoints" / "step-1000").exists() and list((broken / "checkpoints").glob("step-*"))
     tribune(*common, "--output", broken, "--resume")
 
     a, b = load_file(straight / "model.safetensors"), load_file(broken / "model.safetensors")

@@ -172,3 +172,35 @@ def test_resume_with_another_advantage_estimator_is_refused(task_dir, tmp_path):
     _check_resume_estimator(build_config(PPOConfig, common))                            # a fresh run: no check
     _check_resume_estimator(build_config(PPOConfig, {**common, "resume": True, "advantage_estimator": "gae",
                                                       "samples_per_prompt": 1}))         # the same estimator
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"reward_clip": 0.0}, "reward_clip must be positive"),           # would zero every reward
+    ({"reward_clip": -1.0}, "reward_clip must be positive"),          # would make every reward −1
+    ({"target_kl": 0.0}, "target_kl must be positive"),               # the adaptive controller divides by it
+    ({"kl_horizon": 0}, "kl_horizon must be at least 1"),
+    ({"cliprange": -0.2}, "cliprange must be positive"),
+    ({"cliprange_value": 0.0}, "cliprange_value must be positive"),
+    ({"value_learning_rate": 0.0}, "value_learning_rate must be positive"),
+    ({"vf_coef": -0.5}, "vf_coef must be non-negative"),
+    ({"missing_eos_penalty": 5.0}, "missing_eos_penalty must be zero or negative"),
+])
+def test_ppo_options_that_break_training_are_refused(tmp_path, overrides, message):
+    from tribune.services.common.config import build_config
+    from tribune.services.common.errors import UserError
+    from tribune.trainer.ppo_config import PPOConfig
+
+    common = {"policy": tmp_path, "prompts": tmp_path / "p.jsonl", "reward_url": "local:1", "reference_url": "local:1",
+              "output": tmp_path / "out"}
+    build_config(PPOConfig, common)                                     # the defaults pass
+    with pytest.raises(UserError, match=message):
+        build_config(PPOConfig, {**common, **overrides})
+
+
+def test_an_explicit_value_learning_rate_is_used_as_given():
+    from tribune.trainer.run import OptimizerConfig
+
+    opt, _ = OptimizerConfig(learning_rate=1e-3).build([torch.nn.Parameter(torch.zeros(2))], 10, learning_rate=1e-5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+    opt, _ = OptimizerConfig(learning_rate=1e-3).build([torch.nn.Parameter(torch.zeros(2))], 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)

@@ -148,11 +148,13 @@ def test_a_rows_weight_scales_its_share_of_the_loss_and_bad_weights_are_skipped(
         {"prompt": "name two colours", "chosen": "red blue", "rejected": "red", "weight": 2},
         {"prompt": "name three fruits", "ranking": ["apple pear plum", "apple", "pear"]},
         {"prompt": "name two colours", "chosen": "red blue", "rejected": "blue", "weight": 0},
-        *({"prompt": "p", "chosen": "a", "rejected": "b", "weight": w} for w in (-1, "2", True, float("nan")))]))
+        *({"prompt": "p", "chosen": "a", "rejected": "b", "weight": w} for w in (-1, "2", True, float("nan"))),
+        # a margin must be finite too: a NaN one would make the whole loss NaN
+        *({"prompt": "p", "chosen": "a", "rejected": "b", "margin": m} for m in (float("nan"), float("inf"), True))]))
     skipped = SkipCounter()
     a, b, zero = load_preference_groups(path, skipped)
-    assert (a.weight, b.weight, zero.weight) == (2.0, 1.0, 0.0) and skipped.total == 4
-    assert "invalid weight" in skipped.summary()
+    assert (a.weight, b.weight, zero.weight) == (2.0, 1.0, 0.0) and skipped.total == 7
+    assert "invalid weight" in skipped.summary() and "margin not a finite number" in skipped.summary()
     tok = load_tokenizer(task_dir / "tokenizer")
     scores = {}
 

@@ -30,8 +30,9 @@ def _req(ids, mask=None, temperature=None):
     (REWARD, _req(np.zeros((0, 3))), "input_ids: empty batch; send at least one row"),
     (REWARD, _req([5, 6]), "input_ids: shape [2] is not (batch, sequence)"),
     (REWARD, {"input_ids": np.ones((1, 2), np.int64)}, "attention_mask: required by model reward"),
-    (REFERENCE, _req([[5, 6]], temperature=[[0.0]]), "temperature: 0 is not a finite number > 0"),
-    (REFERENCE, _req([[5, 6]], temperature=[[np.nan]]), "temperature: nan is not a finite number > 0"),
+    (REFERENCE, _req([[5, 6]], temperature=[[0.0]]), "temperature: 0 is not a finite number of at least 0.001"),
+    (REFERENCE, _req([[5, 6]], temperature=[[np.nan]]), "temperature: nan is not a finite number of at least 0.001"),
+    (REFERENCE, _req([[5, 6]], temperature=[[1e-38]]), "temperature: 1e-38 is not a finite number of at least 0.001"),
     (REFERENCE, _req([[5, 6]], temperature=[[1.0], [1.0]]), "temperature: shape [2, 1] is not (batch, 1) = [1, 1]"),
     (REFERENCE, _req([[5]], temperature=[[1.0]]), "input_ids: length 1; reference log-probs need at least 2 tokens"),
 ])

@@ -193,10 +193,10 @@ MALFORMED = {
                     r"input 'input_ids' data-type is 'FP32', but model 'reward' expects 'INT64'$"),
     "temperature 0": ("reference", dict(input_ids=_i64([[5, 6, 7]]), attention_mask=_i64([[1, 1, 1]]),
                                         temperature=(np.array([[0.0]], np.float32), "FP32")),
-                      r"^temperature: 0 is not a finite number > 0$"),
+                      r"^temperature: 0 is not a finite number of at least 0.001$"),
     "temperature NaN": ("reference", dict(input_ids=_i64([[5, 6, 7]]), attention_mask=_i64([[1, 1, 1]]),
                                           temperature=(np.array([[np.nan]], np.float32), "FP32")),
-                        r"^temperature: nan is not a finite number > 0$"),
+                        r"^temperature: nan is not a finite number of at least 0.001$"),
     "missing input": ("reward", dict(input_ids=_i64([[5, 6]])), r"missing required input\(s\) \['attention_mask'\]"),
 }
 

@@ -32,6 +32,16 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def clear_checkpoints(acc, out: Path) -> None:
+    """A fresh run (no --resume) removes an earlier run's checkpoints from its output: else they would
+    outrank its own (the newest steps are kept) and a later --resume would continue the other run."""
+    root = checkpoint_dir(out)
+    if acc.is_main_process and root.is_dir():
+        log.info("a fresh run: removing the earlier checkpoints in %s (--resume continues them)", root)
+        shutil.rmtree(root)
+    acc.wait_for_everyone()
+
+
 def save_checkpoint(acc, out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Writes the checkpoint of ``step`` atomically and keeps the ``keep`` newest."""
     root = checkpoint_dir(out)

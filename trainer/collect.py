@@ -22,7 +22,7 @@ from typing import Any
 
 from tribune.services.common.config import field
 from tribune.services.common.errors import UserError
-from tribune.services.common.jsonl import SkipCounter, read_jsonl, write_json
+from tribune.services.common.jsonl import SkipCounter, cut_torn_line, read_jsonl, write_json
 
 log = logging.getLogger("tribune")
 
@@ -106,20 +106,15 @@ def load_prompt_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[dict[s
 
 
 def _settings(cfg: CollectConfig, pid: str) -> dict[str, Any]:
-    return {"policy": pid, "prompts": str(cfg.prompts), "seed": cfg.seed, "chunk": cfg.chunk,
+    from tribune.services.repository import sha256_file
+
+    # the prompts by content and how many are used: rows go pass by pass over them, so a resume with
+    # other prompts would give prompts different numbers of rows
+    return {"policy": pid, "prompts": str(cfg.prompts), "prompts_sha256": sha256_file(cfg.prompts),
+            "max_prompts": cfg.max_prompts, "seed": cfg.seed, "chunk": cfg.chunk,
             "rows_per_prompt": cfg.rows_per_prompt,
             "sampling": asdict(SamplingConfig(k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                               max_prompt_length=cfg.max_prompt_length))}
-
-
-def _complete_rows(path: Path) -> int:
-    """Rows of an interrupted output that are whole lines; a torn last line is cut off."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with path.open("r+b") as f:
-            f.truncate(end)
-    return data[:end].count(b"\n")
 
 
 def _start(cfg: CollectConfig, meta_path: Path, settings: dict) -> int:
@@ -135,7 +130,7 @@ def _start(cfg: CollectConfig, meta_path: Path, settings: dict) -> int:
     if old != settings:
         changed = sorted(k for k in settings if (old or {}).get(k) != settings[k])
         raise UserError(f"--resume: {out} was collected with other settings ({', '.join(changed)} differ)")
-    done = _complete_rows(out)
+    done = cut_torn_line(out)
     whole = done - done % cfg.chunk        # restart at a chunk boundary: the seed is per chunk
     if whole != done:
         lines = out.read_bytes().splitlines(keepends=True)[:whole]

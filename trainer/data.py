@@ -51,16 +51,21 @@ class PreferenceGroup:
     weight: float = 1.0   # optional: multiplies the row's term in the training loss (not renormalised)
 
 
-def row_weight(obj: dict) -> float | None:
-    """A preference row's ``"weight"`` (default 1) as a float; None when it is not a finite number ≥ 0."""
-    w = obj.get("weight", 1.0)
-    if isinstance(w, bool) or not isinstance(w, (int, float)):
+def finite_number(x) -> float | None:
+    """A JSON value as a float when it is a finite number (not a bool, NaN or ±Infinity), else None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     try:
-        w = float(w)
+        x = float(x)
     except OverflowError:                   # an integer too large for a float
         return None
-    return w if 0 <= w < math.inf else None
+    return x if math.isfinite(x) else None
+
+
+def row_weight(obj: dict) -> float | None:
+    """A preference row's ``"weight"`` (default 1) as a float; None when it is not a finite number ≥ 0."""
+    w = finite_number(obj.get("weight", 1.0))
+    return w if w is not None and w >= 0 else None
 
 
 def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceGroup]:
@@ -91,11 +96,11 @@ def load_preference_groups(path: Path, skipped: SkipCounter) -> list[PreferenceG
             if obj["chosen"] == obj["rejected"]:
                 skipped.skip("chosen == rejected")
                 continue
-            margin = obj.get("margin", 0.0)
-            if not isinstance(margin, (int, float)):
-                skipped.skip("non-numeric margin")
+            margin = finite_number(obj.get("margin", 0.0))
+            if margin is None:
+                skipped.skip("margin not a finite number")
                 continue
-            groups.append(PreferenceGroup(prompt, [obj["chosen"], obj["rejected"]], float(margin), weight))
+            groups.append(PreferenceGroup(prompt, [obj["chosen"], obj["rejected"]], margin, weight))
         else:
             skipped.skip("missing chosen/rejected")
     if not groups:

@@ -5,7 +5,8 @@ own statistics on πSFT samples (members differ by offset and scale, so raw spre
 nothing): z_k = (r_k − μ_k) / σ_k.
 
 * ``ensemble_reward``: the mean over members (plain), the mean minus λ·std (uncertainty-
-  weighted optimisation) or the minimum (worst-case optimisation): Coste et al. 2023.
+  weighted optimisation) or the minimum (worst-case optimisation), after Coste et al. 2023
+  (whose UWO penalises λ·variance; the std keeps λ in the standardised reward's units).
 * ``KLBudget``: the KL per response held under a target by raising β (or stopping), which a
   short run's adaptive controller does not do (Ziegler et al.'s horizon is 10,000 rollouts).
 * ``DriftMonitor``: the gold-free alarms of OVEROPTIMISATION.md — the proxy rising while the

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from tribune.services.common.errors import UserError
+from tribune.services.common.jsonl import cut_torn_line
 
 log = logging.getLogger("tribune")
 
@@ -34,6 +35,13 @@ LABELLER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 class BadRequest(ValueError):
     pass
+
+
+def row_digest(row) -> str:
+    """What an answer was given to (the prompt and its candidates), kept with it in the answers log."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([row.prompt, list(row.candidates)]).encode()).hexdigest()[:16]
 
 
 class LabelStore:
@@ -47,16 +55,38 @@ class LabelStore:
         self.skips: set[tuple[str, int]] = set()
         self.history: dict[str, list[tuple[str, int]]] = {}      # labeller → [(kind, item)], for undo
         if self.log_path.is_file():
-            for line in self.log_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    try:
-                        self._apply(json.loads(line))
-                    except (json.JSONDecodeError, KeyError):
-                        log.warning("label: ignored a torn line in %s", self.log_path)
+            self._replay()
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("a", encoding="utf-8")
 
     # ------------------------------------------------------------ state
+    def _replay(self) -> None:
+        """Applies the answers log of an earlier session. A line torn by a crash is cut off (its answer
+        never reached the page), so the next answer starts a line of its own; answers given to other
+        prompts or candidates than this --input's (a re-collected file) are refused, not misapplied."""
+        size = self.log_path.stat().st_size
+        cut_torn_line(self.log_path)
+        if self.log_path.stat().st_size != size:
+            log.warning("label: cut a torn last line from %s", self.log_path)
+        other = 0
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                item = rec.get("item")
+                if "row" in rec and not (isinstance(item, int) and 0 <= item < len(self.rows)
+                                         and rec["row"] == row_digest(self.rows[item])):
+                    other += 1
+                    continue
+                self._apply(rec)
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                log.warning("label: ignored a malformed line in %s", self.log_path)
+        if other:
+            raise UserError(f"{self.log_path}: {other} answers were given to other prompts or candidates than "
+                            "--input's (was it collected again?); label it into another --output, or serve the "
+                            "input they were given on")
+
     def _apply(self, rec: dict) -> None:
         who, item = rec["labeller"], rec.get("item")
         if rec["action"] == "answer":
@@ -110,13 +140,15 @@ class LabelStore:
         with self.lock:
             if (who, item) in self.answers:
                 raise BadRequest(f"item {item}: already answered by {who} (undo first to change it)")
+            row = row_digest(self.rows[item])
             if body.get("skip") is True:
-                self._append({"action": "skip", "labeller": who, "item": item})
+                self._append({"action": "skip", "labeller": who, "item": item, "row": row})
             else:
                 order, shown = body.get("order"), self.shown(item)
-                if not isinstance(order, list) or sorted(order) != sorted(shown):
+                if (not isinstance(order, list) or not all(type(x) is int for x in order)
+                        or sorted(order) != sorted(shown)):
                     raise BadRequest(f"order: expected every shown candidate index {shown} once, best first")
-                self._append({"action": "answer", "labeller": who, "item": item, "order": order})
+                self._append({"action": "answer", "labeller": who, "item": item, "order": order, "row": row})
                 self._write_preferences()
             return {"ok": True, "progress": self.progress(who)}
 

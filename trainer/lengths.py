@@ -27,14 +27,21 @@ def fit_lengths(prompt_lengths: list[int], sequence_lengths: list[int], context:
                 max_length: int | None = None, max_prompt_length: int | None = None) -> tuple[int, int]:
     """(max_length, max_prompt_length) for training on sequences of these token counts.
 
-    max_length: the longest sequence (prompt + response + EOS), at most the context window.
-    max_prompt_length: the longest prompt when every sequence fits; otherwise at most 3/4
-    of max_length (the rule text clients use for a model trained elsewhere), so long
-    prompts leave room for the response. Given values are kept.
+    max_length: the longest sequence (prompt + response + EOS), at most the context window;
+    with a given max_prompt_length, the longest one a prompt of that length makes (it plus
+    the longest response), so that the response room (max_length − max_prompt_length, what
+    PPO samples) is the data's. max_prompt_length: the longest prompt when every sequence
+    fits; otherwise at most 3/4 of max_length (the rule text clients use for a model trained
+    elsewhere), so long prompts leave room for the response. Given values are kept.
     """
     longest = max(sequence_lengths)
     if max_length is None:
+        if max_prompt_length is not None:
+            longest = max_prompt_length + max(s - p for p, s in zip(prompt_lengths, sequence_lengths))
         max_length = min(longest, context) if context else longest
+        if max_prompt_length is not None and max_length <= max_prompt_length:
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) leaves no room for a response in the "
+                             f"model's context ({context} tokens)")
     max_length = max(max_length, 2)
     if max_prompt_length is None:
         prompt = max(prompt_lengths)
@@ -95,8 +102,13 @@ def with_fitted_lengths(cfg, model_dir: Path, tokenizer, pairs: list[tuple[str, 
 
     if cfg.max_length is not None and cfg.max_prompt_length is not None:
         return cfg
+    from tribune.services.common.errors import UserError
+
     prompts, seqs = pair_lengths(tokenizer, pairs)
-    length, prompt = fit_lengths(prompts, seqs, model_context(model_dir), cfg.max_length, cfg.max_prompt_length)
+    try:
+        length, prompt = fit_lengths(prompts, seqs, model_context(model_dir), cfg.max_length, cfg.max_prompt_length)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return dataclasses.replace(cfg, max_length=length, max_prompt_length=prompt)
 
 

@@ -81,13 +81,28 @@ def onpolicy_candidates(cfg: EvaluateConfig, policy: Path, prompts_path: Path, p
     return out
 
 
+def gold_ranking_path(candidates: Path) -> Path:
+    """Where the gold ranking of a candidates file is kept for the next model measured on the same
+    samples: a name holding their digest, so samples drawn again (another policy, seed or size) are
+    ranked afresh; rankings of earlier samples beside it are removed."""
+    from tribune.services.repository import sha256_file
+
+    candidates = Path(candidates)
+    stem = candidates.name.removesuffix(".jsonl")
+    path = candidates.with_name(f"{stem}.gold-{sha256_file(candidates)[:12]}.jsonl")
+    for stale in candidates.parent.glob(f"{stem}.gold-*.jsonl"):
+        if stale != path:
+            stale.unlink()
+    return path
+
+
 def onpolicy_accuracy(rm_dir: Path, candidates: Path, judge_ref: str, rm_cfg) -> dict:
     """The reward model's accuracy against the gold ordering of a policy's own samples, and its
     reward/length correlation there (the noise-free gold ranking of each prompt's candidates)."""
     from tribune.trainer.label import LabelConfig, run_label
     from tribune.trainer.reward import evaluate_rm_dir
 
-    gold_ranked = Path(str(candidates).removesuffix(".jsonl") + ".gold.jsonl")
+    gold_ranked = gold_ranking_path(candidates)
     if not gold_ranked.is_file():
         run_label(LabelConfig(input=candidates, output=gold_ranked, rater=JudgeConfig(judge=judge_ref),
                               rater_temperature=0.0))

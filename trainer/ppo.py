@@ -82,11 +82,12 @@ def _check_resume_estimator(cfg: PPOConfig) -> None:
 def run_ppo(cfg: PPOConfig) -> dict:
     t0 = time.perf_counter()
     run = Run(cfg, cfg.policy, desc="ppo", unit="iteration")
-    acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
+    acc, tokenizer = run.acc, run.tokenizer
     skipped = SkipCounter()
     prompts = load_prompts(cfg.prompts, skipped, tokenizer)
     eval_prompts = (load_prompts(cfg.eval_prompts, SkipCounter(), tokenizer)[:cfg.gold_eval_size]
                     if cfg.eval_prompts else [])
+    judge = load_judge(cfg.gold, eval_prompts)          # tried on one of them before training
     lengths = [len(encode_prompt(tokenizer, p, 1 << 30)) for p in prompts]
     cfg = run.cfg = with_fitted_generation(cfg, lengths)
     cut = sum(n > cfg.max_prompt_length for n in lengths)

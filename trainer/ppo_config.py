@@ -13,6 +13,7 @@ from typing import Literal
 
 from tribune.services.client import ClientOptions
 from tribune.services.common.config import field, group
+from tribune.services.contract import MIN_TEMPERATURE
 from tribune.services.judge import JudgeConfig
 from tribune.trainer.defences import EnsembleMode
 from tribune.trainer.run import OptimizerConfig, RunConfig, default
@@ -67,7 +68,7 @@ class PPOConfig(RunConfig):
     kl_horizon: int = field(10000, help="horizon of the adaptive controller, in rollouts")
     normalize_reward: bool = field(True, help="standardise each member's score with its statistics in tribune.json")
     ensemble_reward: EnsembleMode = field("uncertainty", help="reward from the members' standardised scores: mean, "
-                                          "uncertainty (mean − λ·std, Coste et al. 2023) or worst (min)")
+                                          "uncertainty (mean − λ·std; Coste et al. 2023 use λ·variance) or worst (min)")
     uncertainty_coef: float = field(1.0, help="λ of --ensemble-reward uncertainty")
     kl_budget: float | None = field(None, help="KL per response (nats) a batch may reach; above it "
                                     "--kl-budget-action applies (default: no budget)")
@@ -109,7 +110,7 @@ class PPOConfig(RunConfig):
         super().__post_init__()
         positives = ("iterations", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
                      "ppo_epochs", "max_new_tokens", "max_prompt_length", "scoring_chunk", "gold_every",
-                     "gold_eval_size", "samples_per_prompt")
+                     "gold_eval_size", "samples_per_prompt", "kl_horizon")
         for name in positives:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -122,8 +123,8 @@ class PPOConfig(RunConfig):
         if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
             raise ValueError("advantage_estimator rloo needs samples_per_prompt of at least 2 (the baseline of a "
                              "response is the mean of the other responses to its prompt)")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:g} (what `reference` accepts)")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError("gamma and lam must be in [0, 1]")
         if self.kl_coef < 0:
@@ -132,6 +133,13 @@ class PPOConfig(RunConfig):
             raise ValueError("uncertainty_coef must be >= 0, drift_tolerance and preferred_tolerance > 0")
         if self.kl_budget is not None and self.kl_budget <= 0:
             raise ValueError("kl_budget must be positive")
+        for name in ("target_kl", "cliprange", "cliprange_value", "reward_clip", "value_learning_rate"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.vf_coef < 0:
+            raise ValueError("vf_coef must be non-negative")
+        if self.missing_eos_penalty > 0:
+            raise ValueError("missing_eos_penalty must be zero or negative (a bonus would pay for never stopping)")
 
     @property
     def total_iterations(self) -> int:

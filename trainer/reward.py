@@ -335,6 +335,9 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
         return train_one_rm(cfg)
     out = Path(cfg.output)
     members, per_member = [f"member-{i}" for i in range(cfg.ensemble)], []
+    # every member's statistics on the same πSFT samples (same prompts, same seed), whatever rows it trains on:
+    # offsets between them must come from the members, not from what they were measured on
+    stats_prompts = [g.prompt for g in train[:cfg.stats_samples]]
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
         source = i % len(cfg.member_train) if cfg.member_train else None
@@ -343,14 +346,13 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                      train=cfg.train if source is None else cfg.member_train[source],
                                      eval=cfg.member_eval[source] if cfg.member_eval else cfg.eval)
         per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
-                                       stats_seed=cfg.seed))
+                                       stats_seed=cfg.seed, stats_prompts=stats_prompts))
     metrics = ensemble_metrics(per_member)
     metrics["ensemble_size"] = cfg.ensemble
     tokenizer.save_pretrained(out)
     models = [load_reward_model(out / name).eval() for name in members]
     stats = reward_stats_on_sft_samples(lambda ids, mask: torch.stack([score_sequences(m, ids, mask) for m in models])
-                                        .mean(0), cfg.stats_policy or cfg.model, tokenizer, [g.prompt for g in train[:cfg.stats_samples]],
-                                        cfg, "cpu")
+                                        .mean(0), cfg.stats_policy or cfg.model, tokenizer, stats_prompts, cfg, "cpu")
     stats["source"] += ", the members' mean"
     stats = with_preferred(stats, [lambda ids, mask, m=m: score_sequences(m, ids, mask) for m in models], tokenizer,
                            load_preference_groups(cfg.eval, SkipCounter()), cfg, "cpu")
@@ -365,10 +367,11 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     return metrics
 
 
-def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_seed: int | None = None
-                 ) -> dict[str, float]:
+def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_seed: int | None = None,
+                 stats_prompts: list[str] | None = None) -> dict[str, float]:
+    """One reward model; an ensemble member gets the seed and prompts of the ensemble's statistics."""
     run = Run(cfg, cfg.model, desc="train-rm")
-    acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
+    acc, tokenizer = run.acc, run.tokenizer
     skipped = SkipCounter()
     train = load_preference_groups(cfg.train, skipped)
     if bootstrap_seed is not None:     # a resample with replacement: members err less alike (Eisenstein et al.)
@@ -376,6 +379,7 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
         train = [train[i] for i in torch.randint(len(train), (len(train),), generator=g).tolist()]
     eval_skipped = SkipCounter()
     evals = load_preference_groups(cfg.eval, eval_skipped)
+    judge = load_judge(cfg.gold, [g.prompt for g in evals])    # tried on one of them before training
     trunc = Truncation()
     collate_groups(tokenizer, train, cfg.max_prompt_length, cfg.max_length, trunc)
     n_pairs = sum(math.comb(len(g.responses), 2) for g in train)
@@ -400,7 +404,7 @@ def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_see
     rm = scorer.model
     if run.is_main:
         warn_if_length_only(metrics)
-    prompts = [g.prompt for g in train[:cfg.stats_samples]]
+    prompts = stats_prompts if stats_prompts is not None else [g.prompt for g in train[:cfg.stats_samples]]
     stats_cfg = dataclasses.replace(cfg, seed=cfg.seed if stats_seed is None else stats_seed)
     stats = reward_stats_on_sft_samples(lambda ids, mask: score_sequences(rm, ids, mask), cfg.stats_policy or cfg.model,
                                         tokenizer,

@@ -33,8 +33,8 @@ from tribune.services.common.errors import UserError
 from tribune.services.common.jsonl import write_json
 from tribune.services.common.text import load_tokenizer
 from tribune.trainer.adapters import MemoryConfig, check_precision, plain_model
-from tribune.trainer.checkpoints import (StopRequested, check_ranks_agree, drop_tied_aliases, load_checkpoint,
-                                 save_checkpoint)
+from tribune.trainer.checkpoints import (StopRequested, check_ranks_agree, clear_checkpoints, drop_tied_aliases,
+                                         load_checkpoint, save_checkpoint)
 from tribune.trainer.tracking import PROJECT, check_installed, hparams, init_kwargs, log_with, parse_report_to, tracker_row
 
 log = logging.getLogger("tribune")
@@ -69,8 +69,8 @@ class OptimizerConfig:
         """(AdamW, scheduler) for ``total_steps`` optimiser steps."""
         from transformers import get_scheduler
 
-        opt = torch.optim.AdamW(params, lr=learning_rate or self.learning_rate, weight_decay=self.weight_decay,
-                                eps=self.adam_eps)
+        lr = self.learning_rate if learning_rate is None else learning_rate
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay, eps=self.adam_eps)
         name = "constant_with_warmup" if self.lr_scheduler == "constant" else self.lr_scheduler
         sched = get_scheduler(name, opt, num_warmup_steps=int(self.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -115,7 +115,7 @@ class TrainingConfig(RunConfig):
     evals_per_epoch: float = field(0.0, help="evaluations per epoch when --eval-every is not given (0: only at the end)")
     keep_best: bool = field(False, help="end with the weights of the evaluation with the lowest eval_loss")
     early_stopping_patience: int | None = field(
-        None, help="stop after this many evaluations without a lower eval_loss (default: never)")
+        None, help="stop after this many evaluations without a lower eval_loss (none: never)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -242,6 +242,8 @@ class Run:
         state: dict[str, Any] = {}
         if self.cfg.resume:
             self.start, state = load_checkpoint(self.acc, self.out)
+        else:
+            clear_checkpoints(self.acc, self.out)
         self.metrics_log = MetricsLog(self.out, self.is_main)
         if self.is_main:     # a run that starts at step 0 (fresh, or no checkpoint yet) starts its metrics afresh
             self.metrics_log.truncate(self.start or -1)

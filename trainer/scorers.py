@@ -7,7 +7,11 @@
   ``tribune.v1.RewardService``, which tokenises them as the reward model was trained (a
   ``ChatPrompt`` goes as its conversation plus the response, so the reward model applies its
   own template). The reference still gets token ids, so it must share the policy's
-  tokenizer: checked at connect against the fingerprint in its served facts.
+  tokenizer: checked at connect against the fingerprint in its served facts. An ensemble
+  behind the gateway comes back as its members' mean and spread, turned into K stand-in
+  members with that mean and spread, so the uncertainty penalty and the disagreement monitor
+  work as on the token path; ``--ensemble-reward worst`` (the members' minimum) needs the
+  members themselves and is refused for K > 2.
 
 Both keep the token path's chunking and overlap (one future per generated chunk), deadlines
 and retry budget (the shared client options); normalisation statistics come from the
@@ -22,7 +26,7 @@ import numpy as np
 from tribune.services.client import ScorerUnavailable, TritonScorer, _then
 from tribune.services.common.errors import UserError
 from tribune.services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError
-from tribune.services.reward_client import RewardClient, facts_from_model_info
+from tribune.services.reward_client import RewardClient, facts_from_model_info, members_from_spread
 from tribune.trainer.modeling import decode_responses
 from tribune.trainer.ppo_config import PPOConfig
 from tribune.trainer.rollout import Generated
@@ -80,6 +84,10 @@ class TextScorers:
         try:
             self.reward.wait_for_ready()
             self.facts = facts_from_model_info(self.reward.model_info())
+            if cfg.ensemble_reward == "worst" and self.facts.ensemble_size > 2:
+                raise ContractError(f"--ensemble-reward worst needs each member's score, and a RewardService serves "
+                                    f"the {self.facts.ensemble_size} members' mean and spread only: use "
+                                    f"--ensemble-reward uncertainty or mean, or the token path (--reward-url)")
         except BaseException:
             self.close()
             raise
@@ -89,7 +97,10 @@ class TextScorers:
         return [text_item(p, r) for p, r in zip(chunk.prompts, texts)]
 
     def score_members_async(self, chunk: Generated) -> Future:
-        return _then(self.reward.score_async(self._items(chunk)), lambda s: s.rewards[:, None])     # (B, 1)
+        # the served mean and spread as K stand-in members (B, K): see members_from_spread
+        k, std = self.facts.ensemble_size, self.facts.reward_std
+        return _then(self.reward.score_async(self._items(chunk)),
+                     lambda s: members_from_spread(s.rewards, s.spread, std, k).astype(np.float32))
 
     def score(self, chunk: Generated) -> np.ndarray:
         return self.reward.score(self._items(chunk)).rewards

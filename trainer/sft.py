@@ -89,7 +89,7 @@ def gold_eval(model, tokenizer, judge: Judge, prompts: list[str], max_prompt_len
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     run = Run(cfg, cfg.model, desc="sft")
-    acc, tokenizer, judge = run.acc, run.tokenizer, load_judge(cfg.gold)
+    acc, tokenizer = run.acc, run.tokenizer
     skipped = SkipCounter()
     rows = load_sft_rows(cfg.train, tokenizer, skipped)
     if cfg.eval is not None:
@@ -114,6 +114,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
         return response_nll(module, ids.to(acc.device), mask.to(acc.device), labels.to(acc.device)), {}
 
     gold_prompts = [p for p, _ in eval_rows][:cfg.gold_eval_prompts]
+    judge = load_judge(cfg.gold, gold_prompts)          # tried on one of them before training
 
     def evaluate(module) -> dict[str, float]:
         losses = []

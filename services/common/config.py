@@ -95,16 +95,19 @@ def flat_fields(cls: type, prefix: str = "", path: tuple[str, ...] = (), default
     return out
 
 
-def _parse_mapping(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` words (values parsed as YAML scalars) → a dict."""
+def _parse_mapping(items: list, name: str = "options") -> dict[str, Any]:
+    """``KEY=VALUE`` words (values parsed as YAML scalars) → a dict; anything else is a user error."""
     import yaml
 
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, value = item.partition("=") if isinstance(item, str) else ("", "", "")
         if not sep or not key:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+            raise UserError(f"{name}: expected KEY=VALUE words, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"{name}: {item!r} has a value that is not a YAML scalar ({e})") from None
     return out
 
 
@@ -146,6 +149,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the config file {path}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -177,8 +182,14 @@ def _coerce(f: FlatField, v: Any) -> Any:
         if v not in choices:
             raise UserError(f"{f.name}: expected {_describe(tp)}, got {v!r}")
         return v
-    if (get_origin(tp) is dict or tp is dict) and isinstance(v, list):
-        return _parse_mapping(v)
+    if get_origin(tp) is dict or tp is dict:
+        if isinstance(v, list):
+            return _parse_mapping(v, f.name)
+        if isinstance(v, str):
+            return _parse_mapping([v], f.name)
+        if not isinstance(v, dict):
+            raise UserError(f"{f.name}: expected a mapping (KEY=VALUE words, or a YAML mapping), got {v!r}")
+        return v
     if get_origin(tp) in (list, tuple):
         (inner, *_) = get_args(tp) or (Any,)
         items = list(v) if isinstance(v, (list, tuple)) else [v]

@@ -11,12 +11,18 @@ from tribune.services.common.errors import UserError
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields (line number, object); a line that is not a JSON object is a UserError."""
+    """Yields (line number, object); a line that is not UTF-8 or not a JSON object is a UserError
+    naming it. A UTF-8 byte-order mark at the start (some editors write one) is ignored."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -26,6 +32,17 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def cut_torn_line(path: Path) -> int:
+    """The whole lines of an append-only file a crash may have cut mid-line: a torn last line is
+    removed (so the next append starts on a line of its own). Returns how many lines are whole."""
+    data = Path(path).read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with Path(path).open("r+b") as f:
+            f.truncate(end)
+    return data[:end].count(b"\n")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Prompts: ``write N words using K`` and ``write N words using K and J`` (N in three … six,
 K and J from a pool of nature words): ``write four words using moon`` → e.g. ``moon over
-quiet hills`` — any N distinct pool words that contain every keyword exactly once.
+quiet hill`` — any N distinct pool words that contain every keyword exactly once.
 
 Gold judge: starts at 1.0 and charges every broken rule: 0.4 per word of length error,
 0.5 per missing keyword, 0.5 per extra copy of a keyword, 0.5 per other word used twice

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from tribune.services.common.config import field
+from tribune.services.common.errors import UserError
 from tribune.trainer.task.bundled import FLAWS, SFT_FLAWS, demonstrate, sample_prompt  # noqa: F401 (public names)
 from tribune.trainer.raters import plackett_luce_order
 from tribune.trainer.task.judge import gold_score
@@ -203,6 +204,8 @@ def make_task(cfg: TaskConfig, out: Path) -> dict:
     cfg = cfg.resolved()
     spec = cfg.spec
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory: `tribune task make` writes a directory of files")
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     tok = build_tokenizer(out / "tokenizer", spec.vocabulary())

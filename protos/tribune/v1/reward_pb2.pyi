@@ -79,7 +79,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "contract_version", "tokenizer_fingerprint", "reward_mean", "reward_std", "max_sequence_length", "max_items", "max_text_bytes", "ensemble_size", "preferred_rewards")
+    __slots__ = ("model_id", "contract_version", "tokenizer_fingerprint", "reward_mean", "reward_std", "max_sequence_length", "max_items", "max_text_bytes", "ensemble_size", "preferred_rewards", "preferred_spread")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class ModelInfo(_message.Message):
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_SPREAD_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     contract_version: int
     tokenizer_fingerprint: str
@@ -100,4 +101,5 @@ class ModelInfo(_message.Message):
     max_text_bytes: int
     ensemble_size: int
     preferred_rewards: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model_id: _Optional[str] = ..., contract_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., max_items: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., preferred_rewards: _Optional[_Iterable[float]] = ...) -> None: ...
+    preferred_spread: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model_id: _Optional[str] = ..., contract_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., max_sequence_length: _Optional[int] = ..., max_items: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., preferred_rewards: _Optional[_Iterable[float]] = ..., preferred_spread: _Optional[_Iterable[float]] = ...) -> None: ...
