@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,10 @@ def test_reward_model_ranks_held_out_pairs_like_the_gold_judge(rm_dir):
     assert {"eval_accuracy", "eval_loss"} <= set(metrics)
     stats = json.loads((rm_dir / "reward_stats.json").read_text())
     assert stats["std"] > 0 and stats["samples"] > 100
+    # measured on responses as long as PPO samples by default: the SFT run's response room
+    sft = json.loads((rm_dir / "config.resolved.json").read_text())["model"]
+    sft_cfg = json.loads((Path(sft) / "config.resolved.json").read_text())
+    assert stats["max_new_tokens"] == sft_cfg["max_length"] - sft_cfg["max_prompt_length"]
     config = json.loads((rm_dir / "config.json").read_text())
     assert "tribune_reward_mean" not in config, "reward_stats.json is the one home of the statistics"
 

@@ -25,10 +25,11 @@ from torch import nn
 from tribune.services.common.config import field, group
 from tribune.services.common.errors import UserError
 from tribune.services.common.jsonl import SkipCounter, write_json
-from tribune.services.common.text import Truncation, encode_pair, load_tokenizer
+from tribune.services.common.text import Truncation, encode_pair, encode_prompt, load_tokenizer
 from tribune.services.judge import Judge, JudgeConfig, load_judge
 from tribune.trainer.adapters import prepare_model
-from tribune.trainer.lengths import check_lengths, with_fitted_lengths
+from tribune.trainer.lengths import (check_lengths, fit_generation, model_context, trained_lengths,
+                                     with_fitted_lengths)
 from tribune.trainer.data import PreferenceGroup, load_preference_groups, pad_right
 from tribune.trainer.losses import bradley_terry_loss, pairwise_accuracy, ranking_to_pairs
 from tribune.trainer.measures import at_chance
@@ -68,7 +69,10 @@ class RewardConfig(TrainingConfig):
     center_rewards_coefficient: float = field(0.0, help="weight of TRL's reward-centering term mean((r_w+r_l)^2)")
     gold: JudgeConfig = group(JudgeConfig(), help="gold judge: accuracy against its ordering of the eval pairs")
     stats_samples: int = field(256, help="responses sampled from the SFT policy for the reward mean/std")
-    stats_max_new_tokens: int = field(16, help="maximum length of those sampled responses")
+    stats_max_new_tokens: int | None = field(None, help="maximum length of those sampled responses (default: what "
+                                             "`tribune ppo` samples from that policy by default, so the statistics "
+                                             "describe responses as long as PPO's: its SFT run's response room, else "
+                                             "what its context leaves after the longest prompt, at most 256)")
     stats_policy: Path | None = field(None, help="policy those responses are sampled from (default: --model; "
                                       "give the policy PPO will start from when --model is a reward model)")
     ensemble: int = field(1, help="train K members (different seeds and data order) into OUTPUT/member-i")
@@ -87,6 +91,8 @@ class RewardConfig(TrainingConfig):
             raise ValueError("center_rewards_coefficient must be non-negative")
         if self.stats_samples < 2:
             raise ValueError("stats_samples must be at least 2")
+        if self.stats_max_new_tokens is not None and self.stats_max_new_tokens < 1:
+            raise ValueError("stats_max_new_tokens must be at least 1")
         if self.ensemble < 1:
             raise ValueError("ensemble must be at least 1")
         if self.member_train and self.ensemble < 2:
@@ -249,15 +255,19 @@ def reward_stats_on_sft_samples(score, sft_dir: Path, tokenizer, prompts: list[s
     The samples depend on the base seed only, so every member of an ensemble (and the
     ensemble's mean) is measured on the same responses.
     """
+    new_tokens = cfg.stats_max_new_tokens
+    if new_tokens is None:        # PPO's own default for this policy (tribune.trainer.lengths.fit_generation)
+        lengths = [len(encode_prompt(tokenizer, p, 1 << 30)) for p in prompts]
+        new_tokens = fit_generation(lengths, model_context(sft_dir), trained_lengths(sft_dir))[0]
     policy = load_causal_lm(sft_dir).to(device)
     rewards = []
     for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=cfg.max_prompt_length,
-                              max_new_tokens=cfg.stats_max_new_tokens, seed=cfg.seed + 17):
+                              max_new_tokens=new_tokens, seed=cfg.seed + 17):
         # the sampled ids themselves, as PPO sends them (no re-tokenisation of decoded text)
         rewards.append(score(s.query_responses.to(device), s.mask.to(device)).cpu())
     r = torch.cat(rewards).double()
     return {"mean": float(r.mean()), "std": float(r.std().clamp(min=1e-6)), "samples": int(r.numel()),
-            "source": "responses sampled from the SFT policy at temperature 1"}
+            "max_new_tokens": new_tokens, "source": "responses sampled from the SFT policy at temperature 1"}
 
 
 PREFERRED_ROWS = 256     # held-out rows whose first-ranked response the reward model's stats keep scored
