@@ -90,8 +90,8 @@ def gold_ranking_path(candidates: Path) -> Path:
     candidates = Path(candidates)
     stem = candidates.name.removesuffix(".jsonl")
     path = candidates.with_name(f"{stem}.gold-{sha256_file(candidates)[:12]}.jsonl")
-    for stale in candidates.parent.glob(f"{stem}.gold-*.jsonl"):
-        if stale != path:
+    for stale in candidates.parent.glob(f"{stem}.gold-*"):      # rankings and their .meta.json
+        if not stale.name.startswith(path.name):
             stale.unlink()
     return path
 
