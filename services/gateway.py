@@ -30,6 +30,7 @@ from tribune.v1 import reward_pb2, reward_pb2_grpc
 
 log = logging.getLogger("tribune.gateway")
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+METHODS = frozenset(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].methods_by_name)
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 STATUS = {InvalidInput: grpc.StatusCode.INVALID_ARGUMENT, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -59,7 +60,7 @@ class Metrics:
 def _request_id(context, request=None) -> str:
     """The caller's id: the request's ``request_id`` field, else the x-request-id header, else a new one."""
     own = getattr(request, "request_id", "") if not isinstance(request, _Malformed) else ""
-    if own:
+    if own and own.isascii() and own.isprintable():     # what gRPC metadata (the trailer) can carry
         return own[:128]
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
@@ -200,6 +201,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if same_secret(sent, self.expected):
             return await continuation(details)
         method = details.method.rsplit("/", 1)[-1]
+        if not details.method.startswith(f"/{SERVICE}/") or method not in METHODS:
+            method = "unknown"          # a label per made-up name would grow the metrics without bound
         self.metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
         log.info(json.dumps({"event": "request", "method": method, "code": grpc.StatusCode.UNAUTHENTICATED.name,
                              "detail": "missing or invalid bearer token"}))
@@ -335,7 +338,11 @@ class Gateway:
                 raise UserError(f"cannot serve metrics on {self.cfg.host}:{self.cfg.metrics_port} ({e.strerror or e}); "
                                 "choose another --metrics-port, or 0 for none") from None
         await self._set_health(False)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            self._stop_metrics()
+            raise
         self.batcher.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_triton()))
 
@@ -346,6 +353,9 @@ class Gateway:
             t.cancel()
         await self.batcher.stop()
         self.backend.close()
+        self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

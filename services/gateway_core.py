@@ -35,8 +35,9 @@ class GatewayConfig:
     metrics_port: int = field(9090, help="Prometheus /metrics port (0: off)")
     max_items: int = field(256, help="most items per request")
     max_text_bytes: int = field(16384, help="longest prompt or response, in UTF-8 bytes")
-    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left (default: the reward "
-                                          "model's training setting, served with the model)")
+    max_prompt_length: int | None = field(None, help="prompt tokens kept, cut from the left; below the model's "
+                                          "max_length (default: the reward model's training setting, served with "
+                                          "the model)")
     batch_max_items: int = field(64, help="micro-batching: most items sent to Triton in one call")
     batch_max_delay_ms: float = field(2.0, help="micro-batching: longest wait for more items")
     max_queue_items: int = field(4096, help="items waiting before new requests get RESOURCE_EXHAUSTED")
@@ -169,12 +170,19 @@ class Tokenisation:
             except Exception as e:  # the template's own error (jinja2 TemplateError, ValueError): the input
                 raise InvalidInput(f"{where}.messages: the model's chat template refuses this conversation: {e}",
                                    f"{where}.messages") from None
-        # the prompt keeps room for at least the EOS, so a sequence never exceeds the served maximum
-        max_prompt = min(self.cfg.max_prompt_length or facts.max_prompt_length, facts.max_length - 1)
+        max_prompt = self.cfg.max_prompt_length or facts.max_prompt_length     # < max_length: check_prompt_limit
         return encode_pair(self.tokenizer, prompt, response or "", max_prompt, facts.max_length)[0]
 
 
 # ---------------------------------------------------------------- Triton backend and micro-batching
+
+def check_prompt_limit(cfg: GatewayConfig, facts: ServedFacts) -> None:
+    """A --max-prompt-length must leave the served model room for a response (at least its EOS): at or
+    past its max_length a long prompt would fill the sequence and every response would score alike."""
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= facts.max_length:
+        raise ContractError(f"--max-prompt-length {cfg.max_prompt_length} leaves no room for a response: the reward "
+                            f"model takes at most {facts.max_length} tokens in all")
+
 
 class Backend:
     """The Triton connection: (re)connects in the background, reports readiness."""
@@ -185,6 +193,7 @@ class Backend:
         self.ready = False
         self.repository_facts = ServedFacts.parse(read_manifest(cfg.repository).get("served"))   # ContractError if none
         self.repository_facts.require(REWARD_MODEL)       # a repository of the reference alone has no scores
+        check_prompt_limit(cfg, self.repository_facts)
         self.last_error = "not connected yet"
 
     @property
@@ -205,6 +214,7 @@ class Backend:
             if self.scorer is None:
                 self.scorer = TritonScorer(self.cfg.triton.at(self.cfg.triton_url), self.fingerprint,
                                            models=(REWARD_MODEL,))
+                check_prompt_limit(self.cfg, self.scorer.facts)
                 log.info("connected to Triton at %s (reward model %s)", self.cfg.triton_url,
                          self.scorer.facts.reward_model_id)
             self.ready = self.scorer.is_ready(REWARD_MODEL, timeout_s=self.cfg.triton.connect_timeout_s)

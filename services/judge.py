@@ -79,13 +79,15 @@ class ServiceJudge:
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
-            info = self.stub.GetModelInfo(reward_pb2.GetModelInfoRequest(), timeout=timeout_s, wait_for_ready=True)
         except grpc.FutureTimeoutError:
             raise UserError(f"--judge-url {target}: no RewardService answered within {timeout_s:.0f}s") from None
+        try:                                   # the service's own limit per request, when it says
+            info = self.stub.GetModelInfo(reward_pb2.GetModelInfoRequest(), timeout=timeout_s, wait_for_ready=True)
+            if info.max_items > 0:
+                self.batch = min(batch, info.max_items)
         except grpc.RpcError as e:
-            raise UserError(f"--judge-url {target}: {e.code().name}: {e.details()}") from None
-        if info.max_items > 0:                 # the service's own limit per request
-            self.batch = min(batch, info.max_items)
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:      # a judge needs Score only
+                raise UserError(f"--judge-url {target}: {e.code().name}: {e.details()}") from None
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         import grpc

@@ -250,7 +250,9 @@ def facts_from_model_info(info, max_prompt_length: int = 0):
     that mean) and the members' spread, not each member's score: the facts describe K members
     that all have the mean's statistics, and a client turns each (reward, spread) into their
     scores with ``members_from_spread``. The preferred responses' height travels the same way
-    (``preferred_rewards`` and ``preferred_spread``; a server that predates the spread reads as 0).
+    (``preferred_rewards`` and ``preferred_spread``). A server that predates ``preferred_spread``
+    serves an ensemble's height without it: that height is left out (PPO's penalty would apply to the
+    policy's scores and not to it), so ``--preferred-eval`` measures one instead.
     """
     from tribune.services.contract import ContractError, ServedFacts
 
@@ -260,6 +262,8 @@ def facts_from_model_info(info, max_prompt_length: int = 0):
     preferred = np.asarray(info.preferred_rewards, np.float64)
     spread = np.asarray(info.preferred_spread, np.float64)
     if spread.size == 0:
+        if k > 1:
+            preferred = np.zeros(0)
         spread = np.zeros_like(preferred)
     if spread.shape != preferred.shape or (spread < 0).any():
         raise ContractError(f"the reward service's ModelInfo is malformed: preferred_spread must hold one non-negative "

@@ -83,6 +83,9 @@ def test_user_errors_print_one_line_without_traceback(tmp_path, task_dir):
     bom.write_bytes(b"\xef\xbb\xbf" + latin.read_bytes().splitlines(keepends=True)[0])
     from tribune.services.common.jsonl import read_jsonl
     assert [obj["prompt"] for _, obj in read_jsonl(bom)] == ["name two fruits"]
+    old_mac = tmp_path / "cr.jsonl"                     # any line ending, as text mode reads them
+    old_mac.write_bytes(b'{"prompt": "a"}\r{"prompt": "b"}\r\n{"prompt": "c"}')
+    assert [obj["prompt"] for _, obj in read_jsonl(old_mac)] == ["a", "b", "c"]
     for args, message in ((("sft", "--model", task_dir / "base", "--train", latin, "--output", tmp_path / "o"),
                            f"{latin}:2: not UTF-8 text (byte 0xe9 at column 16)"),
                           (("sft", "--config", tmp_path), "cannot read the config file"),

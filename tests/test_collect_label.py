@@ -67,6 +67,11 @@ def test_collect_is_identical_per_seed_and_resumes_after_a_torn_line(tmp_path, t
     assert other.returncode == 2 and "other settings (sampling differ)" in other.stderr
     fewer = tribune(*common[:-4], "--max-prompts", "30", *common[-2:], "--output", torn, "--resume", check=False)
     assert fewer.returncode == 2 and "max_prompts" in fewer.stderr
+    # a meta file written before the prompts' digest and --max-prompts were recorded still resumes
+    meta = json.loads((tmp_path / "torn.jsonl.meta.json").read_text())
+    for key in ("prompts_sha256", "max_prompts"):
+        del meta["settings"][key]
+    (tmp_path / "torn.jsonl.meta.json").write_text(json.dumps(meta))
     tribune(*common, "--output", torn, "--resume")
     assert torn.read_bytes() == a
 

@@ -242,4 +242,4 @@ def test_a_gold_ranking_belongs_to_the_samples_it_ranked(tmp_path):
     assert gold_ranking_path(candidates) == first and first.is_file() and meta.is_file()   # same samples: kept
     candidates.write_text('{"prompt": "p", "candidates": ["a", "b", "c"]}\n')
     second = gold_ranking_path(candidates)
-    assert second != first and not first.exists() and not meta.exists() and not second.exists()
+    assert second != first and not first.exists() and not meta.exists()

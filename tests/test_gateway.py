@@ -141,6 +141,11 @@ def test_gateway_rewards_equal_direct_triton_scores(gateway, served, repo_dir):
         _, call = stub.Score.with_call(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")],
                                                        request_id="caller-7"), timeout=30)
         assert ("x-request-id", "caller-7") in call.trailing_metadata()
+        # one that gRPC metadata cannot carry is answered too, under an id of the gateway's own
+        reply, call = stub.Score.with_call(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", response="b")],
+                                                           request_id="naïve\nid"), timeout=30)
+        trailer = dict(call.trailing_metadata())["x-request-id"]
+        assert reply.request_id == "naïve\nid" and trailer.isascii() and trailer.isprintable()
         best = stub.ScoreBestOfN(pb.BestOfNRequest(prompt="name two fruits", candidates=["fig red", "fig kiwi"]))
         assert best.best_index == int(np.argmax(best.rewards)) and sorted(best.ranking) == [0, 1]
         streamed = list(stub.ScoreStream(iter([pb.ScoreRequest(items=[pb.ScoreItem(prompt=p, response=r)])
@@ -165,13 +170,18 @@ def test_model_info_becomes_served_facts_and_a_malformed_one_is_refused():
     # the gateway serves the members' mean and spread: K members with the mean's statistics, and
     # a server without preferred_spread (older) reads as members that agree
     assert facts.ensemble_size == 3 and facts.member_reward_mean == (0.5,) * 3 and facts.member_reward_std == (2.0,) * 3
-    assert facts.preferred_member_scores == ((1.5,) * 3, (-0.5,) * 3)
-    assert facts.preferred_rewards == (1.5, -0.5) and facts.max_prompt_length == 48
+    assert facts.max_prompt_length == 48
+    # an ensemble's height from a server without preferred_spread (older) is left out: the penalty
+    # would apply to the policy's scores and not to it
+    assert facts.preferred_member_scores == ()
+    one = facts_from_model_info(pb.ModelInfo(**{**fields, "ensemble_size": 1}))
+    assert one.preferred_member_scores == ((1.5,), (-0.5,)) and one.preferred_rewards == (1.5, -0.5)
     spread = facts_from_model_info(pb.ModelInfo(**fields, preferred_spread=[0.5, 0.0]))
     assert spread.preferred_rewards == pytest.approx((1.5, -0.5)) and spread.preferred_spread == pytest.approx((0.5, 0.0))
     assert facts_from_model_info(pb.ModelInfo(**{**fields, "preferred_rewards": []})).preferred_member_scores == ()
     assert facts_from_model_info(pb.ModelInfo(**{**fields, "ensemble_size": 0})).ensemble_size == 1   # pre-ensemble server
-    for bad, match in (({"preferred_rewards": [1.0, float("nan")]}, "preferred_member_scores"),
+    for bad, match in (({"preferred_rewards": [1.0, float("nan")], "preferred_spread": [0.0, 0.0]},
+                        "preferred_member_scores"),
                        ({"preferred_spread": [0.5]}, "preferred_spread"),
                        ({"preferred_spread": [0.5, -0.1]}, "preferred_spread"),
                        ({"reward_std": 0.0}, "reward_std")):
@@ -306,6 +316,10 @@ def test_a_busy_metrics_port_is_a_clear_error_and_stop_frees_it(repo_dir):
                               cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"cannot serve metrics on 127.0.0.1:{metrics_port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "tribune.trainer", "gateway", "--repository", str(repo_dir),
+                           "--triton-url", "127.0.0.1:1", "--port", str(port), "--metrics-port", "0",
+                           "--max-prompt-length", "64"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--max-prompt-length 64 leaves no room" in proc.stderr, proc.stderr
     # in one process (`tribune serve --with-gateway`, tests): a stopped gateway frees its metrics port
     cfg = build_config(GatewayConfig, {"repository": repo_dir, "triton_url": "127.0.0.1:1", "port": port,
                                        "metrics_port": metrics_port, "grace_s": 0.5})
@@ -373,8 +387,12 @@ def test_auth_tls_and_mutual_tls(served, repo_dir, tmp_path):
                     stub.Score(request, metadata=md, timeout=10)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert len(stub.Score(request, metadata=(("authorization", "Bearer s3cret"),), timeout=10).rewards) == 1
+            with pytest.raises(grpc.RpcError) as err:          # a made-up method: counted under one label
+                ch.unary_unary("/made.up/Method1")(b"", timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
         assert 'tribune_gateway_requests_total{code="UNAUTHENTICATED",method="Score"} 2.0' in metrics
+        assert 'code="UNAUTHENTICATED",method="unknown"' in metrics and "Method1" not in metrics
         # the Python client sends the token however it is given: a file, or the environment
         for options, env in (({"auth_token_file": token}, None), ({}, "s3cret")):
             with pytest.MonkeyPatch.context() as mp:
@@ -527,6 +545,28 @@ def test_judge_plugins_callable_and_service(gateway):
                                         r".*ValueError: not a keyword-task prompt"):
         load_judge(JudgeConfig(judge=keyword), list(prompts))
     assert load_judge(JudgeConfig(judge=keyword), ["write four words using moon"]) is not None
+
+
+def test_a_judge_service_needs_only_score():
+    """A protocol double of another system's RewardService that implements Score alone (no
+    GetModelInfo): a --judge-url judge sends its default batch (the real gateway: above)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tribune.services.judge import JudgeConfig, load_judge
+
+    class ScoreOnly(reward_pb2_grpc.RewardServiceServicer):
+        def Score(self, request, context):
+            return pb.ScoreResponse(rewards=[float(len(i.response)) for i in request.items])
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(ScoreOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        judge = load_judge(JudgeConfig(judge_url=f"127.0.0.1:{port}"), ["name two fruits"])
+        assert judge.batch == 128 and judge.score(["p"] * 3, ["ab", "abc", ""]) == [2.0, 3.0, 0.0]
+    finally:
+        server.stop(0)
 
 
 NODE_CLIENT = REPO / "clients" / "node"

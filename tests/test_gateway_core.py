@@ -79,16 +79,19 @@ def test_a_conversation_the_chat_template_refuses_is_the_callers_error(tok):
     assert err.value.field == "items[1].messages"
 
 
-def test_a_prompt_limit_past_the_served_length_still_leaves_room_for_the_eos(task_dir, tmp_path):
-    """--max-prompt-length ≥ the model's max_length would make sequences Triton refuses (and fail
-    every request batched with them): the prompt is cut to max_length − 1."""
-    repo = tmp_path / "repo"
-    (repo / "tokenizer").mkdir(parents=True)
-    for f in (task_dir / "tokenizer").iterdir():
-        (repo / "tokenizer" / f.name).write_bytes(f.read_bytes())
-    tok = Tokenisation(repo, GatewayConfig(repository=repo, triton_url="127.0.0.1:1", max_prompt_length=100))
-    ids = tok.encode(Item("fig " * 80, "kiwi"), FACTS)
-    assert len(ids) == FACTS.max_length and ids[-1] == tok.tokenizer.eos_token_id
+def test_a_prompt_limit_must_leave_the_served_model_room_for_a_response():
+    """At or past the model's max_length a long prompt would fill the sequence: Triton refuses it (and
+    with it every request batched with it), or, cut, every response scores alike. Refused at start
+    (test_gateway.py, through the command) and when Triton comes back with another model."""
+    from tribune.services.contract import ContractError
+    from tribune.services.gateway_core import check_prompt_limit
+
+    config = lambda n: GatewayConfig(repository=".", triton_url="127.0.0.1:1", max_prompt_length=n)   # noqa: E731
+    check_prompt_limit(config(None), FACTS)                 # the model's own setting
+    check_prompt_limit(config(FACTS.max_length - 1), FACTS)
+    for n in (FACTS.max_length, 100):
+        with pytest.raises(ContractError, match=f"--max-prompt-length {n} leaves no room for a response"):
+            check_prompt_limit(config(n), FACTS)
 
 
 def test_queue_smaller_than_a_request_is_refused():

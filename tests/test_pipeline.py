@@ -1,4 +1,5 @@
 """End to end through the real command line: task make → sft → train-rm, resume, 2 ranks."""
+import dataclasses
 import json
 import os
 import signal
@@ -39,6 +40,26 @@ def test_reward_model_ranks_held_out_pairs_like_the_gold_judge(rm_dir):
     assert stats["max_new_tokens"] == sft_cfg["max_length"] - sft_cfg["max_prompt_length"]
     config = json.loads((rm_dir / "config.json").read_text())
     assert "tribune_reward_mean" not in config, "reward_stats.json is the one home of the statistics"
+
+
+def test_reward_statistics_sample_responses_as_long_as_ppo_would(task_dir, tmp_path):
+    """The default of --stats-max-new-tokens is PPO's default for the same policy: its SFT run's
+    response room, else what its context leaves after the longest prompt (at most 256)."""
+    import shutil
+
+    from tribune.services.common.text import load_tokenizer
+    from tribune.trainer.reward import RewardConfig, stats_response_length
+
+    cfg = RewardConfig(model=task_dir / "base", train=tmp_path, eval=tmp_path, output=tmp_path)
+    tok = load_tokenizer(task_dir / "tokenizer")
+    prompts = ["name two fruits", "name three red fruits"]
+    context = json.loads((task_dir / "base" / "config.json").read_text())["max_position_embeddings"]
+    assert stats_response_length(cfg, task_dir / "base", tok, prompts) == context - len(tok(prompts[1])["input_ids"])
+    policy = tmp_path / "sft"
+    shutil.copytree(task_dir / "base", policy)
+    (policy / "config.resolved.json").write_text(json.dumps({"max_length": 40, "max_prompt_length": 30}))
+    assert stats_response_length(cfg, policy, tok, prompts) == 10
+    assert stats_response_length(dataclasses.replace(cfg, stats_max_new_tokens=7), policy, tok, prompts) == 7
 
 
 def test_saved_reward_model_reloads_with_auto_class_and_same_scores(rm_dir, task_dir):
@@ -85,7 +106,7 @@ def test_interrupted_training_resumes_to_the_same_weights(task_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-2000:]
-    assert "--resume" in err and "Traceback" not in err
+    assert "--resume" in err and "Traceback" not in err and "holds an earlier run's checkpoints" in err
     assert not (broken / "model.safetensors").exists()
     assert not (broken / "checkpoints" / "step-1000").exists() and list((broken / "checkpoints").glob("step-*"))
     tribune(*common, "--output", broken, "--resume")

@@ -32,18 +32,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def clear_checkpoints(acc, out: Path) -> None:
-    """A fresh run (no --resume) removes an earlier run's checkpoints from its output: else they would
-    outrank its own (the newest steps are kept) and a later --resume would continue the other run."""
-    root = checkpoint_dir(out)
-    if acc.is_main_process and root.is_dir():
-        log.info("a fresh run: removing the earlier checkpoints in %s (--resume continues them)", root)
-        shutil.rmtree(root)
-    acc.wait_for_everyone()
-
-
-def save_checkpoint(acc, out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Writes the checkpoint of ``step`` atomically and keeps the ``keep`` newest."""
+def save_checkpoint(acc, out: Path, step: int, state: dict[str, Any], keep: int, replace_others: bool = False) -> Path:
+    """Writes the checkpoint of ``step`` atomically and keeps the ``keep`` newest; with ``replace_others``
+    (a fresh run's first checkpoint) every other one goes: an earlier run's would outrank this run's own
+    (the newest steps are kept) and be what --resume continues."""
     root = checkpoint_dir(out)
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -57,9 +49,9 @@ def save_checkpoint(acc, out: Path, step: int, state: dict[str, Any], keep: int)
         write_json(tmp / "trainer_state.json", {"step": step, **state})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        old = sorted((p for p in root.glob("step-*") if not p.name.endswith(".tmp")),
-                     key=lambda p: int(p.name.split("-")[1]))
-        for p in old[:-keep]:
+        saved = sorted((p for p in root.glob("step-*") if not p.name.endswith(".tmp")),
+                       key=lambda p: int(p.name.split("-")[1]))
+        for p in [p for p in saved if p != final] if replace_others else saved[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
     acc.wait_for_everyone()
     return final

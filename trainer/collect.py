@@ -105,6 +105,9 @@ def load_prompt_rows(path: Path, tokenizer, skipped: SkipCounter) -> list[dict[s
     return rows
 
 
+NEWER_SETTINGS = ("prompts_sha256", "max_prompts")     # not in the settings of older meta files
+
+
 def _settings(cfg: CollectConfig, pid: str) -> dict[str, Any]:
     from tribune.services.repository import sha256_file
 
@@ -127,6 +130,8 @@ def _start(cfg: CollectConfig, meta_path: Path, settings: dict) -> int:
     if not meta_path.is_file():
         raise UserError(f"{out} exists but {meta_path} does not: cannot check it was made with these settings")
     old = json.loads(meta_path.read_text()).get("settings")
+    if isinstance(old, dict):   # a file collected before a setting was recorded: that one cannot be checked
+        old = {**{k: settings[k] for k in NEWER_SETTINGS if k not in old}, **old}
     if old != settings:
         changed = sorted(k for k in settings if (old or {}).get(k) != settings[k])
         raise UserError(f"--resume: {out} was collected with other settings ({', '.join(changed)} differ)")

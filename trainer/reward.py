@@ -58,7 +58,8 @@ class RewardConfig(TrainingConfig):
     train: Path = field(help="JSONL of {prompt, chosen, rejected} or {prompt, ranking}")
     eval: Path = field(help="held-out preference JSONL in the same format")
     max_length: int | None = field(None, help="maximum tokens of prompt + response + EOS (default: the longest "
-                                   "sequence of the data, at most the model's max_position_embeddings)")
+                                   "sequence of the data, or with --max-prompt-length that plus the longest "
+                                   "response; at most the model's max_position_embeddings)")
     max_prompt_length: int | None = field(None, help="prompts longer than this are cut from the left (default: the "
                                           "longest prompt, at most 3/4 of max_length when some sequences are cut)")
     epochs: float = default(TrainingConfig, "epochs", 4.0)
@@ -247,6 +248,16 @@ def evaluate_rm_dir(rm_dir: Path, path: Path, cfg: RewardConfig, judge: Judge | 
     return evaluate_rm(scorer, load_tokenizer(rm_dir), load_preference_groups(path, SkipCounter()), cfg, "cpu", judge)
 
 
+def stats_response_length(cfg: RewardConfig, sft_dir: Path, tokenizer, prompts: list[str]) -> int:
+    """--stats-max-new-tokens, else what `tribune ppo` samples from that policy by default
+    (``tribune.trainer.lengths.fit_generation``: its SFT run's response room, else what its context
+    leaves after the longest prompt, at most 256), so the statistics describe PPO's responses."""
+    if cfg.stats_max_new_tokens is not None:
+        return cfg.stats_max_new_tokens
+    lengths = [len(encode_prompt(tokenizer, p, 1 << 30)) for p in prompts]
+    return fit_generation(lengths, model_context(sft_dir), trained_lengths(sft_dir))[0]
+
+
 @torch.no_grad()
 def reward_stats_on_sft_samples(score, sft_dir: Path, tokenizer, prompts: list[str], cfg: RewardConfig,
                                 device) -> dict[str, float]:
@@ -255,10 +266,7 @@ def reward_stats_on_sft_samples(score, sft_dir: Path, tokenizer, prompts: list[s
     The samples depend on the base seed only, so every member of an ensemble (and the
     ensemble's mean) is measured on the same responses.
     """
-    new_tokens = cfg.stats_max_new_tokens
-    if new_tokens is None:        # PPO's own default for this policy (tribune.trainer.lengths.fit_generation)
-        lengths = [len(encode_prompt(tokenizer, p, 1 << 30)) for p in prompts]
-        new_tokens = fit_generation(lengths, model_context(sft_dir), trained_lengths(sft_dir))[0]
+    new_tokens = stats_response_length(cfg, sft_dir, tokenizer, prompts)
     policy = load_causal_lm(sft_dir).to(device)
     rewards = []
     for s in sample_responses(policy, tokenizer, prompts, max_prompt_length=cfg.max_prompt_length,
@@ -360,12 +368,13 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     metrics = ensemble_metrics(per_member)
     metrics["ensemble_size"] = cfg.ensemble
     tokenizer.save_pretrained(out)
-    models = [load_reward_model(out / name).eval() for name in members]
+    device = "cuda" if torch.cuda.is_available() else "cpu"      # sampling PPO-length responses: a GPU if any
+    models = [load_reward_model(out / name).eval().to(device) for name in members]
     stats = reward_stats_on_sft_samples(lambda ids, mask: torch.stack([score_sequences(m, ids, mask) for m in models])
-                                        .mean(0), cfg.stats_policy or cfg.model, tokenizer, stats_prompts, cfg, "cpu")
+                                        .mean(0), cfg.stats_policy or cfg.model, tokenizer, stats_prompts, cfg, device)
     stats["source"] += ", the members' mean"
     stats = with_preferred(stats, [lambda ids, mask, m=m: score_sequences(m, ids, mask) for m in models], tokenizer,
-                           load_preference_groups(cfg.eval, SkipCounter()), cfg, "cpu")
+                           load_preference_groups(cfg.eval, SkipCounter()), cfg, device)
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"]})
     write_json(out / REWARD_STATS_FILE, stats)
     write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap,

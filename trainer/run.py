@@ -33,8 +33,8 @@ from tribune.services.common.errors import UserError
 from tribune.services.common.jsonl import write_json
 from tribune.services.common.text import load_tokenizer
 from tribune.trainer.adapters import MemoryConfig, check_precision, plain_model
-from tribune.trainer.checkpoints import (StopRequested, check_ranks_agree, clear_checkpoints, drop_tied_aliases,
-                                         load_checkpoint, save_checkpoint)
+from tribune.trainer.checkpoints import (StopRequested, check_ranks_agree, checkpoint_dir, drop_tied_aliases,
+                                         latest_checkpoint, load_checkpoint, save_checkpoint)
 from tribune.trainer.tracking import PROJECT, check_installed, hparams, init_kwargs, log_with, parse_report_to, tracker_row
 
 log = logging.getLogger("tribune")
@@ -232,6 +232,7 @@ class Run:
         self.tokenizer = load_tokenizer(model_dir)
         self.start = 0
         self.metrics_log: MetricsLog | None = None
+        self._replace_checkpoints = False      # a fresh run's first checkpoint replaces an earlier run's
 
     @property
     def is_main(self) -> bool:
@@ -243,7 +244,12 @@ class Run:
         if self.cfg.resume:
             self.start, state = load_checkpoint(self.acc, self.out)
         else:
-            clear_checkpoints(self.acc, self.out)
+            earlier = latest_checkpoint(self.out)
+            if earlier is not None and self.is_main:
+                log.warning("%s holds an earlier run's checkpoints (newest %s); this fresh run replaces them at its "
+                            "first checkpoint: stop now and run with --resume to continue that run instead",
+                            checkpoint_dir(self.out), earlier.name)
+            self._replace_checkpoints = earlier is not None
         self.metrics_log = MetricsLog(self.out, self.is_main)
         if self.is_main:     # a run that starts at step 0 (fresh, or no checkpoint yet) starts its metrics afresh
             self.metrics_log.truncate(self.start or -1)
@@ -252,6 +258,12 @@ class Run:
             self.acc.init_trackers(PROJECT, config=hparams(to_dict(self.cfg)),
                                    init_kwargs=init_kwargs(self.desc, self.out))
         return state
+
+    def _save(self, step: int, state: dict[str, Any]) -> Path:
+        path = save_checkpoint(self.acc, self.out, step, state, self.cfg.keep_checkpoints,
+                               replace_others=self._replace_checkpoints)
+        self._replace_checkpoints = False
+        return path
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         self.metrics_log.write(step, row)
@@ -292,9 +304,9 @@ class Run:
                             bar.set_postfix(postfix(row))
                     bar.update(1)
                     if done % self.cfg.checkpoint_every == 0 and done != total:
-                        save_checkpoint(self.acc, self.out, done, state(), self.cfg.keep_checkpoints)
+                        self._save(done, state())
                     if done != total and stop.agreed(self.acc):
-                        path = save_checkpoint(self.acc, self.out, done, state(), self.cfg.keep_checkpoints)
+                        path = self._save(done, state())
                         raise UserError(f"stopped by a signal after {self.unit} {done}/{total}; checkpoint {path}; "
                                         "run the same command with --resume to continue")
         finally:

@@ -42,7 +42,8 @@ class SFTConfig(TrainingConfig):
     train: Path = field(help="JSONL of {prompt, response} or {messages}")
     eval: Path | None = field(None, help="held-out JSONL in the same format (default: 5% of --train)")
     max_length: int | None = field(None, help="maximum tokens of prompt + response + EOS (default: the longest "
-                                   "sequence of the data, at most the model's max_position_embeddings)")
+                                   "sequence of the data, or with --max-prompt-length that plus the longest "
+                                   "response; at most the model's max_position_embeddings)")
     max_prompt_length: int | None = field(None, help="prompts longer than this are cut from the left (default: the "
                                           "longest prompt, at most 3/4 of max_length when some sequences are cut)")
     eval_fraction: float = field(0.05, help="share of --train held out when --eval is not given")

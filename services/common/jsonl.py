@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from tribune.services.common.errors import UserError
+
+NOT_UTF8 = re.compile("[\udc80-\udcff]")      # what errors="surrogateescape" makes of a byte that is not UTF-8
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -16,13 +19,13 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                f"{e.start + 1})") from None
+    # any line ending (\n, \r\n, \r); bytes that are not UTF-8 come through as lone surrogates, found per line
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            bad = NOT_UTF8.search(line)
+            if bad:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {ord(bad.group()) - 0xDC00:#04x} at column "
+                                f"{bad.start() + 1})")
             if not line.strip():
                 continue
             try:
