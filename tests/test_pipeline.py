@@ -106,7 +106,7 @@ def test_interrupted_training_resumes_to_the_same_weights(task_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-2000:]
-    assert "--resume" in err and "Traceback" not in err and "holds an earlier run's checkpoints" in err
+    assert "--resume" in err and "Traceback" not in err and "holds an earlier, unfinished run's checkpoints" in err
     assert not (broken / "model.safetensors").exists()
     assert not (broken / "checkpoints" / "step-1000").exists() and list((broken / "checkpoints").glob("step-*"))
     tribune(*common, "--output", broken, "--resume")

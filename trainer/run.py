@@ -246,9 +246,14 @@ class Run:
         else:
             earlier = latest_checkpoint(self.out)
             if earlier is not None and self.is_main:
-                log.warning("%s holds an earlier run's checkpoints (newest %s); this fresh run replaces them at its "
-                            "first checkpoint: stop now and run with --resume to continue that run instead",
-                            checkpoint_dir(self.out), earlier.name)
+                # an interrupted run's (no metrics.json after its newest checkpoint) is worth a warning: the user
+                # may have meant --resume; a finished run's are replaced as its outputs are
+                done = self.out / "metrics.json"
+                finished = done.is_file() and done.stat().st_mtime >= earlier.stat().st_mtime
+                (log.info if finished else log.warning)(
+                    "%s holds an earlier%s run's checkpoints (newest %s); this fresh run replaces them at its first "
+                    "checkpoint%s", checkpoint_dir(self.out), "" if finished else ", unfinished", earlier.name,
+                    "" if finished else ": stop now and run with --resume to continue that run instead")
             self._replace_checkpoints = earlier is not None
         self.metrics_log = MetricsLog(self.out, self.is_main)
         if self.is_main:     # a run that starts at step 0 (fresh, or no checkpoint yet) starts its metrics afresh
