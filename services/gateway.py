@@ -59,7 +59,7 @@ class Metrics:
 
 def _request_id(context, request=None) -> str:
     """The caller's id: the request's ``request_id`` field, else the x-request-id header, else a new one."""
-    own = getattr(request, "request_id", "") if not isinstance(request, _Malformed) else ""
+    own = getattr(request, "request_id", "")           # none on a request that did not parse (_Malformed)
     if own and own.isascii() and own.isprintable():     # what gRPC metadata (the trailer) can carry
         return own[:128]
     for key, value in context.invocation_metadata() or ():

@@ -252,9 +252,8 @@ def test_labelling_page_keeps_every_answer_through_a_crash(tmp_path):
     # the same output with other candidates (collected again): refused, not applied to them
     other = tmp_path / "other.jsonl"
     other.write_text(cands.read_text().replace('"a"', '"z"'))
-    proc = subprocess.run([sys.executable, "-m", "tribune.trainer", "label", "--serve", "--input", str(other),
-                           "--output", str(tmp_path / "human.jsonl"), "--port", "0"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = tribune("label", "--serve", "--input", other, "--output", tmp_path / "human.jsonl", "--port", "0",
+                   check=False, timeout=120)
     assert proc.returncode == 2 and "answers were given to other prompts or candidates" in proc.stderr, proc.stderr
 
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tribune.services.launcher import free_ports
-from tests.conftest import REPO, copy_source
+from tests.conftest import REPO, copy_source, tribune
 from tests.servers import WITHOUT_TORCH, start_serve
 from tribune.v1 import reward_pb2 as pb
 from tribune.v1 import reward_pb2_grpc
@@ -311,14 +311,12 @@ def test_a_busy_metrics_port_is_a_clear_error_and_stop_frees_it(repo_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", metrics_port))
         busy.listen()
-        proc = subprocess.run([sys.executable, "-m", "tribune.trainer", "gateway", "--repository", str(repo_dir),
-                               "--triton-url", "127.0.0.1:1", "--port", str(port), "--metrics-port", str(metrics_port)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        proc = tribune("gateway", "--repository", repo_dir, "--triton-url", "127.0.0.1:1", "--port", port,
+                       "--metrics-port", metrics_port, check=False, timeout=120)
     assert proc.returncode == 2 and f"cannot serve metrics on 127.0.0.1:{metrics_port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "tribune.trainer", "gateway", "--repository", str(repo_dir),
-                           "--triton-url", "127.0.0.1:1", "--port", str(port), "--metrics-port", "0",
-                           "--max-prompt-length", "64"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = tribune("gateway", "--repository", repo_dir, "--triton-url", "127.0.0.1:1", "--port", port,
+                   "--metrics-port", "0", "--max-prompt-length", "64", check=False, timeout=120)
     assert proc.returncode == 2 and "--max-prompt-length 64 leaves no room" in proc.stderr, proc.stderr
     # in one process (`tribune serve --with-gateway`, tests): a stopped gateway frees its metrics port
     cfg = build_config(GatewayConfig, {"repository": repo_dir, "triton_url": "127.0.0.1:1", "port": port,
