@@ -94,6 +94,10 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert [Path(f).parent.name for f in layout["member_train"]] == ["collected", "task"]
     assert [Path(f).name for f in layout["member_eval"]] == ["prefs_eval.jsonl"] * 2
     assert [Path(f).parent.name for f in layout["member_eval"]] == ["collected", "task"]
+    # member 1 starts from an SFT run of the next seed, trained for the study with πSFT's options
+    assert study["member_starts"] == "sft_seeds" and "sft (seed 1)" in ensemble_log
+    assert layout["member_model"] == [str(out / "sequence" / "sft"), str(out / "sequence" / "sft_seed-1")]
+    assert json.loads((out / "sequence" / "sft_seed-1" / "config.resolved.json").read_text())["seed"] == 1
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]
     assert again[0]["rm_gold_accuracy"] == row["rm_gold_accuracy"]           # the same model, not retrained
     assert Path(json.loads((rd / "rm" / "config.resolved.json").read_text())["model"]) == out / "sequence" / "rm"

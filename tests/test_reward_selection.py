@@ -86,15 +86,20 @@ def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, 
     for src, dst in ((task_dir / "prefs_train.jsonl", half_train), (task_dir / "prefs_eval.jsonl", half_eval)):
         lines = src.read_text().splitlines(keepends=True)
         dst.write_text("".join(lines[:len(lines) // 2]))
+    # member 1 starts from another model with the same tokenizer (here the task's base)
     metrics, _ = _rm(task_dir, sft_dir, out, "--ensemble", "2", "--bootstrap", "--max-steps", "20",
                      "--member-train", task_dir / "prefs_train.jsonl", half_train,
-                     "--member-eval", task_dir / "prefs_eval.jsonl", half_eval)
+                     "--member-eval", task_dir / "prefs_eval.jsonl", half_eval,
+                     "--member-model", sft_dir, task_dir / "base")
     layout = json.loads((out / "ensemble.json").read_text())
+    assert layout["member_model"] == [str(sft_dir), str(task_dir / "base")]
     assert layout["ensemble_size"] == 2 and layout["members"] == ["member-0", "member-1"]
     assert layout["member_train"] == [str(task_dir / "prefs_train.jsonl"), str(half_train)]
     assert layout["member_eval"] == [str(task_dir / "prefs_eval.jsonl"), str(half_eval)]
     resolved = json.loads((out / "member-1" / "config.resolved.json").read_text())
     assert (resolved["train"], resolved["eval"]) == (str(half_train), str(half_eval))
+    # it trains from its own start, and its statistics still sample πSFT (--model), as PPO will
+    assert (resolved["model"], resolved["stats_policy"]) == (str(task_dir / "base"), str(sft_dir))
     stats = [json.loads((out / m / "reward_stats.json").read_text()) for m in layout["members"]]
     assert stats[0]["mean"] != stats[1]["mean"]                              # different seeds, data, heads
     # the height of the raters' favourites, served for PPO's monitor: each member on its own eval file, and the
@@ -107,6 +112,26 @@ def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, 
     assert [row[0] for row in both] == pytest.approx([row[0] for row in stats[0]["preferred_member_scores"]], abs=1e-5)
     assert (out / "tokenizer.json").is_file() and metrics["ensemble_size"] == 2
     assert len(metrics["member_eval_accuracy"]) == 2
+
+
+def test_a_member_start_with_another_tokenizer_is_refused_before_training(task_dir, sft_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(sft_dir, other, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[3:5]
+    vocab[a], vocab[b] = vocab[b], vocab[a]                     # two words swap ids: other token ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    proc = tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl", "--eval",
+                   task_dir / "prefs_eval.jsonl", "--output", tmp_path / "ens", "--ensemble", "2",
+                   "--member-model", sft_dir, other, check=False)
+    assert proc.returncode == 2 and f"member_model {other}: its tokenizer differs" in proc.stderr
+    assert not (tmp_path / "ens" / "member-0" / "model.safetensors").exists()
+    proc = tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl", "--eval",
+                   task_dir / "prefs_eval.jsonl", "--output", tmp_path / "one", "--member-model", other, check=False)
+    assert proc.returncode == 2 and "member_model needs --ensemble K with K >= 2" in proc.stderr
 
 
 def test_ensemble_metrics_average_what_every_member_reports_and_list_what_only_some_do():

@@ -61,6 +61,11 @@ class EvaluateConfig:
                                                      "given pairs, or mixed: members alternate between preferences "
                                                      "collected on πSFT's samples (the task's rater) and the given "
                                                      "pairs, each early-stopping on held-out data of its own kind")
+    study_member_starts: Literal["sft", "sft_seeds"] = field("sft_seeds", help="where the study ensemble's members "
+                                                             "start: every one from πSFT, or sft_seeds: member i from "
+                                                             "an SFT run of seed SEED + i (member 0 from πSFT itself; "
+                                                             "the others in OUTPUT/TASK/sft_seed-N): members that "
+                                                             "start apart err less alike")
     reuse: bool = field(False, help="measure tasks whose pipeline outputs already exist under OUTPUT/TASK (from an "
                                     "earlier run with the same options) instead of training them again; --rounds "
                                     "then runs the iterated loop's rounds on them")

@@ -108,7 +108,7 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...]
                       **_trajectory(ppo_cfg.output)}
         runs[name]["overoptimised"] = overoptimised(runs[name])
     return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
-            "members": cfg.study_members, "runs": runs}
+            "members": cfg.study_members, "member_starts": cfg.study_member_starts, "runs": runs}
 
 
 def _train_study_ensemble(cfg: EvaluateConfig, task: str, stages, run_train_rm):
@@ -123,11 +123,31 @@ def _train_study_ensemble(cfg: EvaluateConfig, task: str, stages, run_train_rm):
         collected_on_sft(stages, cfg.stages)
         member_train, member_eval = map(list, zip(variant_data(stages, "collected"), variant_data(stages, "given")))
     ensemble_rm = dataclasses.replace(stages.rm, output=out / "rm_ensemble", ensemble=cfg.ensemble_size,
-                                      member_train=member_train, member_eval=member_eval)
-    log.info("over-optimisation study on %s: %d-member ensemble (%s) → %s", task, cfg.ensemble_size,
-             cfg.study_members, ensemble_rm.output)
+                                      member_train=member_train, member_eval=member_eval,
+                                      member_model=member_starts(cfg, stages, out))
+    log.info("over-optimisation study on %s: %d-member ensemble (%s, starting from %s) → %s", task, cfg.ensemble_size,
+             cfg.study_members, cfg.study_member_starts, ensemble_rm.output)
     run_train_rm(ensemble_rm)
     return ensemble_rm
+
+
+def member_starts(cfg: EvaluateConfig, stages: Stages, out: Path) -> list[Path]:
+    """The models the study ensemble's members start from: [] (every one from πSFT), or with ``sft_seeds``
+    πSFT and SFT runs of the next K − 1 seeds, trained here with πSFT's options. Members fine-tuned from one
+    start share its errors where the policy goes (Eisenstein et al. 2023); from SFT runs of other seeds they
+    disagreed more on the study's task and lost less gold under the penalty (README)."""
+    if cfg.study_member_starts == "sft" or cfg.ensemble_size < 2:
+        return []
+    from tribune.trainer.sft import run_sft
+
+    starts = [Path(stages.sft.output)]
+    for i in range(1, cfg.ensemble_size):
+        sft = dataclasses.replace(stages.sft, seed=stages.sft.seed + i, output=out / f"sft_seed-{stages.sft.seed + i}")
+        log.info("over-optimisation study: a start for ensemble member %d/%d: sft (seed %d) → %s", i + 1,
+                 cfg.ensemble_size, sft.seed, sft.output)
+        run_sft(sft)
+        starts.append(Path(sft.output))
+    return starts
 
 
 def merge_study_arms(parts: list[dict]) -> dict:

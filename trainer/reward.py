@@ -84,6 +84,10 @@ class RewardConfig(TrainingConfig):
     member_eval: list[Path] = field([], help="with --member-train: member i early-stops on file i mod N of these "
                                     "instead of --eval, held-out data of the kind it trains on (one file per "
                                     "--member-train file; a member scored on another kind kept its first weights)")
+    member_model: list[Path] = field([], help="with --ensemble: member i starts from model directory i mod N of these "
+                                     "instead of --model (e.g. SFT runs of other seeds, with the same tokenizer: "
+                                     "members that start apart err less alike); the statistics still sample "
+                                     "--stats-policy, by default --model")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +102,8 @@ class RewardConfig(TrainingConfig):
             raise ValueError("ensemble must be at least 1")
         if self.member_train and self.ensemble < 2:
             raise ValueError("member_train needs --ensemble K with K >= 2")
+        if self.member_model and self.ensemble < 2:
+            raise ValueError("member_model needs --ensemble K with K >= 2")
         if self.member_eval and len(self.member_eval) != len(self.member_train):
             raise ValueError(f"member_eval needs one file per member_train file ({len(self.member_train)}), "
                              f"got {len(self.member_eval)}")
@@ -356,11 +362,15 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     # every member's statistics on the same πSFT samples (same prompts, same seed), whatever rows it trains on:
     # offsets between them must come from the members, not from what they were measured on
     stats_prompts = [g.prompt for g in train[:cfg.stats_samples]]
+    member_models = [cfg.member_model[i % len(cfg.member_model)] if cfg.member_model else cfg.model
+                     for i in range(cfg.ensemble)]
+    check_same_tokenizer(cfg.model, tokenizer, member_models)
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
         source = i % len(cfg.member_train) if cfg.member_train else None
         member = dataclasses.replace(cfg, ensemble=1, output=out / name, seed=cfg.seed + 1009 * i, member_train=[],
-                                     member_eval=[],
+                                     member_eval=[], member_model=[], model=member_models[i],
+                                     stats_policy=cfg.stats_policy or cfg.model,
                                      train=cfg.train if source is None else cfg.member_train[source],
                                      eval=cfg.member_eval[source] if cfg.member_eval else cfg.eval)
         per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
@@ -381,9 +391,22 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                      "member_train": [str(cfg.member_train[i % len(cfg.member_train)])
                                                       for i in range(cfg.ensemble)] if cfg.member_train else [],
                                      "member_eval": [str(cfg.member_eval[i % len(cfg.member_eval)])
-                                                     for i in range(cfg.ensemble)] if cfg.member_eval else []})
+                                                     for i in range(cfg.ensemble)] if cfg.member_eval else [],
+                                     "member_model": [str(m) for m in member_models]})
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def check_same_tokenizer(model: Path, tokenizer, others: list[Path]) -> None:
+    """Every model in ``others`` tokenises as ``model`` (whose tokenizer is given): an ensemble is served
+    with one tokenizer."""
+    from tribune.services.repository import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer)
+    for d in dict.fromkeys(Path(o) for o in others):
+        if d != Path(model) and tokenizer_fingerprint(load_tokenizer(d)) != fp:
+            raise UserError(f"member_model {d}: its tokenizer differs from {model}'s; an ensemble's members share "
+                            "one tokenizer")
 
 
 def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_seed: int | None = None,
