@@ -190,6 +190,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def other_tokenizer(tokenizer, source: Path, dirs) -> Path | None:
+    """The first of the model directories ``dirs`` whose tokenizer gives other ids than ``tokenizer``
+    (loaded from ``source``, which is not loaded again); None when they all tokenise alike."""
+    from tribune.services.common.text import load_tokenizer
+
+    fp = tokenizer_fingerprint(tokenizer)
+    return next((d for d in dict.fromkeys(Path(d) for d in dirs)
+                 if d != Path(source) and tokenizer_fingerprint(load_tokenizer(d)) != fp), None)
+
+
 def file_hashes(repo: Path) -> dict[str, str]:
     repo = Path(repo)
     return {str(p.relative_to(repo)): sha256_file(p) for p in sorted(repo.rglob("*"))

@@ -114,6 +114,20 @@ def rm_dir(task_dir, sft_dir, tmp_path_factory) -> Path:
         "--eval", task_dir / "prefs_eval.jsonl", "--output", out, "--epochs", "4", *LENGTHS, *JUDGE))
 
 
+def with_other_token_ids(model_dir: Path, out: Path) -> Path:
+    """A copy of ``model_dir`` whose tokenizer gives two words each other's ids: the same model, another
+    tokenizer fingerprint."""
+    import shutil
+
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    tok = json.loads((out / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[3:5]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    return out
+
+
 def make_ensemble(rm_dir: Path, out: Path, k: int = 3) -> Path:
     """An ensemble directory in train-rm's layout (ensemble.json, member-i/, the shared tokenizer),
     from one trained reward model: member i > 0 has every weight perturbed and its head rescaled,

@@ -66,11 +66,11 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # the study runs PPO against the candidate the pipeline did not keep too: the kept weight goes last here
     kept = json.loads((out / "sequence" / "rm" / "metrics.json").read_text())["given_weight"]
     not_kept = {1: 0.5, 0.5: 1}[kept]
-    tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
-            "--eval-prompts", "16", "--overoptimisation-task", "sequence", "--ensemble-size", "2",
-            "--collect", "max_prompts=24", "--given-weights", str(not_kept), str(kept),
-            "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0", "--rounds", "1",
-            "--export", "exporter=torchscript", "--jobs", "2")
+    proc = tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
+                   "--eval-prompts", "16", "--overoptimisation-task", "sequence", "--ensemble-size", "2",
+                   "--collect", "max_prompts=24", "--given-weights", str(not_kept), str(kept),
+                   "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0",
+                   "--rounds", "1", "--export", "exporter=torchscript", "--jobs", "2")
     assert "compare: reward model on" in (out / "sequence" / "evaluate.log").read_text()
     summary = json.loads((out / "evaluation.json").read_text())
     again = summary["rows"]
@@ -96,6 +96,7 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert [Path(f).parent.name for f in layout["member_eval"]] == ["collected", "task"]
     # member 1 starts from an SFT run of the next seed, trained for the study with πSFT's options
     assert study["member_starts"] == "sft_seeds" and "sft (seed 1)" in ensemble_log
+    assert "2-member ensemble of mixed, starting from sft_seeds" in proc.stdout
     assert layout["member_model"] == [str(out / "sequence" / "sft"), str(out / "sequence" / "sft_seed-1")]
     assert json.loads((out / "sequence" / "sft_seed-1" / "config.resolved.json").read_text())["seed"] == 1
     assert [(r["task"], r["round"]) for r in again] == [("sequence", 0), ("sequence", 1)]

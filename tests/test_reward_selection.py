@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import JUDGE, tribune
+from tests.conftest import JUDGE, tribune, with_other_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -115,15 +115,7 @@ def test_ensemble_members_differ_and_are_laid_out_for_export(task_dir, sft_dir, 
 
 
 def test_a_member_start_with_another_tokenizer_is_refused_before_training(task_dir, sft_dir, tmp_path):
-    import shutil
-
-    other = tmp_path / "other"
-    shutil.copytree(sft_dir, other, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-    tok = json.loads((other / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    a, b = list(vocab)[3:5]
-    vocab[a], vocab[b] = vocab[b], vocab[a]                     # two words swap ids: other token ids
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    other = with_other_token_ids(sft_dir, tmp_path / "other")
     proc = tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl", "--eval",
                    task_dir / "prefs_eval.jsonl", "--output", tmp_path / "ens", "--ensemble", "2",
                    "--member-model", sft_dir, other, check=False)

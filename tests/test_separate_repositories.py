@@ -5,6 +5,7 @@ the reward model alone (fp16), the reference alone (weights forced into ONNX ext
 and a pair whose tokenizer has one more token (a family the policy does not speak).
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tribune.services.common.errors import UserError
 from tribune.services.common.text import load_tokenizer
 from tribune.services.contract import REFERENCE_MODEL, REWARD_MODEL, ContractError, ServedFacts
 from tribune.services.repository import read_config, sha256_file, tokenizer_fingerprint, verify_repository
-from tests.conftest import tribune
+from tests.conftest import tribune, with_other_token_ids
 from tests.remote_ppo import one_iteration, ppo_config
 from tests.servers import start_serves, stop_serves
 
@@ -190,6 +191,17 @@ def test_an_export_past_its_parity_tolerance_writes_nothing(task_dir, tmp_path):
                                         r"nothing was written"):
         run_export(cfg)
     assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_an_export_of_a_reward_model_with_another_tokenizer_than_the_reference_is_refused(rm_dir, sft_dir, tmp_path):
+    from tribune.trainer.export import ExportConfig, run_export
+
+    other = with_other_token_ids(rm_dir, tmp_path / "rm")
+    cfg = ExportConfig(reward=other, reference=sft_dir, output=tmp_path / "repo", warmup=False, exporter="torchscript")
+    with pytest.raises(UserError, match=re.escape(f"the tokenizers of {other} and {sft_dir} differ; a repository "
+                                                  "has one tokenizer")):
+        run_export(cfg)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_export_needs_a_reward_model_or_a_reference(tmp_path):

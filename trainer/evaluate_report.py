@@ -93,7 +93,7 @@ def study_lines(study: dict | None) -> list[str]:
     if not study:
         return []
     lines = [f"over-optimisation study ({study['task']}, PPO {study['aggressive']}, {study['ensemble_size']}-member "
-             f"ensemble of {study.get('members', 'seeds')}):"]
+             f"ensemble of {study.get('members', 'seeds')}, starting from {study.get('member_starts', 'sft')}):"]
     for name, r in study["runs"].items():
         se = f" ± {r['final_gold_se']:.3f}" if r.get("final_gold_se") is not None else ""
         lines.append(f"  {name:<22s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → "

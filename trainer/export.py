@@ -58,8 +58,8 @@ from tribune.services.contract import (ATTENTION_MASK, CONTRACT_VERSION, INPUT_I
                                MEMBER_REWARDS_NAME, REFERENCE, REFERENCE_MODEL, REWARD_MODEL, REWARDS, TEMPERATURE,
                                TOKENIZER_DIR, ModelSpec, ServedFacts, reward_spec)
 from tribune.services.repository import (ONNX_DATA_FILE, ONNX_FILE, TritonSettings, contract_parameters, manifest_model_config,
-                                 manifest_onnx, model_config, sha256_file, tokenizer_fingerprint, write_config,
-                                 write_manifest)
+                                 manifest_onnx, model_config, other_tokenizer, sha256_file, tokenizer_fingerprint,
+                                 write_config, write_manifest)
 from tribune.trainer.modeling import (load_causal_lm, load_reward_model, scalar_head_values, score_sequences,
                               sequence_logprobs)
 from tribune.trainer.reward import ENSEMBLE_FILE, read_reward_stats, reward_members
@@ -506,11 +506,11 @@ def run_export(cfg: ExportConfig) -> dict:
     tok = load_tokenizer(tok_dir)
     fp = tokenizer_fingerprint(tok)
     members = reward_members(cfg.reward) if cfg.reward is not None else []
-    for d in dict.fromkeys([Path(cfg.reward), *members] if members else []):
-        if d != tok_dir and tokenizer_fingerprint(load_tokenizer(d)) != fp:
-            raise UserError(f"the tokenizers of {d} and {tok_dir} differ; a repository has one tokenizer: export "
-                            "the reward model and the reference into two repositories (--reward alone, "
-                            "--reference alone) and serve both")
+    other = other_tokenizer(tok, tok_dir, [Path(cfg.reward), *members] if members else [])
+    if other is not None:
+        raise UserError(f"the tokenizers of {other} and {tok_dir} differ; a repository has one tokenizer: export "
+                        "the reward model and the reference into two repositories (--reward alone, "
+                        "--reference alone) and serve both")
     dtype = DTYPES[cfg.dtype]
     rms = [load_reward_model(d, attn_implementation="eager").eval().to(dtype) for d in members]
     ref = load_causal_lm(cfg.reference, attn_implementation="eager").eval().to(dtype) if cfg.reference else None

@@ -27,6 +27,7 @@ from tribune.services.common.errors import UserError
 from tribune.services.common.jsonl import SkipCounter, write_json
 from tribune.services.common.text import Truncation, encode_pair, encode_prompt, load_tokenizer
 from tribune.services.judge import Judge, JudgeConfig, load_judge
+from tribune.services.repository import other_tokenizer
 from tribune.trainer.adapters import prepare_model
 from tribune.trainer.lengths import (check_lengths, fit_generation, model_context, trained_lengths,
                                      with_fitted_lengths)
@@ -364,7 +365,10 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     stats_prompts = [g.prompt for g in train[:cfg.stats_samples]]
     member_models = [cfg.member_model[i % len(cfg.member_model)] if cfg.member_model else cfg.model
                      for i in range(cfg.ensemble)]
-    check_same_tokenizer(cfg.model, tokenizer, member_models)
+    other = other_tokenizer(tokenizer, cfg.model, member_models)
+    if other is not None:      # the ensemble is served with one tokenizer
+        raise UserError(f"member_model {other}: its tokenizer differs from {cfg.model}'s; an ensemble's members "
+                        "share one tokenizer")
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
         source = i % len(cfg.member_train) if cfg.member_train else None
@@ -395,18 +399,6 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
                                      "member_model": [str(m) for m in member_models]})
     write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def check_same_tokenizer(model: Path, tokenizer, others: list[Path]) -> None:
-    """Every model in ``others`` tokenises as ``model`` (whose tokenizer is given): an ensemble is served
-    with one tokenizer."""
-    from tribune.services.repository import tokenizer_fingerprint
-
-    fp = tokenizer_fingerprint(tokenizer)
-    for d in dict.fromkeys(Path(o) for o in others):
-        if d != Path(model) and tokenizer_fingerprint(load_tokenizer(d)) != fp:
-            raise UserError(f"member_model {d}: its tokenizer differs from {model}'s; an ensemble's members share "
-                            "one tokenizer")
 
 
 def train_one_rm(cfg: RewardConfig, bootstrap_seed: int | None = None, stats_seed: int | None = None,
