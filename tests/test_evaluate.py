@@ -77,7 +77,8 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     # the over-optimisation study, its runs in workers of their own once their task was done: the mixed
     # ensemble's members each train and early-stop on one data source, and both PPO runs report their gold trajectory
     ensemble_log = (out / "sequence-study-ensemble_uncertainty.log").read_text()
-    assert "over-optimisation study: ppo (ensemble_uncertainty" in ensemble_log and "ensemble member 2/2" in ensemble_log
+    assert "over-optimisation study: ppo (ensemble_uncertainty" in ensemble_log
+    assert "train-rm: ensemble member 2/2" in ensemble_log
     single_log = (out / "sequence-study-single_rm.log").read_text()
     assert "over-optimisation study: ppo (single_rm" in single_log and "ensemble member" not in single_log
     study = summary["overoptimisation"]

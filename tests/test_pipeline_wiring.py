@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tribune.trainer.pipeline import StageOptions, merge_preferences, sft_collection_configs, stage_configs
+from tribune.trainer.pipeline import (StageOptions, merge_preferences, round_configs, sft_collection_configs,
+                                      stage_configs)
 
 
 def test_the_data_step_feeds_the_reward_model_the_given_pairs_and_the_collected_rankings(tmp_path):
@@ -53,6 +54,21 @@ def test_the_given_weight_marks_the_given_rows_and_leaves_the_rest(tmp_path):
     for bad in ([-1.0], [], [1.0, 1.0]):
         with pytest.raises(ValueError, match="given_weights must be one or more distinct non-negative numbers"):
             StageOptions(given_weights=bad)
+
+
+def test_a_round_warm_starts_each_ensemble_member_from_its_own_weights(tmp_path):
+    stages = stage_configs(tmp_path, 0, None, StageOptions(rm={"ensemble": 2, "member_model": ["a", "b"]}), "sequence")
+    single = tmp_path / "rm"
+    rm = round_configs(stages, 1, tmp_path / "ppo", single, StageOptions()).rm
+    assert (rm.model, rm.member_model) == (single, [])
+    # once the first reward model is an ensemble (its directory holds no model of its own)
+    members = [single / f"member-{i}" for i in range(2)]
+    for m in members:
+        m.mkdir(parents=True)
+        (m / "config.json").write_text("{}")
+    (single / "ensemble.json").write_text(json.dumps({"ensemble_size": 2, "members": ["member-0", "member-1"]}))
+    rm = round_configs(stages, 1, tmp_path / "ppo", single, StageOptions()).rm
+    assert (rm.model, rm.member_model, rm.stats_policy) == (members[0], members, tmp_path / "ppo")
 
 
 def _fake_data_step(tmp_path):

@@ -2,6 +2,7 @@
 held-out loss, early stopping, and the reward/length correlation — through the real CLI."""
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -124,6 +125,15 @@ def test_a_member_start_with_another_tokenizer_is_refused_before_training(task_d
     proc = tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl", "--eval",
                    task_dir / "prefs_eval.jsonl", "--output", tmp_path / "one", "--member-model", other, check=False)
     assert proc.returncode == 2 and "member_model needs --ensemble K with K >= 2" in proc.stderr
+    # a start with the same tokenizer but a context shorter than the lengths fitted to --model's
+    short = tmp_path / "short"
+    shutil.copytree(sft_dir, short, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4}))
+    proc = tribune("train-rm", "--model", sft_dir, "--train", task_dir / "prefs_train.jsonl", "--eval",
+                   task_dir / "prefs_eval.jsonl", "--output", tmp_path / "ens", "--ensemble", "2",
+                   "--member-model", sft_dir, short, check=False)
+    assert proc.returncode == 2 and f"member_model {short}: its context (4 tokens) is shorter than" in proc.stderr
 
 
 def test_ensemble_metrics_average_what_every_member_reports_and_list_what_only_some_do():

@@ -63,8 +63,9 @@ class EvaluateConfig:
                                                      "pairs, each early-stopping on held-out data of its own kind")
     study_member_starts: Literal["sft", "sft_seeds"] = field("sft_seeds", help="where the study ensemble's members "
                                                              "start: every one from πSFT, or sft_seeds: member i from "
-                                                             "an SFT run of seed SEED + i (member 0 from πSFT itself; "
-                                                             "the others in OUTPUT/TASK/sft_seed-N): members that "
+                                                             "an SFT run of πSFT's seed + i with its options (member 0 "
+                                                             "from πSFT itself; the others in OUTPUT/TASK/sft_seed-N, "
+                                                             "trained again on every run, --reuse too): members that "
                                                              "start apart err less alike")
     reuse: bool = field(False, help="measure tasks whose pipeline outputs already exist under OUTPUT/TASK (from an "
                                     "earlier run with the same options) instead of training them again; --rounds "

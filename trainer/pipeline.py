@@ -198,12 +198,23 @@ def round_configs(stages: Stages, r: int, previous_policy: Path, previous_rm: Pa
     label = _build(LabelConfig, {"input": collect.output, "output": out / "prefs.jsonl", **rater},
                    options.merged("label"))
     label_eval = dataclasses.replace(label, input=collect_eval.output, output=out / "prefs_eval.jsonl")
-    rm = dataclasses.replace(stages.rm, model=previous_rm, stats_policy=previous_policy, train=out / "prefs_all.jsonl",
-                             eval=label_eval.output, output=out / "rm", seed=seed)
+    rm = dataclasses.replace(stages.rm, **warm_start(previous_rm), stats_policy=previous_policy,
+                             train=out / "prefs_all.jsonl", eval=label_eval.output, output=out / "rm", seed=seed)
     export = dataclasses.replace(stages.export, reward=rm.output, output=out / "repository")
     ppo = dataclasses.replace(stages.ppo, policy=previous_policy, value_init=rm.output, output=out / "ppo",
                               preferred_eval=rm.eval, reward_url=reward_url, reference_url=reward_url, seed=seed)
     return RoundStages(r, collect, collect_eval, label, label_eval, rm, export, ppo)
+
+
+def warm_start(previous_rm: Path) -> dict:
+    """The reward-model options that warm-start a round from ``previous_rm``: from it, or when it is an
+    ensemble (once trained), each member from its own weights (its directory holds no model itself)."""
+    from tribune.trainer.reward import ENSEMBLE_FILE, reward_members
+
+    if not (Path(previous_rm) / ENSEMBLE_FILE).is_file():
+        return {"model": previous_rm, "member_model": []}
+    members = reward_members(previous_rm)
+    return {"model": members[0], "member_model": members}
 
 
 def given_pairs(stages: Stages) -> Path:

@@ -105,6 +105,8 @@ class RewardConfig(TrainingConfig):
             raise ValueError("member_train needs --ensemble K with K >= 2")
         if self.member_model and self.ensemble < 2:
             raise ValueError("member_model needs --ensemble K with K >= 2")
+        if len(self.member_model) > self.ensemble:
+            raise ValueError(f"member_model: {len(self.member_model)} starts for {self.ensemble} members")
         if self.member_eval and len(self.member_eval) != len(self.member_train):
             raise ValueError(f"member_eval needs one file per member_train file ({len(self.member_train)}), "
                              f"got {len(self.member_eval)}")
@@ -365,10 +367,15 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     stats_prompts = [g.prompt for g in train[:cfg.stats_samples]]
     member_models = [cfg.member_model[i % len(cfg.member_model)] if cfg.member_model else cfg.model
                      for i in range(cfg.ensemble)]
-    other = other_tokenizer(tokenizer, cfg.model, member_models)
+    other = other_tokenizer(tokenizer, cfg.model, [check_model_dir(m) for m in member_models])
     if other is not None:      # the ensemble is served with one tokenizer
         raise UserError(f"member_model {other}: its tokenizer differs from {cfg.model}'s; an ensemble's members "
                         "share one tokenizer")
+    for m in dict.fromkeys(member_models):      # the lengths were fitted to --model's context
+        context = model_context(m)
+        if context is not None and context < cfg.max_length:
+            raise UserError(f"member_model {m}: its context ({context} tokens) is shorter than max_length "
+                            f"{cfg.max_length}; give --max-length at most {context}")
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
         source = i % len(cfg.member_train) if cfg.member_train else None
