@@ -353,6 +353,25 @@ def ensemble_metrics(per_member: list[dict]) -> dict:
     return metrics
 
 
+def for_members(files: list[Path], k: int) -> list[Path]:
+    """File i mod N of ``files`` for each of k ensemble members ([] when none are given)."""
+    return [files[i % len(files)] for i in range(k)] if files else []
+
+
+def check_member_starts(cfg: RewardConfig, tokenizer, starts: list[Path]) -> None:
+    """The members' starts (--member-model) are models with ``--model``'s tokenizer (the ensemble is served
+    with one) and a context that holds the lengths fitted to ``--model``."""
+    other = other_tokenizer(tokenizer, cfg.model, [check_model_dir(m) for m in starts])
+    if other is not None:
+        raise UserError(f"member_model {other}: its tokenizer differs from {cfg.model}'s; an ensemble's members "
+                        "share one tokenizer")
+    for m in dict.fromkeys(starts):
+        context = model_context(m)
+        if context is not None and context < cfg.max_length:
+            raise UserError(f"member_model {m}: its context ({context} tokens) is shorter than max_length "
+                            f"{cfg.max_length}; give --max-length at most {context}")
+
+
 def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     """One reward model, or with ``--ensemble K`` K members and OUTPUT/ensemble.json."""
     # one truncation for every member (text clients need one), fitted on all the training rows
@@ -365,25 +384,16 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     # every member's statistics on the same πSFT samples (same prompts, same seed), whatever rows it trains on:
     # offsets between them must come from the members, not from what they were measured on
     stats_prompts = [g.prompt for g in train[:cfg.stats_samples]]
-    member_models = [cfg.member_model[i % len(cfg.member_model)] if cfg.member_model else cfg.model
-                     for i in range(cfg.ensemble)]
-    other = other_tokenizer(tokenizer, cfg.model, [check_model_dir(m) for m in member_models])
-    if other is not None:      # the ensemble is served with one tokenizer
-        raise UserError(f"member_model {other}: its tokenizer differs from {cfg.model}'s; an ensemble's members "
-                        "share one tokenizer")
-    for m in dict.fromkeys(member_models):      # the lengths were fitted to --model's context
-        context = model_context(m)
-        if context is not None and context < cfg.max_length:
-            raise UserError(f"member_model {m}: its context ({context} tokens) is shorter than max_length "
-                            f"{cfg.max_length}; give --max-length at most {context}")
+    trains, evals = for_members(cfg.member_train, cfg.ensemble), for_members(cfg.member_eval, cfg.ensemble)
+    starts = for_members(cfg.member_model, cfg.ensemble) or [cfg.model] * cfg.ensemble
+    if cfg.member_model:
+        check_member_starts(cfg, tokenizer, starts)
     for i, name in enumerate(members):
         log.info("train-rm: ensemble member %d/%d → %s", i + 1, cfg.ensemble, out / name)
-        source = i % len(cfg.member_train) if cfg.member_train else None
         member = dataclasses.replace(cfg, ensemble=1, output=out / name, seed=cfg.seed + 1009 * i, member_train=[],
-                                     member_eval=[], member_model=[], model=member_models[i],
+                                     member_eval=[], member_model=[], model=starts[i],
                                      stats_policy=cfg.stats_policy or cfg.model,
-                                     train=cfg.train if source is None else cfg.member_train[source],
-                                     eval=cfg.member_eval[source] if cfg.member_eval else cfg.eval)
+                                     train=trains[i] if trains else cfg.train, eval=evals[i] if evals else cfg.eval)
         per_member.append(train_one_rm(member, bootstrap_seed=member.seed if cfg.bootstrap else None,
                                        stats_seed=cfg.seed, stats_prompts=stats_prompts))
     metrics = ensemble_metrics(per_member)
@@ -399,11 +409,8 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, float]:
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"]})
     write_json(out / REWARD_STATS_FILE, stats)
     write_json(out / ENSEMBLE_FILE, {"ensemble_size": cfg.ensemble, "members": members, "bootstrap": cfg.bootstrap,
-                                     "member_train": [str(cfg.member_train[i % len(cfg.member_train)])
-                                                      for i in range(cfg.ensemble)] if cfg.member_train else [],
-                                     "member_eval": [str(cfg.member_eval[i % len(cfg.member_eval)])
-                                                     for i in range(cfg.ensemble)] if cfg.member_eval else [],
-                                     "member_model": [str(m) for m in member_models]})
+                                     "member_train": list(map(str, trains)), "member_eval": list(map(str, evals)),
+                                     "member_model": list(map(str, starts))})
     write_json(out / "metrics.json", metrics)
     return metrics
 
