@@ -26,7 +26,7 @@ def task_and_sft(tmp: Path, sft_steps: int) -> tuple[Path, Path]:
     from tribune.trainer.task.make import TaskConfig, make_task
 
     task, sft = Path(tmp) / "task", Path(tmp) / "sft"
-    make_task(TaskConfig(), task)
+    make_task(TaskConfig(pretrain_steps=0), task)     # speed only: random base weights do as well
     run_sft(build_config(SFTConfig, {"model": task / "base", "train": task / "sft.jsonl", "output": sft,
                                      "max_steps": sft_steps, "learning_rate": 3e-3, "gold_eval_prompts": 8,
                                      **BUNDLED_LENGTHS}))

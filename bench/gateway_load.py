@@ -143,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_task(TaskConfig(sft_size=10, prefs_train_size=10, prefs_eval_size=10, prompts_train_size=10,
-                             prompts_eval_size=10), tmp / "task")
+                             prompts_eval_size=10, pretrain_steps=0), tmp / "task")    # speed only
         run_export(ExportConfig(reward=tmp / "task" / "base", reference=tmp / "task" / "base", output=tmp / "repo"))
         with start_serve(tmp / "repo") as server:
             gw_port = free_port()          # picked while Triton holds its own ports: never one of them

@@ -172,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_task(TaskConfig(sft_size=10, prefs_train_size=10, prefs_eval_size=10, prompts_train_size=10,
-                             prompts_eval_size=10), tmp / "task")
+                             prompts_eval_size=10, pretrain_steps=0), tmp / "task")    # speed only
         base = tmp / "task" / "base"
         repo = tmp / "repo"
         run_export(ExportConfig(reward=base, reference=base, output=repo))

@@ -65,7 +65,7 @@ def main() -> None:
         tmp = Path(tmp)
         make_task(TaskConfig(hidden_size=args.hidden_size, num_layers=args.layers, max_positions=2 * args.length,
                              sft_size=10, prefs_train_size=10, prefs_eval_size=10, prompts_train_size=10,
-                             prompts_eval_size=10), tmp / "task")
+                             prompts_eval_size=10, pretrain_steps=0), tmp / "task")    # speed only
         base = tmp / "task" / "base"
         repo = tmp / "repo"
         run_export(ExportConfig(reward=base, reference=base, output=repo, max_batch_size=64, queue_delay_us=2000))

@@ -68,7 +68,7 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     not_kept = {1: 0.5, 0.5: 1}[kept]
     proc = tribune("evaluate", "--output", out, "--tasks", "sequence", "--max-steps", "3", "--ppo", "iterations=2",
                    "--eval-prompts", "16", "--overoptimisation-task", "sequence", "--ensemble-size", "2",
-                   "--collect", "max_prompts=24", "--given-weights", str(not_kept), str(kept),
+                   "--study-members", "mixed", "--collect", "max_prompts=24", "--given-weights", str(not_kept), str(kept),
                    "--best-of-n", "4", "--reuse", "--compare-collected", "--collected-rows-per-prompt", "0",
                    "--rounds", "1", "--export", "exporter=torchscript", "--jobs", "2")
     assert "compare: reward model on" in (out / "sequence" / "evaluate.log").read_text()

@@ -91,11 +91,23 @@ def test_first_iteration_has_zero_kl_and_updates_both_models(task_dir, tmp_path)
     assert 0 <= row["policy/clipfrac_avg"] <= 1 and row["objective/kl_coef"] == cfg.kl_coef
 
 
+@pytest.fixture(scope="module")
+def random_base_task(tmp_path_factory):
+    """The bundled task with its base at random weights: a pretrained base (copying text that has no EOS)
+    almost never ends a response, so a reward for ending early would have nothing to reinforce."""
+    from tribune.trainer.task.make import TaskConfig, make_task
+
+    out = tmp_path_factory.mktemp("random-base") / "task"
+    make_task(TaskConfig(pretrain_steps=0), out)
+    return out
+
+
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_iterations_follow_the_reward(task_dir, tmp_path, estimator):
+def test_iterations_follow_the_reward(random_base_task, tmp_path, estimator):
     """A reward for ending early: a few iterations shorten the responses (the maths points the right way)."""
     from tribune.trainer.ppo_step import ppo_iteration
 
+    task_dir = random_base_task
     cfg, learner = _learner(task_dir, tmp_path, learning_rate=1e-2, kl_coef=0.0, advantage_estimator=estimator,
                             samples_per_prompt=4 if estimator == "rloo" else 1)
     scorer = LocalScorers(load_causal_lm(task_dir / "base"), lambda ids, mask: -mask.sum(-1).astype(float))

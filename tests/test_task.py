@@ -56,15 +56,15 @@ def test_rater_prefers_higher_gold_mostly_but_not_always():
 
 def test_task_make_is_byte_identical(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    tribune("task", "make", a, "--prefs-train-size", "300", "--sft-size", "300")
-    tribune("task", "make", b, "--prefs-train-size", "300", "--sft-size", "300")
+    tribune("task", "make", a, "--prefs-train-size", "300", "--sft-size", "300", "--pretrain-steps", "20")
+    tribune("task", "make", b, "--prefs-train-size", "300", "--sft-size", "300", "--pretrain-steps", "20")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert {"sft.jsonl", "prefs_train.jsonl", "prefs_eval.jsonl", "prompts_train.jsonl", "prompts_eval.jsonl",
             "tokenizer/tokenizer.json", "base/config.json", "base/model.safetensors"} <= {str(f) for f in files}
     for f in files:
         assert filecmp.cmp(a / f, b / f, shallow=False), f
     c = tmp_path / "c"
-    tribune("task", "make", c, "--prefs-train-size", "300", "--sft-size", "300", "--seed", "1")
+    tribune("task", "make", c, "--prefs-train-size", "300", "--sft-size", "300", "--pretrain-steps", "20", "--seed", "1")
     assert (a / "sft.jsonl").read_bytes() != (c / "sft.jsonl").read_bytes()
 
 

@@ -38,9 +38,11 @@ def test_a_plugged_task_is_listed_and_made_like_the_suites(tmp_path):
     assert lines[-1].split()[0] == "echo" and len(lines) == len(SUITE) + 1
     out = tmp_path / "echo"
     tribune("task", "make", out, "--task", "echo", "--sft-size", "40", "--prefs-train-size", "30",
-            "--prefs-eval-size", "10", "--prompts-train-size", "8", "--prompts-eval-size", "4", env=PLUGIN)
+            "--prefs-eval-size", "10", "--prompts-train-size", "8", "--prompts-eval-size", "4", "--pretrain-steps", "5",
+            env=PLUGIN)
     made = json.loads((out / "task.json").read_text())
     assert made["task"] == "tests-echo-v1" and made["gold_judge"] == "tests.task_plugin_echo:gold_score"
+    assert made["base_pretrain_steps"] == 5 and made["base_pretrain_loss"] > 0       # a plugged task's base too
     rows = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and all(task_plugin_echo.gold_score(r["prompt"], r["response"]) <= 1.0 for r in rows)
     assert json.loads((out / "base" / "config.json").read_text())["model_type"] == "gpt2"

@@ -13,7 +13,8 @@ from tribune.trainer.task.registry import DEFAULT_TASK, TASKS, UnknownTaskError,
     task_list_lines
 from tribune.trainer.task.spec import load_judge
 
-SMALL = dict(sft_size=150, prefs_train_size=400, prefs_eval_size=50, prompts_train_size=50, prompts_eval_size=60)
+SMALL = dict(sft_size=150, prefs_train_size=400, prefs_eval_size=50, prompts_train_size=50, prompts_eval_size=60,
+             pretrain_steps=20)
 FILES = {"sft.jsonl", "prefs_train.jsonl", "prefs_eval.jsonl", "prompts_train.jsonl", "prompts_eval.jsonl",
          "task.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "base/config.json",
          "base/model.safetensors", "base/tokenizer.json"}

@@ -57,10 +57,12 @@ class EvaluateConfig:
     aggressive: dict = field({"learning_rate": 3e-4, "kl_coef": 0.0},
                              help="the aggressive PPO options of the over-optimisation study")
     ensemble_size: int = field(3, help="members of the study's ensemble")
-    study_members: Literal["seeds", "mixed"] = field("mixed", help="the study ensemble's members: seeds of the "
-                                                     "given pairs, or mixed: members alternate between preferences "
-                                                     "collected on πSFT's samples (the task's rater) and the given "
-                                                     "pairs, each early-stopping on held-out data of its own kind")
+    study_members: Literal["seeds", "mixed"] = field("seeds", help="the study ensemble's members: seeds: each "
+                                                     "trained on the reward model's data (given pairs and the data "
+                                                     "step's rankings, the kept weight) with a seed of its own, or "
+                                                     "mixed: members alternate between preferences collected on "
+                                                     "πSFT's samples (the task's rater) and the given pairs, each "
+                                                     "early-stopping on held-out data of its own kind")
     study_member_starts: Literal["sft", "sft_seeds"] = field("sft_seeds", help="where the study ensemble's members "
                                                              "start: every one from πSFT, or sft_seeds: member i from "
                                                              "an SFT run of πSFT's seed + i with its options (member 0 "

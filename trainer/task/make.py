@@ -1,7 +1,9 @@
-"""`tribune task make OUT [--task NAME]`: writes one suite task, byte-identical for the same seed.
+"""`tribune task make OUT [--task NAME]`: writes one suite task, byte-identical for the same seed (the
+pretrained base model's weights on the same machine and torch build).
 
 Outputs: ``tokenizer/`` (word-level fast tokenizer built offline, distinct pad and EOS, no
-BOS), ``base/`` (a tiny model of the task's architecture created from a config),
+BOS), ``base/`` (a tiny model of the task's architecture created from a config and pretrained
+on a generic in-context-copying corpus, ``tribune.trainer.task.pretrain``),
 ``sft.jsonl``, ``prefs_train.jsonl``, ``prefs_eval.jsonl``, ``prompts_train.jsonl``,
 ``prompts_eval.jsonl`` and ``task.json`` (what was made, with which settings, and the
 task's gold judge as ``module:function``).
@@ -54,6 +56,9 @@ class TaskConfig:
     num_layers: int | None = field(None, help="transformer layers of the tiny base model (unset: the task's default)")
     num_heads: int | None = field(None, help="attention heads of the tiny base model (unset: the task's default)")
     max_positions: int = field(64, help="maximum sequence length of the tiny base model")
+    pretrain_steps: int | None = field(None, help="steps of generic in-context-copy pretraining of the base model "
+                                                  "before it is saved; 0 keeps random weights (unset: the task's "
+                                                  "default)")
 
     def __post_init__(self) -> None:
         spec = get_task(self.task)          # ValueError listing the task names
@@ -66,6 +71,8 @@ class TaskConfig:
             raise ValueError("ranking_fraction must be in [0, 1]")
         if self.rater_temperature is not None and self.rater_temperature <= 0:
             raise ValueError("rater_temperature must be positive")
+        if self.pretrain_steps is not None and self.pretrain_steps < 0:
+            raise ValueError("pretrain_steps must be at least 0")
         for name in ("hidden_size", "num_layers", "num_heads", "max_positions"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -86,7 +93,7 @@ class TaskConfig:
             self, p_correct=pick(self.p_correct, spec.p_correct),
             rater_temperature=pick(self.rater_temperature, spec.rater_temperature),
             hidden_size=pick(self.hidden_size, m.hidden_size), num_layers=pick(self.num_layers, m.num_layers),
-            num_heads=pick(self.num_heads, m.num_heads))
+            num_heads=pick(self.num_heads, m.num_heads), pretrain_steps=pick(self.pretrain_steps, m.pretrain_steps))
 
 
 # ---------------------------------------------------------------- preference data
@@ -181,18 +188,26 @@ def _model_config(arch: str, m: BaseModelSpec, cfg: TaskConfig, tokenizer):
     raise ValueError(f"unknown base-model architecture {arch!r}")
 
 
-def build_base_model(cfg: TaskConfig, tokenizer, out: Path) -> int:
-    """A tiny model of the task's architecture (random weights, seeded); returns its parameter count."""
+def build_base_model(cfg: TaskConfig, tokenizer, out: Path) -> tuple[int, float | None]:
+    """A tiny model of the task's architecture (random weights, seeded), pretrained for
+    ``pretrain_steps`` steps on the generic copying corpus; returns (parameter count, the last
+    pretraining loss or None)."""
     import torch
+
+    from tribune.trainer.task.pretrain import pretrain_base_model
 
     cfg = cfg.resolved()
     m = cfg.spec.model
     torch.manual_seed(cfg.seed)
     model_cls, mcfg = _model_config(m.arch, m, cfg, tokenizer)
     model = model_cls(mcfg)
+    last_loss = None
+    if cfg.pretrain_steps:
+        losses = pretrain_base_model(model, tokenizer, cfg.spec.vocabulary(), cfg.pretrain_steps, cfg.seed)
+        last_loss = round(sum(losses[-10:]) / len(losses[-10:]), 4)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), last_loss
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -209,7 +224,7 @@ def make_task(cfg: TaskConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     tok = build_tokenizer(out / "tokenizer", spec.vocabulary())
-    n_params = build_base_model(cfg, tok, out / "base")
+    n_params, pretrain_loss = build_base_model(cfg, tok, out / "base")
 
     sft = [{"prompt": p, "response": spec.demonstrate(p, rng, cfg.p_correct, spec.sft_flaws)}
            for p in (spec.sample_prompt(rng) for _ in range(cfg.sft_size))]
@@ -231,6 +246,8 @@ def make_task(cfg: TaskConfig, out: Path) -> dict:
         "files": {name: len(rows) for name, rows in files.items()},
         "base_architecture": spec.model.arch,
         "base_parameters": n_params,
+        "base_pretrain_steps": cfg.pretrain_steps,
+        "base_pretrain_loss": pretrain_loss,
         "vocab_size": len(tok),
         "demonstrator_gold_score": round(demo_gold, 6),
         "gold_judge": spec.judge,

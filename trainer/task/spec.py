@@ -24,7 +24,8 @@ Arch = Literal["llama", "gpt2", "qwen3"]
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """The default shape of a task's tiny, randomly initialised base model."""
+    """The default shape of a task's tiny base model, randomly initialised and then pretrained for
+    ``pretrain_steps`` steps on a generic copying corpus (``tribune.trainer.task.pretrain``)."""
     arch: Arch
     hidden_size: int
     num_layers: int
@@ -32,6 +33,7 @@ class BaseModelSpec:
     num_kv_heads: int | None = None     # grouped-query attention (llama, qwen3); None: = num_heads
     mlp_ratio: int = 3                  # intermediate size = mlp_ratio · hidden_size
     tie_embeddings: bool = True
+    pretrain_steps: int = 1000          # steps of generic in-context-copy pretraining (0: random weights)
 
 
 @dataclass(frozen=True)
