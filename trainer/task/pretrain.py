@@ -3,9 +3,9 @@
 A real base model comes out of pretraining able to match and copy what it has seen earlier in
 its context (induction heads, Olsson et al. 2022); a randomly initialised one acquires that only
 after a phase change that a task's few thousand demonstrations or preference pairs may never
-reach. A task whose rule needs it (``keyword``: is the prompt's word in the response?) sets
-``BaseModelSpec.pretrain_steps``, and ``tribune task make`` trains its base model for that many
-steps of next-token prediction on this corpus before saving it.
+reach (``keyword``'s rule needs it: is the prompt's word in the response?). ``tribune task make``
+trains every task's base model for ``BaseModelSpec.pretrain_steps`` steps (1,000 unless the task
+or ``--pretrain-steps`` says otherwise) of next-token prediction on this corpus before saving it.
 
 The corpus knows nothing of any task but its vocabulary: a run of random words, a few more
 random words, then the start of the first run again::
