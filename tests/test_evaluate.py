@@ -89,8 +89,11 @@ def test_evaluate_writes_the_table_and_the_plot_with_one_round_of_the_iterated_l
     assert study["task"] == "sequence" and set(study["runs"]) == {"single_rm", "single_rm_not_kept",
                                                                   "ensemble_uncertainty"}
     for r in study["runs"].values():
-        assert [s for s, _, _ in r["gold_trajectory"]][-1] == 2 and r["final_gold_se"] > 0
-        assert isinstance(r["overoptimised"], bool)
+        assert [s for s, *_ in r["gold_trajectory"]][-1] == 2 and r["final_gold_se"] > 0
+        assert all(se > 0 for *_, se in r["gold_trajectory"])      # each evaluation's standard error
+        assert isinstance(r["overoptimised"], bool) and isinstance(r["warned_before_fall"], bool)
+    assert set(study["verdict"]) == {"single_overoptimised", "ensemble_defended", "shown"}
+    assert "→ the defence is " in proc.stdout
     layout = json.loads((out / "sequence" / "rm_ensemble" / "ensemble.json").read_text())
     assert [Path(f).parent.name for f in layout["member_train"]] == ["collected", "task"]
     assert [Path(f).name for f in layout["member_eval"]] == ["prefs_eval.jsonl"] * 2
@@ -199,16 +202,48 @@ def test_prompt_mean_se_is_the_standard_error_over_prompts_of_their_means():
     assert prompt_mean_se([0.3, 0.7], 2) == 0.0                # one prompt: no spread to measure
 
 
-def test_a_run_over_optimised_only_when_gold_fell_beyond_its_noise_while_the_proxy_rose():
-    from tribune.trainer.overoptimisation import overoptimised
+def test_a_run_over_optimised_only_when_gold_fell_from_its_best_beyond_its_noise_while_the_proxy_rose():
+    from tribune.trainer.overoptimisation import fell_below_sft, overoptimised
 
-    run = {"sft_gold": 0.35, "final_gold": 0.11, "sft_gold_se": 0.03, "final_gold_se": 0.04,
-           "sft_proxy": -0.3, "final_proxy": 1.3}
-    assert overoptimised(run)                                                  # fell 0.24 > 2 × 0.05
-    assert not overoptimised({**run, "final_gold": 0.29})                      # fell 0.06 < 2 × 0.05: noise
-    assert not overoptimised({**run, "final_proxy": -0.4})                     # the proxy fell too
-    assert not overoptimised({**run, "final_gold": None})                      # no gold judge
-    assert overoptimised({**run, "final_gold": 0.34, "sft_gold_se": None, "final_gold_se": None})
+    # (step, gold, proxy, gold's standard error): gold peaks at iteration 10, then falls as the proxy climbs
+    trajectory = [(0, 0.35, -0.3, 0.03), (10, 0.60, 0.8, 0.05), (20, 0.44, 1.1, 0.05), (30, 0.30, 1.3, 0.04)]
+    run = {"sft_gold": 0.35, "final_gold": 0.30, "sft_gold_se": 0.03, "final_gold_se": 0.04,
+           "sft_proxy": -0.3, "final_proxy": 1.3, "gold_trajectory": trajectory}
+    assert overoptimised(run)                              # fell 0.30 from its best > 2.5 × 0.064
+    assert not fell_below_sft(run)                         # but not below πSFT: 0.05 < 2 × 0.05
+    lower = {**run, "final_gold": 0.45, "gold_trajectory": [*trajectory[:3], (30, 0.45, 1.3, 0.04)]}
+    assert not overoptimised(lower)                        # fell 0.15 < 2.5 × 0.064: the best is partly luck
+    assert not overoptimised({**run, "final_proxy": 0.7})  # the proxy fell from where gold was best
+    assert not overoptimised({**run, "final_gold": None})  # no gold judge
+    assert not overoptimised({**run, "gold_trajectory": []})
+    rising = {**run, "final_gold": 0.60, "gold_trajectory": [*trajectory[:1], (30, 0.60, 1.3, 0.04)]}
+    assert not overoptimised(rising)                       # its last evaluation is its best
+
+    below = {"sft_gold": 0.35, "final_gold": 0.11, "sft_gold_se": 0.03, "final_gold_se": 0.04,
+             "sft_proxy": -0.3, "final_proxy": 1.3}
+    assert fell_below_sft(below)                                               # fell 0.24 > 2 × 0.05
+    assert not fell_below_sft({**below, "final_gold": 0.29})                   # fell 0.06 < 2 × 0.05: noise
+    assert not fell_below_sft({**below, "final_proxy": -0.4})                  # the proxy fell too
+    assert not fell_below_sft({**below, "final_gold": None})                   # no gold judge
+    assert fell_below_sft({**below, "final_gold": 0.34, "sft_gold_se": None, "final_gold_se": None})
+
+
+def test_the_study_verdict_needs_a_single_model_over_optimised_and_the_ensemble_held_or_warned_first():
+    from tribune.trainer.overoptimisation import study_verdict, warned_before_fall
+
+    trajectory = [(0, 0.35, -0.3, 0.03), (10, 0.60, 0.8, 0.05), (20, 0.30, 1.3, 0.04)]
+    assert warned_before_fall({"gold_trajectory": trajectory, "first_warning_at": 10})
+    assert not warned_before_fall({"gold_trajectory": trajectory, "first_warning_at": 11})
+    assert not warned_before_fall({"gold_trajectory": trajectory, "first_warning_at": None})
+    fell = {"overoptimised": True, "warned_before_fall": False}
+    held = {"overoptimised": False, "warned_before_fall": False}
+    warned = {"overoptimised": True, "warned_before_fall": True}
+    assert study_verdict({"single_rm": fell, "ensemble_uncertainty": held})["shown"]
+    assert study_verdict({"single_rm": held, "single_rm_not_kept": fell, "ensemble_uncertainty": warned}) == {
+        "single_overoptimised": ["single_rm_not_kept"], "ensemble_defended": True, "shown": True}
+    assert not study_verdict({"single_rm": held, "ensemble_uncertainty": held})["shown"]   # nothing to defend
+    assert not study_verdict({"single_rm": fell, "ensemble_uncertainty": fell})["shown"]   # no warning first
+    assert not study_verdict({"single_rm": fell})["shown"]                                 # no ensemble run
 
 
 def test_evaluate_refuses_bad_options_before_any_work(tmp_path):

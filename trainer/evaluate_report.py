@@ -96,8 +96,18 @@ def study_lines(study: dict | None) -> list[str]:
              f"ensemble of {study.get('members', 'seeds')}, starting from {study.get('member_starts', 'sft')}):"]
     for name, r in study["runs"].items():
         se = f" ± {r['final_gold_se']:.3f}" if r.get("final_gold_se") is not None else ""
-        lines.append(f"  {name:<22s} gold {r['sft_gold']:+.3f} → {r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → "
-                     f"{r['final_proxy']:+.3f}, KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "
-                     f"over-optimised: {r['overoptimised']}; gold-free warning at iteration {r['first_warning_at']}"
-                     + (f" (gold then {r['gold_at_warning']:+.3f})" if r.get("gold_at_warning") is not None else ""))
+        peak = max(r.get("gold_trajectory") or [(0, r["sft_gold"])], key=lambda g: g[1])
+        lines.append(f"  {name:<22s} gold {r['sft_gold']:+.3f} → best {peak[1]:+.3f} (iteration {peak[0]}) → "
+                     f"{r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → {r['final_proxy']:+.3f}, "
+                     f"KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "
+                     f"over-optimised: {r['overoptimised']} (below πSFT: {r.get('fell_below_sft')}); "
+                     f"gold-free warning at iteration {r['first_warning_at']}"
+                     + (f" (gold then {r['gold_at_warning']:+.3f})" if r.get("gold_at_warning") is not None else "")
+                     + (", before gold fell" if r.get("warned_before_fall") else ""))
+    verdict = study.get("verdict")
+    if verdict:
+        lines.append(f"  single reward model over-optimised: {', '.join(verdict['single_overoptimised']) or 'no'}; "
+                     f"ensemble with the penalty held (or warned before gold fell): "
+                     f"{'yes' if verdict['ensemble_defended'] else 'no'} → the defence is "
+                     f"{'shown' if verdict['shown'] else 'not shown'} on this run")
     return lines

@@ -25,10 +25,12 @@ log = logging.getLogger("tribune")
 def _trajectory(ppo_dir: Path) -> dict:
     """Gold and proxy on held-out prompts at each gold evaluation, and the gold-free alarms, from metrics.jsonl."""
     rows = [json.loads(l) for l in (Path(ppo_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    gold = [(r["step"], r["gold/score"], r["gold/proxy_score"]) for r in rows if "gold/score" in r]
+    # (step, gold, proxy, gold's standard error) at each gold evaluation
+    gold = [(r["step"], r["gold/score"], r["gold/proxy_score"], r.get("gold/score_se")) for r in rows
+            if "gold/score" in r]
     warned = [r["step"] for r in rows if r.get("monitor/overoptimisation_warning")]
     # the gold score when the monitor first warned: at the last gold evaluation up to that iteration
-    before = [g for st, g, _ in gold if warned and st <= warned[0]]
+    before = [g for st, g, _, _ in gold if warned and st <= warned[0]]
     return {"gold_trajectory": gold, "first_warning_at": warned[0] if warned else None,
             "gold_at_warning": before[-1] if before else None,
             "final_proxy_past_preferred": next((r["monitor/proxy_past_preferred"] for r in reversed(rows)
@@ -106,9 +108,11 @@ def overoptimisation_study(cfg: EvaluateConfig, task: str, arms: tuple[str, ...]
                       "sft_gold_se": metrics.get("sft/score_se"), "final_gold_se": metrics.get("gold/score_se"),
                       "sft_proxy": metrics.get("sft/proxy_score"), "final_proxy": metrics.get("gold/proxy_score"),
                       **_trajectory(ppo_cfg.output)}
-        runs[name]["overoptimised"] = overoptimised(runs[name])
+        runs[name].update(overoptimised=overoptimised(runs[name]), fell_below_sft=fell_below_sft(runs[name]),
+                          warned_before_fall=warned_before_fall(runs[name]))
     return {"task": task, "aggressive": cfg.aggressive, "ensemble_size": cfg.ensemble_size,
-            "members": cfg.study_members, "member_starts": cfg.study_member_starts, "runs": runs}
+            "members": cfg.study_members, "member_starts": cfg.study_member_starts, "runs": runs,
+            "verdict": study_verdict(runs)}
 
 
 def _train_study_ensemble(cfg: EvaluateConfig, task: str, stages, run_train_rm):
@@ -153,16 +157,54 @@ def member_starts(cfg: EvaluateConfig, stages: Stages, out: Path) -> list[Path]:
 def merge_study_arms(parts: list[dict]) -> dict:
     """One study result from the results of jobs that each ran some of its runs (in ``STUDY_ARMS`` order)."""
     runs = {name: part["runs"][name] for name in STUDY_ARMS for part in parts if name in part["runs"]}
-    return {**parts[0], "runs": runs}
+    return {**parts[0], "runs": runs, "verdict": study_verdict(runs)}
 
 
-def overoptimised(run: dict, z: float = 2.0) -> bool:
-    """Gold fell while the proxy rose: by more than ``z`` standard errors of the difference (one sample
-    per held-out prompt at each end, so a fall within the sampling noise does not count)."""
+def gold_peak(run: dict) -> tuple[int, float, float, float | None] | None:
+    """The run's best gold evaluation (step, gold, proxy, gold's standard error): the top of its gold
+    curve; None without a trajectory (no gold judge)."""
+    trajectory = run.get("gold_trajectory") or []
+    return max(trajectory, key=lambda g: g[1]) if trajectory else None
+
+
+def overoptimised(run: dict, z: float = 2.5) -> bool:
+    """Gold fell while the proxy rose, as Gao et al. 2022 define over-optimisation (the gold curve turns
+    down while the proxy still climbs): from the run's best gold evaluation to its last, gold fell by
+    more than ``z`` standard errors of the difference (one sample per held-out prompt at each point) and
+    the proxy ended higher than it stood there. ``z`` is 2.5, not 2: the best of several noisy
+    evaluations sits above the curve by chance (of flat runs with seven evaluations, 9.6 % pass z = 2
+    and 2.9 % pass z = 2.5, by simulation)."""
+    peak = gold_peak(run)
+    if peak is None or run["final_gold"] is None:
+        return False
+    _, gold, proxy, se = peak
+    return run["final_proxy"] > proxy and fell_beyond_noise(gold, se or 0.0, run["final_gold"],
+                                                            run.get("final_gold_se") or 0.0, z)
+
+
+def fell_below_sft(run: dict, z: float = 2.0) -> bool:
+    """The run ended worse than πSFT: gold below πSFT's by more than ``z`` standard errors of the
+    difference while the proxy rose (PPO made the policy worse, not only past its best)."""
     if run["final_gold"] is None or run["final_proxy"] <= run["sft_proxy"]:
         return False
     return fell_beyond_noise(run["sft_gold"], run.get("sft_gold_se") or 0.0, run["final_gold"],
                              run.get("final_gold_se") or 0.0, z)
+
+
+def warned_before_fall(run: dict) -> bool:
+    """The gold-free monitor warned no later than the run's best gold evaluation: a run stopped at the
+    warning (``--stop-on-drift``) keeps weights from before gold fell."""
+    peak = gold_peak(run)
+    return peak is not None and run["first_warning_at"] is not None and run["first_warning_at"] <= peak[0]
+
+
+def study_verdict(runs: dict) -> dict:
+    """The issue's test of the defences on one study: a single reward model's aggressive run over-optimised,
+    and the ensemble with the uncertainty penalty did not, or its gold-free monitor warned before gold fell."""
+    singles = [name for name in runs if name.startswith("single_rm") and runs[name]["overoptimised"]]
+    ensemble = runs.get("ensemble_uncertainty")
+    defended = ensemble is not None and (not ensemble["overoptimised"] or ensemble["warned_before_fall"])
+    return {"single_overoptimised": singles, "ensemble_defended": defended, "shown": bool(singles) and defended}
 
 
 def study_ppo_config(cfg: EvaluateConfig, stages: Stages, name: str, reward_url: str, extra: dict) -> PPOConfig:
