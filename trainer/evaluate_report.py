@@ -90,13 +90,15 @@ def comparison_lines(rows: list[dict]) -> list[str]:
 
 
 def study_lines(study: dict | None) -> list[str]:
+    from tribune.trainer.overoptimisation import gold_peak
+
     if not study:
         return []
     lines = [f"over-optimisation study ({study['task']}, PPO {study['aggressive']}, {study['ensemble_size']}-member "
              f"ensemble of {study.get('members', 'seeds')}, starting from {study.get('member_starts', 'sft')}):"]
     for name, r in study["runs"].items():
         se = f" ± {r['final_gold_se']:.3f}" if r.get("final_gold_se") is not None else ""
-        peak = max(r.get("gold_trajectory") or [(0, r["sft_gold"])], key=lambda g: g[1])
+        peak = gold_peak(r) or (0, r["sft_gold"])
         lines.append(f"  {name:<22s} gold {r['sft_gold']:+.3f} → best {peak[1]:+.3f} (iteration {peak[0]}) → "
                      f"{r['final_gold']:+.3f}{se}, proxy {r['sft_proxy']:+.3f} → {r['final_proxy']:+.3f}, "
                      f"KL {r['final_kl'] or 0:.2f}, length ×{r['final_length_ratio'] or 0:.2f}; "

@@ -63,9 +63,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # a prompt's keyword in its response, the ranking learnt the length and lost the match (missing-keyword pairs
     # 0.49–0.61 against 0.91–0.96 at 3e-4). Three epochs, not train-rm's four: the data step's rankings double the
     # reward model's data; at 3e-4 two epochs ended with the held-out loss still falling on every task, and three
-    # raised four of the five tasks' gold-order accuracy, keyword's past 0.85 (at 1e-3 four epochs had trained 2.5× longer than two for a slightly
-    # worse PPO policy on sequence). train-rm alone keeps 1e-3: on the given pairs alone (bundled, 4 epochs) 3e-4
-    # ordered 0.837 of the held-out pairs right, 1e-3 0.909.
+    # raised four of the five tasks' gold-order accuracy, keyword's past 0.85 (at 1e-3 four epochs had trained 2.5×
+    # longer than two for a slightly worse PPO policy on sequence). train-rm alone keeps 1e-3: on the given pairs
+    # alone (bundled, 4 epochs) 3e-4 ordered 0.837 of the held-out pairs right, 1e-3 0.909.
     "rm": {"max_length": 64, "max_prompt_length": 48, "epochs": 3.0, "learning_rate": 3e-4},
     "export": {},
     # a gold-free stop: the monitor's alarms (preferred_eval is wired below) end the run, chosen on the suite
